@@ -1,0 +1,313 @@
+//! CLIP image preprocessing, equal to Hugging Face's `CLIPImageProcessor` (transformers 4.37):
+//! convert to RGB, resize the shortest edge with PIL's bicubic filter (reproduced exactly,
+//! including its fixed-point rounding), center crop (zero padding when too small), rescale by
+//! 1/255 and normalise. The reference's `pad` aspect mode first pastes the image centred on a
+//! square canvas of the mean colour (`expand2square`).
+
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, RgbImage};
+use serde::{Deserialize, Serialize};
+
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: cannot read image: {reason}")]
+    Decode { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+}
+
+/// How a non-square image becomes square (`image_aspect_ratio` in LLaVA configs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AspectMode {
+    /// Resize the shortest edge, then center crop (`square`, the paper and LLaVA v1.0).
+    #[default]
+    #[serde(alias = "square", alias = "crop")]
+    Crop,
+    /// `expand2square` with the mean colour, then resize (LLaVA-1.5).
+    Pad,
+}
+
+/// The fields of `preprocessor_config.json` that matter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessorConfig {
+    pub shortest_edge: usize,
+    pub crop_height: usize,
+    pub crop_width: usize,
+    pub do_resize: bool,
+    pub do_center_crop: bool,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+    pub rescale_factor: f64,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+impl ProcessorConfig {
+    /// CLIP's processor at `size` pixels (224 for ViT-L/14, 336 for -336).
+    pub fn clip(size: usize) -> Self {
+        Self {
+            shortest_edge: size,
+            crop_height: size,
+            crop_width: size,
+            do_resize: true,
+            do_center_crop: true,
+            do_rescale: true,
+            do_normalize: true,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: CLIP_MEAN,
+            image_std: CLIP_STD,
+        }
+    }
+
+    /// Reads a `preprocessor_config.json` (or the directory holding it), in the old layout
+    /// (`size: 224`, `crop_size: 224`) or the new (`size: {shortest_edge}`, `crop_size: {height, width}`).
+    pub fn from_path(path: &Path) -> Result<Self, ImageError> {
+        let file = if path.is_dir() { path.join("preprocessor_config.json") } else { path.to_path_buf() };
+        let err = |reason: String| ImageError::Config { path: file.clone(), reason };
+        let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::from_json(&json).map_err(err)
+    }
+
+    pub fn from_json(json: &serde_json::Value) -> Result<Self, String> {
+        let mut c = Self::clip(224);
+        let edge = match json.get("size") {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::Object(o)) => o.get("shortest_edge").and_then(|v| v.as_u64()),
+            None => Some(224),
+            Some(_) => None,
+        };
+        c.shortest_edge = edge.ok_or("field `size` must be a number or {\"shortest_edge\": N}")? as usize;
+        match json.get("crop_size") {
+            Some(serde_json::Value::Number(n)) => {
+                c.crop_height = n.as_u64().unwrap_or(224) as usize;
+                c.crop_width = c.crop_height;
+            }
+            Some(serde_json::Value::Object(o)) => {
+                c.crop_height = o.get("height").and_then(|v| v.as_u64()).ok_or("crop_size.height missing")? as usize;
+                c.crop_width = o.get("width").and_then(|v| v.as_u64()).ok_or("crop_size.width missing")? as usize;
+            }
+            None => {
+                c.crop_height = c.shortest_edge;
+                c.crop_width = c.shortest_edge;
+            }
+            Some(_) => return Err("field `crop_size` must be a number or {height, width}".into()),
+        }
+        let flag = |name: &str, default: bool| json.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
+        c.do_resize = flag("do_resize", true);
+        c.do_center_crop = flag("do_center_crop", true);
+        c.do_rescale = flag("do_rescale", true);
+        c.do_normalize = flag("do_normalize", true);
+        if let Some(f) = json.get("rescale_factor").and_then(|v| v.as_f64()) {
+            c.rescale_factor = f;
+        }
+        let triple = |name: &str| -> Result<Option<[f32; 3]>, String> {
+            match json.get(name) {
+                None => Ok(None),
+                Some(v) => {
+                    let a: Vec<f32> = serde_json::from_value(v.clone()).map_err(|e| format!("`{name}`: {e}"))?;
+                    <[f32; 3]>::try_from(a).map(Some).map_err(|_| format!("`{name}` must have 3 values"))
+                }
+            }
+        };
+        if let Some(m) = triple("image_mean")? {
+            c.image_mean = m;
+        }
+        if let Some(s) = triple("image_std")? {
+            c.image_std = s;
+        }
+        Ok(c)
+    }
+
+    /// Side length of the model input (`[3, crop_height, crop_width]`).
+    pub fn output_shape(&self) -> [usize; 3] {
+        [3, self.crop_height, self.crop_width]
+    }
+}
+
+/// Decodes an image file as 8-bit RGB the way PIL's `.convert("RGB")` does for common modes
+/// (alpha dropped without compositing; grayscale and palette expanded).
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?
+        .with_guessed_format()
+        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?
+        .decode()
+        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(to_rgb(img))
+}
+
+/// PIL-style conversion to RGB. 16-bit images are reduced to their high byte.
+pub fn to_rgb(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        other => other.to_rgb8(),
+    }
+}
+
+/// The reference's `expand2square`: a `max(w, h)` square of `background`, the image pasted
+/// centred along the short axis at offset `(max - min) / 2`.
+pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == h {
+        return img.clone();
+    }
+    let side = w.max(h);
+    let mut out = RgbImage::from_pixel(side, side, image::Rgb(background));
+    let (x0, y0) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+    image::imageops::replace(&mut out, img, x0 as i64, y0 as i64);
+    out
+}
+
+/// The mean colour used for padding: `tuple(int(x * 255) for x in image_mean)`.
+pub fn mean_color(mean: [f32; 3]) -> [u8; 3] {
+    mean.map(|m| (m as f64 * 255.0) as u8)
+}
+
+/// Preprocesses an RGB image into a `[3, H, W]` channel-first f32 buffer.
+pub fn preprocess(img: &RgbImage, config: &ProcessorConfig, mode: AspectMode) -> Vec<f32> {
+    let padded;
+    let img = match mode {
+        AspectMode::Pad => {
+            padded = expand_to_square(img, mean_color(config.image_mean));
+            &padded
+        }
+        AspectMode::Crop => img,
+    };
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let resized;
+    let (img, w, h) = if config.do_resize {
+        let s = config.shortest_edge;
+        let (nw, nh) = if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) };
+        resized = resize_bicubic(img.as_raw(), w, h, nw, nh);
+        (&resized[..], nw, nh)
+    } else {
+        (img.as_raw().as_slice(), w, h)
+    };
+    let (ch, cw) = if config.do_center_crop { (config.crop_height, config.crop_width) } else { (h, w) };
+    // Crop origin in the (possibly zero-padded) image, as transformers' `center_crop`.
+    let top = (h as i64 - ch as i64) / 2 + if ch > h { ((ch - h) as i64 + 1) / 2 } else { 0 };
+    let left = (w as i64 - cw as i64) / 2 + if cw > w { ((cw - w) as i64 + 1) / 2 } else { 0 };
+    let (top_pad, left_pad) = (if ch > h { ((ch - h) as i64 + 1) / 2 } else { 0 }, if cw > w { ((cw - w) as i64 + 1) / 2 } else { 0 });
+    let mut out = vec![0f32; 3 * ch * cw];
+    for y in 0..ch {
+        for x in 0..cw {
+            // Coordinates in the padded canvas, then in the source image.
+            let sy = top + y as i64 - top_pad;
+            let sx = left + x as i64 - left_pad;
+            for c in 0..3 {
+                let v = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                    img[(sy as usize * w + sx as usize) * 3 + c]
+                } else {
+                    0
+                };
+                let mut f = v as f64;
+                if config.do_rescale {
+                    f *= config.rescale_factor;
+                }
+                let mut f = f as f32;
+                if config.do_normalize {
+                    f = (f - config.image_mean[c]) / config.image_std[c];
+                }
+                out[c * ch * cw + y * cw + x] = f;
+            }
+        }
+    }
+    out
+}
+
+/// Loads and preprocesses an image file.
+pub fn load_and_preprocess(path: &Path, config: &ProcessorConfig, mode: AspectMode) -> Result<Vec<f32>, ImageError> {
+    Ok(preprocess(&load_rgb(path)?, config, mode))
+}
+
+// ---- PIL's bicubic resampling (libImaging/Resample.c), 8 bits per channel -----------------
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: first input index and fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|k| {
+                    let k = if total != 0.0 { k / total } else { *k };
+                    let scaled = k * (1u64 << PRECISION_BITS) as f64;
+                    if k < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL `Image.resize((out_w, out_h), BICUBIC)` on packed RGB: a horizontal pass, then a
+/// vertical pass, each rounded back to 8 bits; a pass whose size does not change is skipped.
+pub fn resize_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let horizontal = if out_w != w {
+        let coeffs = coefficients(w, out_w);
+        let mut out = vec![0u8; out_w * h * 3];
+        for y in 0..h {
+            let row = &src[y * w * 3..(y + 1) * w * 3];
+            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (i, kk) in k.iter().enumerate() {
+                        acc += row[(xmin + i) * 3 + c] as i64 * *kk as i64;
+                    }
+                    out[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    if out_h == h {
+        return horizontal;
+    }
+    let coeffs = coefficients(h, out_h);
+    let mut out = vec![0u8; out_w * out_h * 3];
+    for (y, (ymin, k)) in coeffs.iter().enumerate() {
+        for x in 0..out_w * 3 {
+            let mut acc = half;
+            for (i, kk) in k.iter().enumerate() {
+                acc += horizontal[(ymin + i) * out_w * 3 + x] as i64 * *kk as i64;
+            }
+            out[y * out_w * 3 + x] = clip8(acc);
+        }
+    }
+    out
+}

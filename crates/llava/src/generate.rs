@@ -1,0 +1,181 @@
+//! Autoregressive generation: batched (left padding), with a KV cache, greedy or sampled.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use llava_llm::{KvCache, padded_causal_mask};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::{Llava, PaddingSide};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 = greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// A row stops after emitting any of these.
+    pub eos_ids: Vec<u32>,
+    /// Reuse past keys/values (the normal path). `false` re-runs the whole sequence every step,
+    /// which exists to check the cache.
+    pub use_cache: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, sampling: SamplingConfig::default(), eos_ids: vec![2], use_cache: true }
+    }
+}
+
+/// Chooses tokens from host-side logits, one row at a time.
+pub struct Sampler {
+    config: SamplingConfig,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(config: SamplingConfig) -> Self {
+        let rng = StdRng::seed_from_u64(config.seed);
+        Self { config, rng }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.config.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let t = self.config.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.config.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let mut keep = 0;
+            for (i, p) in probs.iter().enumerate() {
+                cumulative += p.1;
+                keep = i + 1;
+                if cumulative >= self.config.top_p {
+                    break;
+                }
+            }
+            probs.truncate(keep.max(1));
+        }
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (id, p) in &probs {
+            r -= p;
+            if r <= 0.0 {
+                return *id;
+            }
+        }
+        probs.last().map_or(0, |p| p.0)
+    }
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Generates continuations of a batch of prompts (token ids with `-200` where images go).
+///
+/// `on_token(row, id)` is called for every new token as it is produced (for streaming) and may
+/// return `false` to stop that row (e.g. a stop string appeared). Returns the new ids of each
+/// row, EOS excluded.
+pub fn generate<B: Backend>(
+    model: &Llava<B>,
+    prompts: &[Vec<i64>],
+    pixels: Option<Tensor<B, 4>>,
+    config: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Vec<Vec<u32>> {
+    let device = model.llm.embed_tokens.weight.device();
+    let features = pixels.map(|p| model.encode_images(p).projected);
+    let batch = model.splice(prompts, None, features, None, PaddingSide::Left);
+    let b = prompts.len();
+    let vocab = model.llm.vocab_size();
+    let mut sampler = Sampler::new(config.sampling.clone());
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    if config.max_new_tokens == 0 {
+        return out;
+    }
+
+    let mut valid = batch.valid.clone();
+    let mut next_pos: Vec<i64> = batch.lengths.iter().map(|&l| l as i64).collect();
+    let mut cache = KvCache::new(model.llm.layers.len());
+    let mut all_embeds = batch.embeds.clone();
+    let mut all_positions = batch.positions.clone();
+    let mut logits = if config.use_cache { model.prefill(&batch, &mut cache) } else { last_logits(model, &all_embeds, &all_positions, &valid) };
+
+    for _step in 0..config.max_new_tokens {
+        let host = logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32 logits");
+        let mut tokens = Vec::with_capacity(b);
+        for row in 0..b {
+            let token = sampler.sample(&host[row * vocab..(row + 1) * vocab]);
+            tokens.push(token);
+            if done[row] {
+                continue;
+            }
+            if config.eos_ids.contains(&token) {
+                done[row] = true;
+                continue;
+            }
+            out[row].push(token);
+            if !on_token(row, token) {
+                done[row] = true;
+            }
+        }
+        if done.iter().all(|d| *d) || out.iter().map(Vec::len).max() == Some(config.max_new_tokens) {
+            break;
+        }
+        // Feed the chosen tokens (finished rows keep decoding; their output is ignored).
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b, 1]), &device);
+        let embeds = model.llm.embed(ids);
+        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(next_pos.clone(), [b, 1]), &device);
+        next_pos.iter_mut().for_each(|p| *p += 1);
+        valid.iter_mut().for_each(|v| v.push(true));
+        logits = if config.use_cache {
+            let padded = valid.iter().any(|v| v.iter().any(|x| !x));
+            let mask = padded.then(|| padded_causal_mask::<B>(&valid, 1, &device));
+            let hidden = model.llm.forward_embeds(embeds, positions, mask, Some(&mut cache));
+            model.llm.logits(hidden).reshape([b, vocab])
+        } else {
+            all_embeds = Tensor::cat(vec![all_embeds, embeds], 1);
+            all_positions = Tensor::cat(vec![all_positions, positions], 1);
+            last_logits(model, &all_embeds, &all_positions, &valid)
+        };
+    }
+    out
+}
+
+fn last_logits<B: Backend>(model: &Llava<B>, embeds: &Tensor<B, 3>, positions: &Tensor<B, 2, Int>, valid: &[Vec<bool>]) -> Tensor<B, 2> {
+    let [b, len, _] = embeds.dims();
+    let padded = valid.iter().any(|v| v.iter().any(|x| !x));
+    let mask = padded.then(|| padded_causal_mask::<B>(valid, len, &embeds.device()));
+    let hidden = model.llm.forward_embeds(embeds.clone(), positions.clone(), mask, None);
+    let d = hidden.dims()[2];
+    model.llm.logits(hidden.slice([0..b, len - 1..len, 0..d])).reshape([b, model.llm.vocab_size()])
+}

@@ -1,0 +1,68 @@
+//! LLaVA composed: the CLIP vision tower, the projector and the LLaMA decoder, with the
+//! reference's image splicing, checkpoint loading in three layouts, and generation.
+//!
+//! ```no_run
+//! use llava::{backend::Cpu, load::{load_dir, LoadOptions}, generate::{generate, GenerationConfig}};
+//! use llava_data::tokenizer_image_token;
+//!
+//! let device = Default::default();
+//! let loaded = load_dir::<Cpu>("llava-1.5-7b-hf".as_ref(), &LoadOptions::default(), &device)?;
+//! let pixels = llava::image_tensor::<Cpu>("photo.jpg".as_ref(), &loaded.processor, loaded.config.image_aspect, &device)?;
+//! let prompt = tokenizer_image_token(&loaded.tokenizer, "USER: <image>\nWhat is shown? ASSISTANT:");
+//! let out = generate(&loaded.model, &[prompt], Some(pixels), &GenerationConfig::default(), |_, _| true);
+//! println!("{}", loaded.tokenizer.decode(&out[0], true));
+//! # Ok::<(), llava::LlavaError>(())
+//! ```
+
+pub mod backend;
+pub mod generate;
+pub mod load;
+pub mod model;
+pub mod save;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use llava_data::image::{AspectMode, ProcessorConfig};
+
+pub use load::{LlavaConfig, LoadOptions, LoadedLlava};
+pub use model::{ImageFeatures, Llava, PaddingSide, SelectFeature, SplicedBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlavaError {
+    #[error(transparent)]
+    Weights(#[from] llava_weights::WeightsError),
+    #[error(transparent)]
+    Vision(#[from] llava_vision_encoder::VisionError),
+    #[error(transparent)]
+    Llm(#[from] llava_llm::LlmError),
+    #[error(transparent)]
+    Tokenizer(#[from] llava_data::TokenizerError),
+    #[error(transparent)]
+    Image(#[from] llava_data::image::ImageError),
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error(
+        "vision tower `{name}` not found: it is not a directory (relative to {model_dir} or absolute) and not in the Hugging Face cache {cache}; pass its directory with --vision-tower"
+    )]
+    VisionTowerNotFound { name: String, model_dir: PathBuf, cache: String },
+}
+
+impl LlavaError {
+    pub fn config(path: impl AsRef<Path>, reason: impl ToString) -> Self {
+        Self::Config { path: path.as_ref().to_path_buf(), reason: reason.to_string() }
+    }
+}
+
+/// Reads and preprocesses an image file into a `[1, 3, H, W]` tensor.
+pub fn image_tensor<B: Backend>(
+    path: &Path,
+    processor: &ProcessorConfig,
+    aspect: AspectMode,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, LlavaError> {
+    let values = llava_data::image::load_and_preprocess(path, processor, aspect)?;
+    let [c, h, w] = processor.output_shape();
+    Ok(Tensor::from_data(TensorData::new(values, [1, c, h, w]), device))
+}

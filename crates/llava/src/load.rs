@@ -1,0 +1,421 @@
+//! Finding and loading LLaVA checkpoints from a local directory, in three layouts:
+//!
+//! 1. **llava-hf** (`config.json` with `model_type: llava`): keys `language_model.model.*`,
+//!    `language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+//!    or the newer `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
+//!    `lm_head.*`.
+//! 2. **original LLaVA** (`LlavaLlamaForCausalLM`, `mm_vision_tower`, …): the LLM under `model.*`,
+//!    the projector under `model.mm_projector.*`, and the CLIP tower in its own directory named by
+//!    `mm_vision_tower` (a path, relative to the model directory or absolute, or a hub name looked
+//!    up in the local Hugging Face cache; nothing is downloaded).
+//! 3. **separate parts**: a CLIP directory, an LLM directory and a projector file.
+//!
+//! Every tensor of the checkpoint must be consumed: leftovers are an error that lists them.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use llava_data::Tokenizer;
+use llava_data::image::{AspectMode, ProcessorConfig};
+use llava_llm::{LlamaConfig, LlamaModel};
+use llava_projector::{Projector, ProjectorConfig, ProjectorKind};
+use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
+use llava_weights::{Loader, WeightStore};
+use serde::{Deserialize, Serialize};
+
+use crate::LlavaError;
+use crate::model::{Llava, SelectFeature};
+
+/// Everything needed to build a [`Llava`] and feed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlavaConfig {
+    pub vision: ClipVisionConfig,
+    pub text: LlamaConfig,
+    pub projector: ProjectorKind,
+    /// Python-style index into the vision tower's hidden states (`-2` in every LLaVA).
+    pub select_layer: i64,
+    pub select_feature: SelectFeature,
+    pub image_aspect: AspectMode,
+    /// Longest spliced sequence (`tokenizer_model_max_length`).
+    pub max_length: usize,
+}
+
+impl LlavaConfig {
+    pub fn projector_config(&self) -> ProjectorConfig {
+        ProjectorConfig { kind: self.projector, vision_hidden: self.vision.hidden_size, text_hidden: self.text.hidden_size }
+    }
+
+    /// Image tokens per image after feature selection.
+    pub fn image_tokens(&self) -> usize {
+        self.vision.num_patches() + usize::from(self.select_feature == SelectFeature::ClsPatch)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.vision.validate()?;
+        self.text.validate()?;
+        let n = self.vision.num_hidden_layers as i64 + 1;
+        let index = if self.select_layer < 0 { n + self.select_layer } else { self.select_layer };
+        if !(0..n).contains(&index) {
+            return Err(format!("select_layer {} is out of range for a {}-layer vision tower", self.select_layer, n - 1));
+        }
+        Ok(())
+    }
+
+    /// A randomly initialised model.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Llava<B> {
+        Llava {
+            vision: self.vision.init(device),
+            projector: self.projector_config().init(device),
+            llm: self.text.init(device),
+            select_layer: self.select_layer,
+            select_feature: self.select_feature,
+        }
+    }
+}
+
+/// Where the pieces of a checkpoint are.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// CLIP directory to use instead of the one `mm_vision_tower` names (original layout).
+    pub vision_tower: Option<PathBuf>,
+    /// Hugging Face hub cache (default: `$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`).
+    pub hf_cache: Option<PathBuf>,
+    /// Override of the image aspect mode the checkpoint's config implies.
+    pub image_aspect: Option<AspectMode>,
+}
+
+/// Which layout a directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    LlavaHf,
+    Original,
+    /// A plain LLaMA directory: text-only generation.
+    TextOnly,
+}
+
+/// A loaded model with what is needed to use it.
+pub struct LoadedLlava<B: Backend> {
+    pub model: Llava<B>,
+    pub config: LlavaConfig,
+    pub processor: ProcessorConfig,
+    pub tokenizer: Tokenizer,
+    pub layout: Layout,
+    /// False for a plain LLM directory (the vision tower is a random placeholder, never used).
+    pub has_vision: bool,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, LlavaError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LlavaError::config(path, e))?;
+    serde_json::from_str(&text).map_err(|e| LlavaError::config(path, e))
+}
+
+/// Detects the layout of a model directory from its `config.json`.
+pub fn detect_layout(config: &serde_json::Value) -> Layout {
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let archs: Vec<&str> = config
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    if config.get("mm_vision_tower").is_some() || archs.iter().any(|a| a.starts_with("LlavaLlama")) || model_type == "llava_llama" {
+        Layout::Original
+    } else if model_type == "llava" || config.get("vision_config").is_some() {
+        Layout::LlavaHf
+    } else {
+        Layout::TextOnly
+    }
+}
+
+/// Loads whatever `dir` holds.
+pub fn load_dir<B: Backend>(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<LoadedLlava<B>, LlavaError> {
+    let config_path = dir.join("config.json");
+    let json = read_json(&config_path)?;
+    let tokenizer = Tokenizer::from_path(dir)?;
+    match detect_layout(&json) {
+        Layout::LlavaHf => load_llava_hf(dir, &json, tokenizer, options, device),
+        Layout::Original => load_original(dir, &json, tokenizer, options, device),
+        Layout::TextOnly => load_text_only(dir, &json, tokenizer, device),
+    }
+}
+
+fn load_llava_hf<B: Backend>(
+    dir: &Path,
+    json: &serde_json::Value,
+    tokenizer: Tokenizer,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<LoadedLlava<B>, LlavaError> {
+    let config_path = dir.join("config.json");
+    let bad = |reason: String| LlavaError::config(&config_path, reason);
+    let vision = ClipVisionConfig::from_hf_json(json.get("vision_config").unwrap_or(&serde_json::Value::Null)).map_err(bad)?;
+    let text = LlamaConfig::from_hf_json(json.get("text_config").unwrap_or(&serde_json::json!({}))).map_err(bad)?;
+    let act = json.get("projector_hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu");
+    if act != "gelu" {
+        return Err(bad(format!("projector_hidden_act `{act}` is not supported (gelu only)")));
+    }
+    let select_layer = match json.get("vision_feature_layer") {
+        None => -2,
+        Some(v) => v.as_i64().ok_or_else(|| bad("vision_feature_layer must be one integer".into()))?,
+    };
+    let select_feature = match json.get("vision_feature_select_strategy").and_then(|v| v.as_str()).unwrap_or("default") {
+        "default" => SelectFeature::Patch,
+        "full" => SelectFeature::ClsPatch,
+        other => return Err(bad(format!("unknown vision_feature_select_strategy `{other}`"))),
+    };
+    let store = WeightStore::open(dir)?;
+    let (lm, head, tower, proj) = if store.has_prefix("model.language_model.") {
+        ("model.language_model", "lm_head", "model.vision_tower.vision_model", "model.multi_modal_projector")
+    } else {
+        ("language_model.model", "language_model.lm_head", "vision_tower.vision_model", "multi_modal_projector")
+    };
+    let (projector, naming) = ProjectorConfig::detect(&store, proj)
+        .ok_or_else(|| bad(format!("no projector weights under `{proj}` in {}", dir.display())))?;
+    let config = LlavaConfig {
+        vision,
+        text,
+        projector,
+        select_layer,
+        select_feature,
+        image_aspect: options.image_aspect.unwrap_or(AspectMode::Crop),
+        max_length: json.get("text_config").and_then(|t| t.get("max_position_embeddings")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+    };
+    config.validate().map_err(bad)?;
+    let root = Loader::<B>::new(&store, device);
+    let model = Llava {
+        vision: ClipVisionModel::load(&config.vision, &root.pp(tower))?,
+        projector: Projector::load(&config.projector_config(), naming, &root.pp(proj))?,
+        llm: LlamaModel::load(&config.text, &root.pp(lm), &root.pp(head))?,
+        select_layer,
+        select_feature,
+    };
+    store.ensure_all_used()?;
+    let processor = processor_for(dir, &config)?;
+    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::LlavaHf, has_vision: true })
+}
+
+fn load_original<B: Backend>(
+    dir: &Path,
+    json: &serde_json::Value,
+    tokenizer: Tokenizer,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<LoadedLlava<B>, LlavaError> {
+    let config_path = dir.join("config.json");
+    let bad = |reason: String| LlavaError::config(&config_path, reason);
+    let text = LlamaConfig::from_hf_json(json).map_err(bad)?;
+    let tower_name = json.get("mm_vision_tower").and_then(|v| v.as_str()).unwrap_or("");
+    let tower_dir = match &options.vision_tower {
+        Some(p) => p.clone(),
+        None => resolve_vision_tower(dir, tower_name, options.hf_cache.as_deref())?,
+    };
+    let vision = ClipVisionConfig::from_hf_dir(&tower_dir)?;
+    let projector = match json.get("mm_projector_type").and_then(|v| v.as_str()) {
+        None => ProjectorKind::Linear,
+        Some(name) => ProjectorKind::parse(name).ok_or_else(|| bad(format!("unknown mm_projector_type `{name}`")))?,
+    };
+    if json.get("mm_use_im_start_end").and_then(|v| v.as_bool()) == Some(true) {
+        tracing::warn!("{}: mm_use_im_start_end is set; <im_start>/<im_end> tokens are not inserted by this implementation", config_path.display());
+    }
+    let select_feature = match json.get("mm_vision_select_feature").and_then(|v| v.as_str()).unwrap_or("patch") {
+        "patch" => SelectFeature::Patch,
+        "cls_patch" => SelectFeature::ClsPatch,
+        other => return Err(bad(format!("unknown mm_vision_select_feature `{other}`"))),
+    };
+    let aspect = match json.get("image_aspect_ratio").and_then(|v| v.as_str()).unwrap_or("square") {
+        "pad" => AspectMode::Pad,
+        "square" | "crop" => AspectMode::Crop,
+        other => return Err(bad(format!("image_aspect_ratio `{other}` is not supported (square or pad)"))),
+    };
+    let config = LlavaConfig {
+        vision,
+        projector,
+        select_layer: json.get("mm_vision_select_layer").and_then(|v| v.as_i64()).unwrap_or(-1),
+        select_feature,
+        image_aspect: options.image_aspect.unwrap_or(aspect),
+        max_length: json.get("tokenizer_model_max_length").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
+        text,
+    };
+    config.validate().map_err(bad)?;
+    if let Some(hidden) = json.get("mm_hidden_size").and_then(|v| v.as_u64()) {
+        if hidden as usize != config.vision.hidden_size {
+            return Err(bad(format!(
+                "mm_hidden_size {hidden} does not match the vision tower's hidden_size {} ({})",
+                config.vision.hidden_size,
+                tower_dir.display()
+            )));
+        }
+    }
+    let store = WeightStore::open(dir)?;
+    let root = Loader::<B>::new(&store, device);
+    let proj_prefix = "model.mm_projector";
+    let naming = ProjectorConfig::detect(&store, proj_prefix)
+        .map(|(_, naming)| naming)
+        .ok_or_else(|| bad(format!("no projector weights under `{proj_prefix}` in {}", dir.display())))?;
+    // Some checkpoints embed the (frozen) tower; otherwise it comes from its own directory.
+    let embedded_tower = "model.vision_tower.vision_tower.vision_model";
+    let vision_model = if store.has_prefix(embedded_tower) {
+        ClipVisionModel::load(&config.vision, &root.pp(embedded_tower))?
+    } else {
+        let tower_store = WeightStore::open(&tower_dir)?;
+        let tower = ClipVisionModel::load_hf(&config.vision, &tower_store, device)?;
+        tower_store.ensure_all_used()?;
+        tower
+    };
+    let model = Llava {
+        vision: vision_model,
+        projector: Projector::load(&config.projector_config(), naming, &root.pp(proj_prefix))?,
+        llm: LlamaModel::load(&config.text, &root.pp("model"), &root.pp("lm_head"))?,
+        select_layer: config.select_layer,
+        select_feature: config.select_feature,
+    };
+    store.ensure_all_used()?;
+    let processor = processor_for(&tower_dir, &config)?;
+    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+}
+
+fn load_text_only<B: Backend>(
+    dir: &Path,
+    json: &serde_json::Value,
+    tokenizer: Tokenizer,
+    device: &B::Device,
+) -> Result<LoadedLlava<B>, LlavaError> {
+    let config_path = dir.join("config.json");
+    let text = LlamaConfig::from_hf_json(json).map_err(|r| LlavaError::config(&config_path, r))?;
+    let store = WeightStore::open(dir)?;
+    let llm = LlamaModel::load_hf(&text, &store, device)?;
+    store.ensure_all_used()?;
+    // A minimal placeholder tower keeps one model type for both cases; it is never run.
+    let vision = ClipVisionConfig {
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        image_size: 14,
+        patch_size: 14,
+        ..Default::default()
+    };
+    let config = LlavaConfig {
+        vision,
+        projector: ProjectorKind::Linear,
+        select_layer: -1,
+        select_feature: SelectFeature::Patch,
+        image_aspect: AspectMode::Crop,
+        max_length: text.max_position_embeddings,
+        text,
+    };
+    let model = Llava {
+        vision: config.vision.init(device),
+        projector: config.projector_config().init(device),
+        llm,
+        select_layer: -1,
+        select_feature: SelectFeature::Patch,
+    };
+    Ok(LoadedLlava { model, processor: ProcessorConfig::clip(14), config, tokenizer, layout: Layout::TextOnly, has_vision: false })
+}
+
+/// Loads separate parts: a CLIP directory, an LLM directory (with its tokenizer) and a projector
+/// file (`mm_projector.bin` / safetensors, keys with or without `model.mm_projector.`, or
+/// `multi_modal_projector.linear_N.*`).
+pub fn load_parts<B: Backend>(
+    clip_dir: &Path,
+    llm_dir: &Path,
+    projector_file: &Path,
+    select_layer: i64,
+    select_feature: SelectFeature,
+    image_aspect: AspectMode,
+    device: &B::Device,
+) -> Result<LoadedLlava<B>, LlavaError> {
+    let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
+    let text = LlamaConfig::from_hf_dir(llm_dir)?;
+    let proj_store = WeightStore::open(projector_file)?;
+    let prefix = ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
+        .into_iter()
+        .find(|p| ProjectorConfig::detect(&proj_store, p).is_some())
+        .ok_or_else(|| LlavaError::config(projector_file, "no projector weights (expected mm_projector.* or multi_modal_projector.linear_N.*)"))?;
+    let (projector, naming) = ProjectorConfig::detect(&proj_store, prefix).expect("detected above");
+    let config = LlavaConfig {
+        vision,
+        projector,
+        select_layer,
+        select_feature,
+        image_aspect,
+        max_length: text.max_position_embeddings,
+        text,
+    };
+    config.validate().map_err(|r| LlavaError::config(projector_file, r))?;
+    let clip_store = WeightStore::open(clip_dir)?;
+    let llm_store = WeightStore::open(llm_dir)?;
+    let model = Llava {
+        vision: ClipVisionModel::load_hf(&config.vision, &clip_store, device)?,
+        projector: Projector::load(&config.projector_config(), naming, &Loader::new(&proj_store, device).pp(prefix))?,
+        llm: LlamaModel::load_hf(&config.text, &llm_store, device)?,
+        select_layer,
+        select_feature,
+    };
+    for s in [&clip_store, &llm_store, &proj_store] {
+        s.ensure_all_used()?;
+    }
+    let processor = processor_for(clip_dir, &config)?;
+    let tokenizer = Tokenizer::from_path(llm_dir)?;
+    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+}
+
+/// `preprocessor_config.json` from `dir` if present, else CLIP's at the tower's image size.
+fn processor_for(dir: &Path, config: &LlavaConfig) -> Result<ProcessorConfig, LlavaError> {
+    let path = dir.join("preprocessor_config.json");
+    let processor = if path.is_file() { ProcessorConfig::from_path(&path)? } else { ProcessorConfig::clip(config.vision.image_size) };
+    if processor.crop_height != config.vision.image_size || processor.crop_width != config.vision.image_size {
+        return Err(LlavaError::config(
+            &path,
+            format!(
+                "crop size {}x{} does not match the vision tower's image_size {}",
+                processor.crop_height, processor.crop_width, config.vision.image_size
+            ),
+        ));
+    }
+    Ok(processor)
+}
+
+/// Finds the CLIP directory `mm_vision_tower` names: a path (relative to the model directory or
+/// absolute), or a hub id in the local Hugging Face cache.
+pub fn resolve_vision_tower(model_dir: &Path, name: &str, hf_cache: Option<&Path>) -> Result<PathBuf, LlavaError> {
+    if name.is_empty() {
+        return Err(LlavaError::config(model_dir.join("config.json"), "mm_vision_tower is missing"));
+    }
+    for candidate in [model_dir.join(name), PathBuf::from(name)] {
+        if candidate.join("config.json").is_file() {
+            return Ok(candidate);
+        }
+    }
+    let cache = hf_cache.map(Path::to_path_buf).or_else(default_hf_cache);
+    if let (Some(cache), Some((org, repo))) = (&cache, name.split_once('/')) {
+        let repo_dir = cache.join(format!("models--{org}--{repo}"));
+        let snapshots = repo_dir.join("snapshots");
+        // Prefer the revision `refs/main` points at, else any snapshot with a config.
+        let main = std::fs::read_to_string(repo_dir.join("refs/main")).ok().map(|s| snapshots.join(s.trim()));
+        let mut found: Vec<PathBuf> = main.into_iter().collect();
+        if let Ok(entries) = std::fs::read_dir(&snapshots) {
+            let mut others: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            others.sort();
+            found.extend(others);
+        }
+        if let Some(dir) = found.into_iter().find(|d| d.join("config.json").is_file()) {
+            return Ok(dir);
+        }
+    }
+    Err(LlavaError::VisionTowerNotFound {
+        name: name.to_string(),
+        model_dir: model_dir.to_path_buf(),
+        cache: cache.map(|c| c.display().to_string()).unwrap_or_else(|| "(no cache directory)".into()),
+    })
+}
+
+fn default_hf_cache() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}

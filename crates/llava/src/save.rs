@@ -1,0 +1,124 @@
+//! Writing a model as a directory other tools load.
+//!
+//! * An MLP (`mlp2x_gelu`) projector → the **llava-hf** layout (`LlavaForConditionalGeneration`),
+//!   which Hugging Face transformers and this crate's loader read.
+//! * A `linear` projector (the paper's) has no llava-hf equivalent (its projector is always two
+//!   layers), so it is written in the **original LLaVA** layout: `LlavaLlamaForCausalLM` keys and
+//!   config, with the CLIP tower beside it in `vision_tower/`, referenced by a relative path.
+//!
+//! Tensors are f32 safetensors; the write is atomic per file.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use llava_projector::{ProjectorKind, ProjectorNaming};
+use llava_weights::{Exporter, SaveDtype};
+
+use crate::load::LlavaConfig;
+use crate::model::{Llava, SelectFeature};
+use crate::LlavaError;
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), LlavaError> {
+    let text = serde_json::to_string_pretty(value).expect("json");
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| LlavaError::config(path, e))
+}
+
+/// Copies the tokenizer files found in `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), LlavaError> {
+    for name in ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"] {
+        let src = from.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(name)).map_err(|e| LlavaError::config(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The projector weights alone, as the reference's `mm_projector.bin` but in safetensors
+/// (`model.mm_projector.*` keys), which stage 2 and the original LLaVA code load.
+pub fn save_projector<B: Backend>(model: &Llava<B>, path: &Path) -> Result<(), LlavaError> {
+    let mut e = Exporter::new();
+    e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
+    e.save(path, SaveDtype::F32, &[("format", "pt")])?;
+    Ok(())
+}
+
+/// Writes the whole model into `dir` (see the module docs for the layout chosen).
+pub fn save_model<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path) -> Result<(), LlavaError> {
+    std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
+    match model.projector.kind {
+        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir)?,
+        _ => save_original(model, config, dir)?,
+    }
+    copy_tokenizer_files(tokenizer_dir, dir)
+}
+
+fn save_llava_hf<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path) -> Result<(), LlavaError> {
+    let mut e = Exporter::new();
+    e.scope("vision_tower.vision_model", |e| model.vision.export(e));
+    e.scope("multi_modal_projector", |e| model.projector.export(ProjectorNaming::LlavaHf, e));
+    model.llm.export(&mut e, "language_model.model", "language_model.lm_head");
+    e.save(&dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let json = serde_json::json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": llava_vision_encoder::hf_config_json(&config.vision),
+        "text_config": config.text.to_hf_json(),
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": config.select_layer,
+        "vision_feature_select_strategy": match config.select_feature { SelectFeature::Patch => "default", SelectFeature::ClsPatch => "full" },
+        "image_token_index": config.text.vocab_size,
+        "image_seq_length": config.image_tokens(),
+        "multimodal_projector_bias": true,
+        "tie_word_embeddings": config.text.tie_word_embeddings,
+        "torch_dtype": "float32",
+    });
+    write_json(&dir.join("config.json"), &json)?;
+    write_processor(&config.vision.image_size, dir)
+}
+
+fn save_original<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path) -> Result<(), LlavaError> {
+    let tower_dir = dir.join("vision_tower");
+    std::fs::create_dir_all(&tower_dir).map_err(|e| LlavaError::config(&tower_dir, e))?;
+    let mut tower = Exporter::new();
+    tower.scope("vision_model", |e| model.vision.export(e));
+    tower.save(&tower_dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    write_json(&tower_dir.join("config.json"), &llava_vision_encoder::hf_config_json(&config.vision))?;
+    write_processor(&config.vision.image_size, &tower_dir)?;
+
+    let mut e = Exporter::new();
+    e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
+    model.llm.export(&mut e, "model", "lm_head");
+    e.save(&dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let mut json = config.text.to_hf_json();
+    let obj = json.as_object_mut().expect("object");
+    obj.insert("architectures".into(), serde_json::json!(["LlavaLlamaForCausalLM"]));
+    obj.insert("model_type".into(), "llava_llama".into());
+    obj.insert("mm_vision_tower".into(), "vision_tower".into());
+    obj.insert("mm_projector_type".into(), config.projector.name().into());
+    obj.insert("mm_hidden_size".into(), config.vision.hidden_size.into());
+    obj.insert("mm_vision_select_layer".into(), config.select_layer.into());
+    obj.insert(
+        "mm_vision_select_feature".into(),
+        match config.select_feature { SelectFeature::Patch => "patch", SelectFeature::ClsPatch => "cls_patch" }.into(),
+    );
+    obj.insert("image_aspect_ratio".into(), match config.image_aspect { llava_data::image::AspectMode::Pad => "pad", _ => "square" }.into());
+    obj.insert("mm_use_im_start_end".into(), false.into());
+    obj.insert("mm_use_im_patch_token".into(), false.into());
+    obj.insert("tokenizer_model_max_length".into(), config.max_length.into());
+    obj.insert("tokenizer_padding_side".into(), "right".into());
+    obj.insert("use_mm_proj".into(), true.into());
+    write_json(&dir.join("config.json"), &json)
+}
+
+fn write_processor(size: &usize, dir: &Path) -> Result<(), LlavaError> {
+    let json = serde_json::json!({
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": true, "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+        "image_mean": llava_data::image::CLIP_MEAN, "image_std": llava_data::image::CLIP_STD,
+        "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1.0 / 255.0,
+        "size": {"shortest_edge": size},
+    });
+    write_json(&dir.join("preprocessor_config.json"), &json)
+}

@@ -1,0 +1,525 @@
+//! The LLaMA / Vicuna decoder: RMSNorm, rotary position embeddings (Hugging Face's `rotate_half`
+//! convention), SwiGLU MLPs and grouped-query attention, with a KV cache for generation.
+//!
+//! The model works on embeddings, not only on token ids, because LLaVA splices image features
+//! between token embeddings before the decoder runs: [`LlamaModel::embed`] gives the token
+//! embeddings, [`LlamaModel::forward_embeds`] runs the decoder stack on any embeddings, and
+//! [`LlamaModel::logits`] applies the LM head.
+//!
+//! ```no_run
+//! use burn::backend::Flex;
+//! use llava_llm::{KvCache, LlamaConfig, LlamaModel};
+//! use llava_weights::WeightStore;
+//!
+//! let dir = std::path::Path::new("vicuna-7b-v1.5");
+//! let config = LlamaConfig::from_hf_dir(dir)?;
+//! let store = WeightStore::open(dir)?; // sharded pytorch_model-*.bin or safetensors
+//! let device = Default::default();
+//! let model = LlamaModel::<Flex>::load_hf(&config, &store, &device)?;
+//! let ids = burn::tensor::Tensor::<Flex, 2, burn::tensor::Int>::from_ints([[1, 15043]], &device);
+//! let mut cache = KvCache::new(config.num_hidden_layers);
+//! let logits = model.forward_ids(ids, Some(&mut cache)); // [1, 2, vocab]
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::Path;
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
+}
+
+/// Hugging Face `LlamaConfig`, with the same field names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads` (no grouping).
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub hidden_act: String,
+    pub bos_token_id: Option<u32>,
+    /// A single id or a list (both occur in Hugging Face configs).
+    pub eos_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<u32>,
+    /// Only `null` / `{"rope_type": "default"}` are supported; anything else is refused at load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu".into(),
+            bos_token_id: Some(1),
+            eos_token_id: Some(serde_json::Value::from(2)),
+            pad_token_id: None,
+            rope_scaling: None,
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, LlmError> {
+        let path = dir.join("config.json");
+        let err = |reason: String| LlmError::Config { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::from_hf_json(&json).map_err(err)
+    }
+
+    pub fn from_hf_json(json: &serde_json::Value) -> Result<Self, String> {
+        let config: Self = serde_json::from_value(json.clone()).map_err(|e| format!("text config: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act `{}` is not supported (LLaMA uses silu)", self.hidden_act));
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str());
+            if !scaling.is_null() && kind != Some("default") {
+                return Err(format!("rope_scaling {scaling} is not supported"));
+            }
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// All end-of-sequence ids.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `config.json` Hugging Face's `LlamaForCausalLM` reads.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut json = serde_json::to_value(self).expect("config serialises");
+        let obj = json.as_object_mut().expect("object");
+        obj.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        obj.insert("model_type".into(), "llama".into());
+        obj.insert("num_key_value_heads".into(), self.num_kv_heads().into());
+        obj.insert("head_dim".into(), self.head_dim().into());
+        obj.insert("torch_dtype".into(), "float32".into());
+        json
+    }
+
+    /// A randomly initialised model (normal std 0.02, RMSNorm weights 1, as Hugging Face).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LlamaModel<B> {
+        let d = self.hidden_size;
+        let hd = self.head_dim();
+        let normal = |i: usize, o: usize| Tensor::<B, 2>::random([i, o], Distribution::Normal(0.0, 0.02), device);
+        let linear = |i: usize, o: usize, bias: bool| {
+            let mut l = LinearConfig::new(i, o).with_bias(bias).init(device);
+            l.weight = Param::initialized(ParamId::new(), normal(i, o));
+            if bias {
+                l.bias = Some(Param::initialized(ParamId::new(), Tensor::zeros([o], device)));
+            }
+            l
+        };
+        let norm = || RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init(device);
+        let mut embed_tokens = EmbeddingConfig::new(self.vocab_size, d).init(device);
+        embed_tokens.weight = Param::initialized(ParamId::new(), normal(self.vocab_size, d));
+        LlamaModel {
+            embed_tokens,
+            layers: (0..self.num_hidden_layers)
+                .map(|_| DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: linear(d, self.num_attention_heads * hd, self.attention_bias),
+                        k_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias),
+                        v_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias),
+                        o_proj: linear(self.num_attention_heads * hd, d, self.attention_bias),
+                        num_heads: self.num_attention_heads,
+                        num_kv_heads: self.num_kv_heads(),
+                        head_dim: hd,
+                    },
+                    mlp: Mlp {
+                        gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                        up_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                        down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                    },
+                    input_layernorm: norm(),
+                    post_attention_layernorm: norm(),
+                })
+                .collect(),
+            norm: norm(),
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+            rope_theta: self.rope_theta,
+        }
+    }
+}
+
+/// Keys and values of past positions, per layer: `[batch, kv_heads, past, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `rows` (drop finished sequences from a batch).
+    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.clone().select(0, rows.clone());
+            *v = v.clone().select(0, rows.clone());
+        }
+    }
+}
+
+/// Rotary embedding tables for given positions: `cos`, `sin` of shape `[batch, 1, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Rotary<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// Computed as Hugging Face does, in f32: `inv_freq = theta^(-2i/d)`, angles = pos × inv_freq,
+    /// duplicated over both halves of the head.
+    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+        let device = positions.device();
+        let [b, s] = positions.dims();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device).reshape([1, 1, half]);
+        let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, half]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, head_dim]);
+        Self { cos: angles.clone().cos(), sin: angles.sin() }
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `[batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, s, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let hd = self.head_dim;
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, self.num_heads, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let q = rotary.apply(q);
+        let mut k = rotary.apply(k);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
+        let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
+        let out = match mask {
+            Some(mask) => {
+                let [mb, _, mq, mk] = mask.dims();
+                let mask = mask.expand([mb, self.num_heads, mq, mk]);
+                attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+            }
+            // Bottom-right aligned causal masking: also right for cached decoding (q_len < kv_len).
+            None => attention(q, k, v, None, None, AttentionModuleOptions { is_causal: true, ..Default::default() }),
+        };
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.num_heads * hd]))
+    }
+}
+
+/// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`, each kv head repeated `n_rep` times in place.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, h, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, h, n_rep, s, d]).reshape([b, h * n_rep, s, d])
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// `LlamaForCausalLM`: the decoder stack plus the LM head.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub rope_theta: f64,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Token embeddings, `[batch, seq]` → `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed_tokens.forward(ids)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[1]
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    /// Runs the decoder on embeddings and returns the final-normed hidden states.
+    ///
+    /// * `positions` `[batch, seq]`: rotary positions of the new tokens (left-padded batches
+    ///   start each row's real tokens at 0).
+    /// * `mask` `[batch, 1, seq, past + seq]`, `true` = may not attend. `None` means plain causal
+    ///   attention (no padding, or right padding whose pad rows are never read).
+    /// * `cache`: past keys/values; the new ones are appended.
+    pub fn forward_embeds(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Tensor<B, 2, Int>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let head_dim = self.layers.first().map_or(2, |l| l.self_attn.head_dim);
+        let rotary = Rotary::new(positions, head_dim, self.rope_theta);
+        let mut h = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = layer.self_attn.forward(layer.input_layernorm.forward(h.clone()), &rotary, mask.clone(), slot);
+            h = h + a;
+            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+        }
+        self.norm.forward(h)
+    }
+
+    /// LM head: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, d] = hidden.dims();
+                let w = self.embed_tokens.weight.val(); // [vocab, d]
+                let v = w.dims()[0];
+                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
+            }
+        }
+    }
+
+    /// Convenience: logits for token ids, continuing after whatever the cache holds.
+    pub fn forward_ids(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let device = ids.device();
+        let positions = Tensor::<B, 1, Int>::arange(past as i64..(past + s) as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        let hidden = self.forward_embeds(self.embed(ids), positions, None, cache);
+        self.logits(hidden)
+    }
+
+    /// Loads `LlamaForCausalLM` weights with the standard names (`model.*`, `lm_head.*`).
+    pub fn load_hf(config: &LlamaConfig, store: &WeightStore, device: &B::Device) -> Result<Self, LlmError> {
+        let root = Loader::new(store, device);
+        Self::load(config, &root.pp("model"), &root.pp("lm_head"))
+    }
+
+    /// Loads from arbitrary prefixes: `vb` holds `embed_tokens`, `layers`, `norm`; `lm_head` is
+    /// the head's own prefix (e.g. `language_model.lm_head` in llava-hf checkpoints).
+    pub fn load(config: &LlamaConfig, vb: &Loader<'_, B>, lm_head: &Loader<'_, B>) -> Result<Self, LlmError> {
+        config.validate().map_err(|reason| LlmError::Config { path: "text config".into(), reason })?;
+        let d = config.hidden_size;
+        let hd = config.head_dim();
+        let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
+        let eps = config.rms_norm_eps;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: a.linear("q_proj", d, nh * hd, config.attention_bias)?,
+                    k_proj: a.linear("k_proj", d, nkv * hd, config.attention_bias)?,
+                    v_proj: a.linear("v_proj", d, nkv * hd, config.attention_bias)?,
+                    o_proj: a.linear("o_proj", nh * hd, d, config.attention_bias)?,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate_proj: m.linear("gate_proj", d, config.intermediate_size, config.mlp_bias)?,
+                    up_proj: m.linear("up_proj", d, config.intermediate_size, config.mlp_bias)?,
+                    down_proj: m.linear("down_proj", config.intermediate_size, d, config.mlp_bias)?,
+                },
+                input_layernorm: l.rms_norm("input_layernorm", d, eps)?,
+                post_attention_layernorm: l.rms_norm("post_attention_layernorm", d, eps)?,
+            });
+        }
+        let embed_tokens = vb.embedding("embed_tokens", config.vocab_size, d)?;
+        let lm_head = if config.tie_word_embeddings {
+            // A tied checkpoint may still carry a copy of the head; it is the same tensor.
+            let head = lm_head.path("weight");
+            lm_head.store().ignore_prefix(&head);
+            None
+        } else {
+            Some(lm_head.linear("", d, config.vocab_size, false)?)
+        };
+        Ok(Self { embed_tokens, layers, norm: vb.rms_norm("norm", d, eps)?, lm_head, rope_theta: config.rope_theta })
+    }
+
+    /// Writes the weights as `LlamaForCausalLM` names under `model_scope` / `lm_head_scope`.
+    pub fn export(&self, e: &mut Exporter, model_scope: &str, lm_head_scope: &str) {
+        e.scope(model_scope, |e| {
+            e.embedding("embed_tokens", &self.embed_tokens);
+            for (i, l) in self.layers.iter().enumerate() {
+                e.scope(format!("layers.{i}"), |e| {
+                    e.scope("self_attn", |e| {
+                        e.linear("q_proj", &l.self_attn.q_proj);
+                        e.linear("k_proj", &l.self_attn.k_proj);
+                        e.linear("v_proj", &l.self_attn.v_proj);
+                        e.linear("o_proj", &l.self_attn.o_proj);
+                    });
+                    e.scope("mlp", |e| {
+                        e.linear("gate_proj", &l.mlp.gate_proj);
+                        e.linear("up_proj", &l.mlp.up_proj);
+                        e.linear("down_proj", &l.mlp.down_proj);
+                    });
+                    e.rms_norm("input_layernorm", &l.input_layernorm);
+                    e.rms_norm("post_attention_layernorm", &l.post_attention_layernorm);
+                });
+            }
+            e.rms_norm("norm", &self.norm);
+        });
+        if let Some(head) = &self.lm_head {
+            e.linear(lm_head_scope, head);
+        }
+    }
+}
+
+/// Attention mask for a batch whose rows have padding: `valid[b][j]` tells whether key position
+/// `j` (over past + new positions) is a real token. Returns `[batch, 1, new, past + new]` with
+/// `true` where attention is forbidden: future keys, and padding keys. A padding query row may
+/// attend to itself only, so no row is fully masked (its output is never used).
+pub fn padded_causal_mask<B: Backend>(valid: &[Vec<bool>], new: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let b = valid.len();
+    let total = valid.first().map_or(0, Vec::len);
+    let past = total - new;
+    let mut mask = Vec::with_capacity(b * new * total);
+    for row in valid {
+        for q in 0..new {
+            let qpos = past + q;
+            for (k, real) in row.iter().enumerate() {
+                mask.push(k > qpos || (!real && k != qpos));
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [b, 1, new, total]), device)
+}

@@ -1,0 +1,422 @@
+//! The CLIP vision transformer (ViT) that LLaVA uses as its image encoder.
+//!
+//! Any size from a Hugging Face config (ViT-L/14 at 224 or 336 px, or a tiny test model):
+//! a patch-embedding convolution, a learned class token and position embeddings, a pre-LayerNorm,
+//! and pre-norm encoder layers with `quick_gelu` (OpenAI CLIP) or exact `gelu` MLPs.
+//!
+//! LLaVA does not use the final output: it takes `hidden_states[select_layer]` (by default the
+//! layer *before* the last, `-2`) and drops the class token. [`ClipVisionModel::hidden_state`]
+//! computes exactly that and stops early, so the layers after the selected one are never run.
+//!
+//! ```no_run
+//! use burn::backend::Flex;
+//! use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
+//! use llava_weights::WeightStore;
+//!
+//! let dir = std::path::Path::new("clip-vit-large-patch14");
+//! let config = ClipVisionConfig::from_hf_dir(dir)?;
+//! let store = WeightStore::open(dir)?;
+//! let model = ClipVisionModel::<Flex>::load_hf(&config, &store, &Default::default())?;
+//! let pixels = burn::tensor::Tensor::<Flex, 4>::zeros([1, 3, 224, 224], &Default::default());
+//! let features = model.hidden_state(pixels, -2); // [1, 257, 1024]
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::Path;
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor};
+use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
+}
+
+/// The MLP activation of the encoder layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VisionActivation {
+    /// `x * sigmoid(1.702 x)`, OpenAI CLIP.
+    #[default]
+    QuickGelu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+
+/// Hugging Face `CLIPVisionConfig`, with the same field names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: VisionActivation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: VisionActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// openai/clip-vit-large-patch14 (`image_size` 224) or -336.
+    pub fn vit_large_patch14(image_size: usize) -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            image_size,
+            patch_size: 14,
+            ..Self::default()
+        }
+    }
+
+    /// Reads `config.json` of a CLIP directory: a full `CLIPConfig` (its `vision_config` is used)
+    /// or a `CLIPVisionConfig`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, VisionError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| VisionError::Config {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| VisionError::Config {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_hf_json(json.get("vision_config").unwrap_or(&json)).map_err(|reason| VisionError::Config {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Parses a `CLIPVisionConfig` JSON object (missing fields take Hugging Face's defaults).
+    pub fn from_hf_json(json: &serde_json::Value) -> Result<Self, String> {
+        let mut config: Self = serde_json::from_value(json.clone()).map_err(|e| format!("vision config: {e}"))?;
+        // Some configs spell the activation "gelu_pytorch_tanh" etc.; only two are meaningful here.
+        if let Some(act) = json.get("hidden_act").and_then(|a| a.as_str()) {
+            config.hidden_act = match act {
+                "quick_gelu" => VisionActivation::QuickGelu,
+                "gelu" => VisionActivation::Gelu,
+                other => return Err(format!("vision config: unsupported hidden_act `{other}`")),
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Patches per image (without the class token).
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Resolves a Python-style layer index into `hidden_states` (length `num_hidden_layers + 1`).
+    pub fn hidden_state_index(&self, select_layer: i64) -> usize {
+        let n = self.num_hidden_layers as i64 + 1;
+        let index = if select_layer < 0 { n + select_layer } else { select_layer };
+        assert!((0..n).contains(&index), "select_layer {select_layer} is out of range for {n} hidden states");
+        index as usize
+    }
+
+    /// A randomly initialised model (weights as in Hugging Face's `_init_weights`, std 0.02).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ClipVisionModel<B> {
+        let d = self.hidden_size;
+        let ln = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
+        let normal = |shape: Vec<usize>| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
+        let linear = |i: usize, o: usize| {
+            let mut l = LinearConfig::new(i, o).init(device);
+            l.weight = Param::initialized(ParamId::new(), normal(vec![i, o]));
+            l.bias = Some(Param::initialized(ParamId::new(), Tensor::zeros([o], device)));
+            l
+        };
+        let mut patch_embedding = Conv2dConfig::new([self.num_channels, d], [self.patch_size, self.patch_size])
+            .with_stride([self.patch_size, self.patch_size])
+            .with_bias(false)
+            .init(device);
+        patch_embedding.weight = Param::initialized(
+            ParamId::new(),
+            normal(vec![d, self.num_channels, self.patch_size, self.patch_size]).reshape([
+                d,
+                self.num_channels,
+                self.patch_size,
+                self.patch_size,
+            ]),
+        );
+        ClipVisionModel {
+            embeddings: ClipEmbeddings {
+                patch_embedding,
+                class_embedding: Param::initialized(ParamId::new(), normal(vec![d]).reshape([d])),
+                position_embedding: Param::initialized(
+                    ParamId::new(),
+                    normal(vec![self.num_patches() + 1, d]).reshape([self.num_patches() + 1, d]),
+                ),
+            },
+            pre_layrnorm: ln(),
+            layers: (0..self.num_hidden_layers)
+                .map(|_| ClipEncoderLayer {
+                    self_attn: ClipAttention {
+                        q_proj: linear(d, d),
+                        k_proj: linear(d, d),
+                        v_proj: linear(d, d),
+                        out_proj: linear(d, d),
+                        num_heads: self.num_attention_heads,
+                    },
+                    layer_norm1: ln(),
+                    mlp: ClipMlp {
+                        fc1: linear(d, self.intermediate_size),
+                        fc2: linear(self.intermediate_size, d),
+                        quick_gelu: self.hidden_act == VisionActivation::QuickGelu,
+                    },
+                    layer_norm2: ln(),
+                })
+                .collect(),
+            post_layernorm: ln(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEmbeddings<B: Backend> {
+    pub patch_embedding: Conv2d<B>,
+    pub class_embedding: Param<Tensor<B, 1>>,
+    pub position_embedding: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> ClipEmbeddings<B> {
+    /// `[batch, 3, H, W]` → `[batch, 1 + patches, hidden]`.
+    pub fn forward(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
+        let patches = self.patch_embedding.forward(pixels); // [b, d, gh, gw]
+        let [b, d, gh, gw] = patches.dims();
+        let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2); // [b, n, d]
+        let class = self.class_embedding.val().reshape([1, 1, d]).expand([b, 1, d]);
+        let tokens = Tensor::cat(vec![class, patches], 1);
+        tokens + self.position_embedding.val().unsqueeze::<3>()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    pub num_heads: usize,
+}
+
+impl<B: Backend> ClipAttention<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, d] = x.dims();
+        let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.num_heads, d / self.num_heads]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
+        // The vision tower attends bidirectionally: no mask.
+        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, s, d]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+    pub quick_gelu: bool,
+}
+
+impl<B: Backend> ClipMlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.fc1.forward(x);
+        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        self.fc2.forward(h)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    pub self_attn: ClipAttention<B>,
+    pub layer_norm1: LayerNorm<B>,
+    pub mlp: ClipMlp<B>,
+    pub layer_norm2: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipEncoderLayer<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+/// Hugging Face `CLIPVisionTransformer` (the `vision_model` of a `CLIPModel`).
+#[derive(Module, Debug)]
+pub struct ClipVisionModel<B: Backend> {
+    pub embeddings: ClipEmbeddings<B>,
+    pub pre_layrnorm: LayerNorm<B>,
+    pub layers: Vec<ClipEncoderLayer<B>>,
+    /// Loaded for completeness (it is part of the checkpoint) but unused by LLaVA.
+    pub post_layernorm: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipVisionModel<B> {
+    /// `hidden_states[select_layer]` of Hugging Face's `output_hidden_states=True`, Python-style
+    /// index (`-2` = output of the second-to-last layer; `0` = the pre-layernormed embeddings).
+    /// Layers after the selected one are not run. Returns `[batch, 1 + patches, hidden]`.
+    pub fn hidden_state(&self, pixels: Tensor<B, 4>, select_layer: i64) -> Tensor<B, 3> {
+        let n = self.layers.len() as i64 + 1;
+        let index = if select_layer < 0 { n + select_layer } else { select_layer };
+        assert!((0..n).contains(&index), "select_layer {select_layer} is out of range for {n} hidden states");
+        let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixels));
+        for layer in &self.layers[..index as usize] {
+            h = layer.forward(h);
+        }
+        h
+    }
+
+    /// The pooled output of `CLIPVisionModel`: post-layernormed class token, `[batch, hidden]`.
+    pub fn pooled(&self, pixels: Tensor<B, 4>) -> Tensor<B, 2> {
+        let h = self.hidden_state(pixels, -1);
+        let [b, _, d] = h.dims();
+        self.post_layernorm.forward(h.slice([0..b, 0..1, 0..d])).reshape([b, d])
+    }
+
+    /// Loads `vision_model.*` from a CLIP checkpoint (a full `CLIPModel`, whose text tower is
+    /// ignored, or a `CLIPVisionModel`).
+    pub fn load_hf(config: &ClipVisionConfig, store: &WeightStore, device: &B::Device) -> Result<Self, VisionError> {
+        let prefix = if store.has_prefix("vision_model.") { "vision_model" } else { "" };
+        store.ignore_prefix("text_model.");
+        for name in ["logit_scale", "text_projection.weight", "visual_projection.weight"] {
+            store.ignore_prefix(name);
+        }
+        Self::load(config, &Loader::new(store, device).pp(prefix))
+    }
+
+    /// Loads from any prefix, e.g. `vision_tower.vision_model` inside a llava-hf checkpoint.
+    pub fn load(config: &ClipVisionConfig, vb: &Loader<'_, B>) -> Result<Self, VisionError> {
+        config.validate().map_err(|reason| VisionError::Config { path: "vision config".into(), reason })?;
+        let d = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let emb = vb.pp("embeddings");
+        let embeddings = ClipEmbeddings {
+            patch_embedding: emb.patch_conv("patch_embedding", config.num_channels, d, config.patch_size)?,
+            class_embedding: emb.param("class_embedding", [d])?,
+            position_embedding: emb.pp("position_embedding").param("weight", [config.num_patches() + 1, d])?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layers.{i}"));
+            let a = l.pp("self_attn");
+            layers.push(ClipEncoderLayer {
+                self_attn: ClipAttention {
+                    q_proj: a.linear("q_proj", d, d, true)?,
+                    k_proj: a.linear("k_proj", d, d, true)?,
+                    v_proj: a.linear("v_proj", d, d, true)?,
+                    out_proj: a.linear("out_proj", d, d, true)?,
+                    num_heads: config.num_attention_heads,
+                },
+                layer_norm1: l.layer_norm("layer_norm1", d, eps)?,
+                mlp: ClipMlp {
+                    fc1: l.pp("mlp").linear("fc1", d, config.intermediate_size, true)?,
+                    fc2: l.pp("mlp").linear("fc2", config.intermediate_size, d, true)?,
+                    quick_gelu: config.hidden_act == VisionActivation::QuickGelu,
+                },
+                layer_norm2: l.layer_norm("layer_norm2", d, eps)?,
+            });
+        }
+        Ok(Self {
+            embeddings,
+            // "pre_layrnorm" is Hugging Face's spelling.
+            pre_layrnorm: vb.layer_norm("pre_layrnorm", d, eps)?,
+            layers,
+            post_layernorm: vb.layer_norm("post_layernorm", d, eps)?,
+        })
+    }
+
+    /// Writes the weights under Hugging Face names (relative to the exporter's current scope).
+    pub fn export(&self, e: &mut Exporter) {
+        e.scope("embeddings", |e| {
+            e.conv2d("patch_embedding", &self.embeddings.patch_embedding);
+            e.param("class_embedding", &self.embeddings.class_embedding);
+            e.scope("position_embedding", |e| e.param("weight", &self.embeddings.position_embedding));
+        });
+        e.layer_norm("pre_layrnorm", &self.pre_layrnorm);
+        for (i, l) in self.layers.iter().enumerate() {
+            e.scope(format!("encoder.layers.{i}"), |e| {
+                e.scope("self_attn", |e| {
+                    e.linear("q_proj", &l.self_attn.q_proj);
+                    e.linear("k_proj", &l.self_attn.k_proj);
+                    e.linear("v_proj", &l.self_attn.v_proj);
+                    e.linear("out_proj", &l.self_attn.out_proj);
+                });
+                e.layer_norm("layer_norm1", &l.layer_norm1);
+                e.scope("mlp", |e| {
+                    e.linear("fc1", &l.mlp.fc1);
+                    e.linear("fc2", &l.mlp.fc2);
+                });
+                e.layer_norm("layer_norm2", &l.layer_norm2);
+            });
+        }
+        e.layer_norm("post_layernorm", &self.post_layernorm);
+    }
+}
+
+/// Hugging Face's `config.json` for a `CLIPVisionModel` with this config (what the demo writes).
+pub fn hf_config_json(config: &ClipVisionConfig) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["CLIPVisionModel"],
+        "model_type": "clip_vision_model",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_channels": config.num_channels,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "hidden_act": match config.hidden_act { VisionActivation::QuickGelu => "quick_gelu", VisionActivation::Gelu => "gelu" },
+        "layer_norm_eps": config.layer_norm_eps,
+        "projection_dim": config.hidden_size,
+        "torch_dtype": "float32",
+    })
+}
