@@ -98,7 +98,8 @@ pub struct LoadedLlava<B: Backend> {
     pub model: Llava<B>,
     pub config: LlavaConfig,
     pub processor: ProcessorConfig,
-    pub tokenizer: Tokenizer,
+    /// `None` when the directory has no tokenizer files.
+    pub tokenizer: Option<Tokenizer>,
     pub layout: Layout,
     /// False for a plain LLM directory (the vision tower is a random placeholder, never used).
     pub has_vision: bool,
@@ -130,7 +131,7 @@ pub fn detect_layout(config: &serde_json::Value) -> Layout {
 pub fn load_dir<B: Backend>(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let json = read_json(&config_path)?;
-    let tokenizer = Tokenizer::from_path(dir)?;
+    let tokenizer = load_tokenizer_if_present(dir)?;
     match detect_layout(&json) {
         Layout::LlavaHf => load_llava_hf(dir, &json, tokenizer, options, device),
         Layout::Original => load_original(dir, &json, tokenizer, options, device),
@@ -141,7 +142,7 @@ pub fn load_dir<B: Backend>(dir: &Path, options: &LoadOptions, device: &B::Devic
 fn load_llava_hf<B: Backend>(
     dir: &Path,
     json: &serde_json::Value,
-    tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     options: &LoadOptions,
     device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
@@ -196,7 +197,7 @@ fn load_llava_hf<B: Backend>(
 fn load_original<B: Backend>(
     dir: &Path,
     json: &serde_json::Value,
-    tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     options: &LoadOptions,
     device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
@@ -276,7 +277,7 @@ fn load_original<B: Backend>(
 fn load_text_only<B: Backend>(
     dir: &Path,
     json: &serde_json::Value,
-    tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
@@ -356,8 +357,17 @@ pub fn load_parts<B: Backend>(
         s.ensure_all_used()?;
     }
     let processor = processor_for(clip_dir, &config)?;
-    let tokenizer = Tokenizer::from_path(llm_dir)?;
+    let tokenizer = load_tokenizer_if_present(llm_dir)?;
     Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+}
+
+/// The directory's tokenizer, if it has tokenizer files (a broken one is an error).
+fn load_tokenizer_if_present(dir: &Path) -> Result<Option<Tokenizer>, LlavaError> {
+    if dir.join("tokenizer.model").is_file() || dir.join("tokenizer.json").is_file() {
+        Ok(Some(Tokenizer::from_path(dir)?))
+    } else {
+        Ok(None)
+    }
 }
 
 /// `preprocessor_config.json` from `dir` if present, else CLIP's at the tower's image size.
