@@ -223,29 +223,65 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         match &self.inner {
             Inner::Hf(t) => t.decode(ids, skip_special).unwrap_or_default(),
-            Inner::SentencePiece(sp) => {
-                let mut bytes = Vec::new();
-                let mut first_text = true;
-                for &id in ids {
-                    if skip_special && self.special_ids.contains(&id) {
-                        continue;
+            Inner::SentencePiece(sp) => self.decode_like_hf_slow(sp, ids, skip_special),
+        }
+    }
+
+    /// Hugging Face's slow `LlamaTokenizer._decode` (legacy), quirks included: added tokens
+    /// beyond the SentencePiece vocabulary are joined to the text with spaces, the first piece
+    /// loses its dummy-prefix `▁`, and a space is inserted before a special token that follows text.
+    fn decode_like_hf_slow(&self, sp: &SentencePiece, ids: &[u32], skip_special: bool) -> String {
+        let mut sub_texts: Vec<String> = Vec::new();
+        let mut current: Vec<u32> = Vec::new();
+        for &id in ids {
+            if skip_special && self.special_ids.contains(&id) {
+                continue;
+            }
+            if let Some(content) = self.added.get(&id).filter(|_| id as usize >= sp.vocab_size()) {
+                if !current.is_empty() {
+                    let s = self.tokens_to_string(sp, &current);
+                    if !s.is_empty() {
+                        sub_texts.push(s);
                     }
-                    if let Some(content) = self.added.get(&id).filter(|_| id as usize >= sp.vocab_size()) {
-                        bytes.extend_from_slice(content.as_bytes());
-                        first_text = false;
-                        continue;
-                    }
-                    let mut piece = sp.piece_bytes(id, true);
-                    // SentencePiece drops the dummy-prefix space of the first piece.
-                    if first_text && sp.add_dummy_prefix && piece.first() == Some(&b' ') {
-                        piece.remove(0);
-                    }
-                    first_text = false;
-                    bytes.extend_from_slice(&piece);
+                    current.clear();
                 }
-                String::from_utf8_lossy(&bytes).into_owned()
+                sub_texts.push(content.clone());
+            } else {
+                current.push(id);
             }
         }
+        if !current.is_empty() {
+            sub_texts.push(self.tokens_to_string(sp, &current));
+        }
+        sub_texts.join(" ")
+    }
+
+    /// `LlamaTokenizer.convert_tokens_to_string` (legacy).
+    fn tokens_to_string(&self, sp: &SentencePiece, ids: &[u32]) -> String {
+        let is_special = |id: u32| self.special_ids.contains(&id) || sp.pieces.get(id as usize).is_some_and(|p| matches!(p.kind, PieceKind::Control | PieceKind::Unknown));
+        let mut out = String::new();
+        let mut sub: Vec<(u32, bool)> = Vec::new(); // (id, strip its leading `▁`)
+        let mut prev_special = false;
+        for (i, &id) in ids.iter().enumerate() {
+            if is_special(id) {
+                if !prev_special && i != 0 {
+                    out.push(' ');
+                }
+                out.push_str(&sp_decode(sp, &sub));
+                out.push_str(&sp.pieces[id as usize].text);
+                prev_special = true;
+                sub.clear();
+            } else {
+                let starts_ws = sp.pieces.get(id as usize).is_some_and(|p| p.kind != PieceKind::Byte && p.text.starts_with('▁'));
+                if prev_special && i == 1 && !starts_ws {
+                    out.push(' ');
+                }
+                sub.push((id, i == 0 && starts_ws));
+                prev_special = false;
+            }
+        }
+        out.push_str(&sp_decode(sp, &sub));
+        out
     }
 
     /// A decoder that turns ids, one at a time, into text as soon as it is complete (a
@@ -253,6 +289,38 @@ impl Tokenizer {
     pub fn stream(&self, skip_special: bool) -> StreamDecoder<'_> {
         StreamDecoder { tokenizer: self, ids: Vec::new(), emitted: 0, skip_special }
     }
+}
+
+/// SentencePiece's `DecodePieces`: pieces concatenated, `▁` → space, byte pieces as bytes, and
+/// the leading `▁` of the first piece that has one (while nothing visible came before) dropped.
+/// `strip` marks a piece whose first `▁` the caller already removed.
+fn sp_decode(sp: &SentencePiece, pieces: &[(u32, bool)]) -> String {
+    let mut bytes = Vec::new();
+    let mut bos_ws = true;
+    for &(id, strip) in pieces {
+        let Some(piece) = sp.pieces.get(id as usize) else { continue };
+        if piece.kind == PieceKind::Byte {
+            bytes.extend(sp.piece_bytes(id, false));
+            bos_ws = false;
+            continue;
+        }
+        let mut text: &str = &piece.text;
+        if strip {
+            text = text.strip_prefix('▁').unwrap_or(text);
+        }
+        let mut consumed = false;
+        if bos_ws && sp.add_dummy_prefix {
+            if let Some(rest) = text.strip_prefix('▁') {
+                text = rest;
+                consumed = true;
+            }
+        }
+        if bos_ws && (!text.is_empty() || consumed) {
+            bos_ws = false;
+        }
+        bytes.extend(text.replace('▁', " ").into_bytes());
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Reads `bos_token` / `eos_token` names from `tokenizer_config.json` or `special_tokens_map.json`.

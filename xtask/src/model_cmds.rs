@@ -1,0 +1,231 @@
+//! `forward` and `generate`: run a checkpoint from a local directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use llava::backend::BackendKind;
+use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
+use llava::load::{LoadOptions, LoadedLlava, load_dir, load_parts};
+use llava::{PaddingSide, SelectFeature};
+use llava_data::image::AspectMode;
+use llava_data::{DEFAULT_IMAGE_TOKEN, tokenizer_image_token};
+use llava_weights::{Exporter, SaveDtype};
+
+/// Where the model comes from.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A llava-hf, original-LLaVA or plain LLaMA checkpoint directory.
+    #[arg(long, required_unless_present = "llm")]
+    pub model: Option<PathBuf>,
+    /// Separate parts: a CLIP directory (with --llm and --projector instead of --model).
+    #[arg(long, requires_all = ["llm", "projector"], conflicts_with = "model")]
+    pub clip: Option<PathBuf>,
+    /// Separate parts: a LLaMA/Vicuna directory.
+    #[arg(long, requires_all = ["clip", "projector"])]
+    pub llm: Option<PathBuf>,
+    /// Separate parts: the projector weights (mm_projector.bin or .safetensors).
+    #[arg(long, requires_all = ["clip", "llm"])]
+    pub projector: Option<PathBuf>,
+    /// Vision-tower layer for separate parts (Python-style index).
+    #[arg(long, default_value_t = -2, allow_hyphen_values = true)]
+    pub select_layer: i64,
+    /// CLIP directory to use instead of the one the checkpoint's `mm_vision_tower` names.
+    #[arg(long)]
+    pub vision_tower: Option<PathBuf>,
+    /// Hugging Face hub cache to look `mm_vision_tower` up in (default: the usual cache).
+    #[arg(long)]
+    pub hf_cache: Option<PathBuf>,
+    /// Image aspect mode: crop (square) or pad; default from the checkpoint.
+    #[arg(long, value_parser = parse_aspect)]
+    pub image_aspect: Option<AspectMode>,
+    /// cpu, wgpu or cuda (when compiled in).
+    #[arg(long, default_value = "cpu")]
+    pub backend: BackendKind,
+}
+
+fn parse_aspect(s: &str) -> Result<AspectMode, String> {
+    match s {
+        "crop" | "square" => Ok(AspectMode::Crop),
+        "pad" => Ok(AspectMode::Pad),
+        other => Err(format!("unknown image aspect `{other}` (crop or pad)")),
+    }
+}
+
+impl ModelArgs {
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<LoadedLlava<B>> {
+        let start = Instant::now();
+        let loaded = match (&self.model, &self.clip, &self.llm, &self.projector) {
+            (Some(dir), _, _, _) => {
+                let options = LoadOptions {
+                    vision_tower: self.vision_tower.clone(),
+                    hf_cache: self.hf_cache.clone(),
+                    image_aspect: self.image_aspect,
+                };
+                load_dir::<B>(dir, &options, device).with_context(|| format!("loading {}", dir.display()))?
+            }
+            (None, Some(clip), Some(llm), Some(projector)) => load_parts::<B>(
+                clip,
+                llm,
+                projector,
+                self.select_layer,
+                SelectFeature::Patch,
+                self.image_aspect.unwrap_or_default(),
+                device,
+            )?,
+            _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
+        };
+        tracing::info!(
+            "loaded {:?} checkpoint in {:.1}s: vision {} layers, projector {}, LLM {} layers × {} (vocab {})",
+            loaded.layout,
+            start.elapsed().as_secs_f32(),
+            loaded.config.vision.num_hidden_layers,
+            loaded.config.projector.name(),
+            loaded.config.text.num_hidden_layers,
+            loaded.config.text.hidden_size,
+            loaded.config.text.vocab_size,
+        );
+        Ok(loaded)
+    }
+}
+
+/// Prompt ids (BOS first, -200 at `<image>`) and the image tensor, checked against each other.
+fn prompt_and_image<B: Backend>(
+    loaded: &LoadedLlava<B>,
+    prompt: &str,
+    image: Option<&Path>,
+    device: &B::Device,
+) -> Result<(Vec<i64>, Option<burn::tensor::Tensor<B, 4>>)> {
+    let tokenizer = loaded.tokenizer.as_ref().context("the model directory has no tokenizer (tokenizer.model or tokenizer.json)")?;
+    let markers = prompt.matches(DEFAULT_IMAGE_TOKEN).count();
+    let pixels = match image {
+        Some(path) => {
+            if !loaded.has_vision {
+                bail!("--image given, but {} is a text-only model", loaded.layout_name());
+            }
+            if markers != 1 {
+                bail!("--image needs exactly one `<image>` in the prompt to mark where the image goes (found {markers})");
+            }
+            Some(llava::image_tensor::<B>(path, &loaded.processor, loaded.config.image_aspect, device)?)
+        }
+        None if markers > 0 => bail!("the prompt contains `<image>` but no --image was given"),
+        None => None,
+    };
+    Ok((tokenizer_image_token(tokenizer, prompt), pixels))
+}
+
+trait LayoutName {
+    fn layout_name(&self) -> String;
+}
+
+impl<B: Backend> LayoutName for LoadedLlava<B> {
+    fn layout_name(&self) -> String {
+        format!("{:?}", self.layout)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An image file; the prompt's `<image>` marks where it goes.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Raw prompt text (BOS is added).
+    #[arg(long, allow_hyphen_values = true)]
+    pub prompt: String,
+    /// Output safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn forward(args: ForwardArgs) -> Result<()> {
+    llava::with_backend!(args.model.backend, forward_on(&args))
+}
+
+fn forward_on<B: Backend>(device: &B::Device, args: &ForwardArgs) -> Result<()> {
+    let loaded = args.model.load::<B>(device)?;
+    let (ids, pixels) = prompt_and_image(&loaded, &args.prompt, args.image.as_deref(), device)?;
+    let model = &loaded.model;
+    let mut e = Exporter::new();
+    let features = pixels.as_ref().map(|p| model.encode_images(p.clone()));
+    if let (Some(f), Some(p)) = (&features, &pixels) {
+        let [_, t, dv] = f.vision.dims();
+        let [_, _, d] = f.projected.dims();
+        e.tensor("vision_features", &f.vision.clone().reshape([t, dv]));
+        e.tensor("image_features", &f.projected.clone().reshape([t, d]));
+        let [_, c, h, w] = p.dims();
+        e.tensor("pixel_values", &p.clone().reshape([c, h, w]));
+    }
+    let batch = model.splice(&[ids], None, features.map(|f| f.projected), None, PaddingSide::Right);
+    let logits = model.forward(&batch);
+    let [_, len, vocab] = logits.dims();
+    e.tensor("logits", &logits.reshape([len, vocab]));
+    e.save(&args.out, SaveDtype::F32, &[])?;
+    tracing::info!("wrote {} ({len} tokens after splicing, vocab {vocab})", args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Raw prompt text (BOS is added; empty = start from BOS alone).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    llava::with_backend!(args.model.backend, generate_on(&args))
+}
+
+fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()> {
+    let loaded = args.model.load::<B>(device)?;
+    let (ids, pixels) = prompt_and_image(&loaded, &args.prompt, args.image.as_deref(), device)?;
+    let tokenizer = loaded.tokenizer.as_ref().expect("checked in prompt_and_image");
+    let mut eos_ids = loaded.config.text.eos_ids();
+    eos_ids.extend(tokenizer.eos_id());
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
+        eos_ids,
+        use_cache: true,
+    };
+    let prompt_len = ids.len();
+    let mut stream = tokenizer.stream(true);
+    let stdout = std::io::stdout();
+    let start = Instant::now();
+    let mut count = 0usize;
+    let mut write_error = None;
+    run_generation(&loaded.model, &[ids], pixels, &config, |_, token| {
+        count += 1;
+        let piece = stream.push(token);
+        let mut out = stdout.lock();
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            write_error = Some(e);
+            return false;
+        }
+        true
+    });
+    if let Some(e) = write_error {
+        return Err(e).context("writing to standard output");
+    }
+    println!();
+    let secs = start.elapsed().as_secs_f64();
+    tracing::info!("{count} new tokens after a {prompt_len}-token prompt in {secs:.2}s ({:.1} tokens/s)", count as f64 / secs.max(1e-9));
+    Ok(())
+}
