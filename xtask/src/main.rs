@@ -2,6 +2,7 @@
 //!
 //! Standard output carries only a command's result; logs and progress go to standard error.
 
+mod demo;
 mod model_cmds;
 
 use anyhow::Result;
@@ -20,6 +21,10 @@ enum Command {
     Forward(model_cmds::ForwardArgs),
     /// Greedy or sampled generation with the KV cache; prints only the new text.
     Generate(model_cmds::GenerateArgs),
+    /// Write a tiny random LLaVA checkpoint (llava-hf layout, LLaMA tokenizer).
+    DemoModel(demo::DemoModelArgs),
+    /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -32,5 +37,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Forward(args) => model_cmds::forward(args),
         Command::Generate(args) => model_cmds::generate(args),
+        Command::DemoModel(args) => demo::demo_model(args),
+        Command::Demo => demo::demo(),
     }
 }

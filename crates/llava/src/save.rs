@@ -47,28 +47,51 @@ pub fn save_projector<B: Backend>(model: &Llava<B>, path: &Path) -> Result<(), L
 /// Writes the whole model into `dir` (see the module docs for the layout chosen).
 pub fn save_model<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path) -> Result<(), LlavaError> {
     std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
+    copy_tokenizer_files(tokenizer_dir, dir)?;
     match model.projector.kind {
-        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir)?,
-        _ => save_original(model, config, dir)?,
+        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir, tokenizer_dir),
+        _ => save_original(model, config, dir),
     }
-    copy_tokenizer_files(tokenizer_dir, dir)
 }
 
-fn save_llava_hf<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path) -> Result<(), LlavaError> {
+fn save_llava_hf<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path) -> Result<(), LlavaError> {
+    // Hugging Face's Llava embeds `input_ids` before replacing image tokens, so the `<image>`
+    // token needs an id inside the vocabulary: as llava-hf's conversion does, `<image>` becomes
+    // the next added token and the embedding matrices grow (to a multiple of 64) with mean rows.
+    let tokenizer = llava_data::Tokenizer::from_path(tokenizer_dir)?;
+    let image_token = match tokenizer.token_to_id("<image>") {
+        Some(id) => id as usize,
+        None => {
+            let id = tokenizer.vocab_size();
+            let added = dir.join("added_tokens.json");
+            let mut map: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&added)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            map.insert("<image>".into(), id.into());
+            write_json(&added, &serde_json::Value::Object(map))?;
+            id
+        }
+    };
+    let vocab = config.text.vocab_size.max((image_token + 1).div_ceil(64) * 64);
     let mut e = Exporter::new();
     e.scope("vision_tower.vision_model", |e| model.vision.export(e));
     e.scope("multi_modal_projector", |e| model.projector.export(ProjectorNaming::LlavaHf, e));
     model.llm.export(&mut e, "language_model.model", "language_model.lm_head");
+    e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab);
+    e.pad_rows_with_mean("language_model.lm_head.weight", vocab);
     e.save(&dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let mut text = config.text.clone();
+    text.vocab_size = vocab;
     let json = serde_json::json!({
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": llava_vision_encoder::hf_config_json(&config.vision),
-        "text_config": config.text.to_hf_json(),
+        "text_config": text.to_hf_json(),
         "projector_hidden_act": "gelu",
         "vision_feature_layer": config.select_layer,
         "vision_feature_select_strategy": match config.select_feature { SelectFeature::Patch => "default", SelectFeature::ClsPatch => "full" },
-        "image_token_index": config.text.vocab_size,
+        "image_token_index": image_token,
         "image_seq_length": config.image_tokens(),
         "multimodal_projector_bias": true,
         "tie_word_embeddings": config.text.tie_word_embeddings,

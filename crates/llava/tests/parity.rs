@@ -185,3 +185,41 @@ mod wgpu {
         check_model::<B>(&Default::default(), &fixture("orig-linear"), TOL);
     }
 }
+
+/// The original layout names its tower as a hub id; it is found in a local Hugging Face cache
+/// (never downloaded), and a missing one is a clear error.
+#[test]
+fn original_layout_finds_hub_tower_in_local_cache() {
+    type B = llava::backend::Cpu;
+    let src = fixture("orig-linear");
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), model_dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
+    config["mm_vision_tower"] = "openai/clip-tiny-test".into();
+    std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
+
+    let cache = tmp.path().join("hub");
+    let options = LoadOptions { hf_cache: Some(cache.clone()), ..Default::default() };
+    let err = load_dir::<B>(&model_dir, &options, &Default::default()).err().expect("no tower yet");
+    assert!(err.to_string().contains("openai/clip-tiny-test") && err.to_string().contains("--vision-tower"), "{err}");
+
+    let repo = cache.join("models--openai--clip-tiny-test");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join("clip").join(f), snapshot.join(f)).unwrap();
+    }
+    let loaded = load_dir::<B>(&model_dir, &options, &Default::default()).unwrap();
+    let exp = Expected::open(&src);
+    let features = loaded.model.encode_images(exp.tensor::<B, 4>("pixel_values", &Default::default()));
+    assert!(max_abs_diff(features.vision, &exp.values("vision_features")) <= 1e-4);
+}

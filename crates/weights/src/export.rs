@@ -108,6 +108,28 @@ impl Exporter {
         });
     }
 
+    /// Grows the first dimension of tensor `name` to `rows`, filling new rows with the mean of
+    /// the existing ones (how Hugging Face initialises embeddings of added tokens). Returns
+    /// false when there is no such 2-D tensor.
+    pub fn pad_rows_with_mean(&mut self, name: &str, rows: usize) -> bool {
+        let Some((shape, values)) = self.tensors.get_mut(name) else { return false };
+        if shape.len() != 2 || shape[0] >= rows {
+            return shape.len() == 2;
+        }
+        let (n, d) = (shape[0], shape[1]);
+        let mut mean = vec![0f32; d];
+        for row in values.chunks(d) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v / n as f32;
+            }
+        }
+        for _ in n..rows {
+            values.extend_from_slice(&mean);
+        }
+        shape[0] = rows;
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.tensors.len()
     }

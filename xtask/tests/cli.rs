@@ -1,0 +1,179 @@
+//! The `cargo xtask` commands end to end on a tiny checkpoint written by `demo-model`:
+//! outputs, standard-output hygiene, and clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use llava::generate::{GenerationConfig, generate};
+use llava::load::{LoadOptions, load_dir};
+use llava_data::image::AspectMode;
+use llava_weights::{Exporter, SaveDtype, WeightStore};
+
+type B = llava::backend::Cpu;
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run xtask")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "xtask failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "xtask unexpectedly succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn demo_model(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    ok(&xtask(&["demo-model", "--out", model.to_str().unwrap()]));
+    model
+}
+
+const PROMPT: &str = "USER: <image>\nWhat is unusual about this image? ASSISTANT:";
+
+fn image() -> PathBuf {
+    repo().join("datasets/demo-images/extreme_ironing.jpg")
+}
+
+#[test]
+fn forward_writes_the_four_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let out = tmp.path().join("fwd.safetensors");
+    ok(&xtask(&[
+        "forward", "--model", model.to_str().unwrap(), "--image", image().to_str().unwrap(),
+        "--prompt", PROMPT, "--out", out.to_str().unwrap(),
+    ]));
+    let store = WeightStore::open(&out).unwrap();
+    let loaded = load_dir::<B>(&model, &LoadOptions::default(), &Default::default()).unwrap();
+    let tokens = llava_data::tokenizer_image_token(loaded.tokenizer.as_ref().unwrap(), PROMPT).len() - 1 + 16;
+    let vocab = loaded.config.text.vocab_size;
+    assert_eq!(store.info("logits").unwrap().shape, vec![tokens, vocab]);
+    assert_eq!(store.info("vision_features").unwrap().shape, vec![16, 64]);
+    assert_eq!(store.info("image_features").unwrap().shape, vec![16, 64]);
+    assert_eq!(store.info("pixel_values").unwrap().shape, vec![3, 56, 56]);
+    let pixels = store.read_f32("pixel_values", &[3, 56, 56]).unwrap();
+    let expected = llava_data::image::load_and_preprocess(&image(), &loaded.processor, AspectMode::Crop).unwrap();
+    assert_eq!(pixels, expected);
+}
+
+#[test]
+fn generate_prints_only_the_greedy_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let img = image();
+    let args = [
+        "generate", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap(),
+        "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
+    ];
+    let first = xtask(&args);
+    let stdout = ok(&first);
+    assert_eq!(stdout, ok(&xtask(&args)), "greedy output is deterministic");
+    assert!(String::from_utf8_lossy(&first.stderr).contains("new tokens"), "progress goes to stderr");
+
+    // Same tokens as the library's greedy generation, decoded.
+    let device = Default::default();
+    let loaded = load_dir::<B>(&model, &LoadOptions::default(), &device).unwrap();
+    let tok = loaded.tokenizer.as_ref().unwrap();
+    let ids = llava_data::tokenizer_image_token(tok, PROMPT);
+    let pixels = llava::image_tensor::<B>(&image(), &loaded.processor, loaded.config.image_aspect, &device).unwrap();
+    let config = GenerationConfig { max_new_tokens: 8, eos_ids: vec![2], ..Default::default() };
+    let out = generate(&loaded.model, &[ids], Some(pixels), &config, |_, _| true);
+    assert_eq!(stdout, format!("{}\n", tok.decode(&out[0], true)));
+}
+
+#[test]
+fn plain_llama_directory_generates_from_bos_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_model(tmp.path());
+    // Extract the LLM as a LlamaForCausalLM directory.
+    let loaded = load_dir::<B>(&demo, &LoadOptions::default(), &Default::default()).unwrap();
+    let llm_dir = tmp.path().join("llama");
+    std::fs::create_dir_all(&llm_dir).unwrap();
+    let mut e = Exporter::new();
+    loaded.model.llm.export(&mut e, "model", "lm_head");
+    e.save(&llm_dir.join("model.safetensors"), SaveDtype::F32, &[]).unwrap();
+    std::fs::write(llm_dir.join("config.json"), loaded.config.text.to_hf_json().to_string()).unwrap();
+    std::fs::copy(demo.join("tokenizer.model"), llm_dir.join("tokenizer.model")).unwrap();
+    let out = xtask(&["generate", "--model", llm_dir.to_str().unwrap(), "--prompt", "", "--max-new-tokens", "4"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("after a 1-token prompt"));
+    // An image makes no sense for a text-only model.
+    let out = xtask(&[
+        "generate", "--model", llm_dir.to_str().unwrap(), "--image", image().to_str().unwrap(), "--prompt", "<image>",
+    ]);
+    assert!(err(&out).contains("text-only"));
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let m = model.to_str().unwrap();
+
+    let missing = tmp.path().join("nope.jpg");
+    let msg = err(&xtask(&["generate", "--model", m, "--image", missing.to_str().unwrap(), "--prompt", "<image>"]));
+    assert!(msg.contains("nope.jpg"), "{msg}");
+
+    let corrupt = tmp.path().join("corrupt.jpg");
+    std::fs::write(&corrupt, b"not a jpeg").unwrap();
+    let msg = err(&xtask(&["generate", "--model", m, "--image", corrupt.to_str().unwrap(), "--prompt", "<image>"]));
+    assert!(msg.contains("corrupt.jpg"), "{msg}");
+
+    let msg = err(&xtask(&["generate", "--model", m, "--prompt", "<image> hi"]));
+    assert!(msg.contains("no --image"), "{msg}");
+
+    // A config that does not fit the weights: the error names the tensor and both shapes.
+    let bad = tmp.path().join("bad-config");
+    copy_dir(&model, &bad);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bad.join("config.json")).unwrap()).unwrap();
+    config["text_config"]["intermediate_size"] = 100.into();
+    std::fs::write(bad.join("config.json"), config.to_string()).unwrap();
+    let msg = err(&xtask(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]));
+    assert!(msg.contains("gate_proj.weight") && msg.contains("[100, 64]") && msg.contains("[172, 64]"), "{msg}");
+
+    // A truncated checkpoint names the file.
+    let truncated = tmp.path().join("truncated");
+    copy_dir(&model, &truncated);
+    let weights = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    let msg = err(&xtask(&["generate", "--model", truncated.to_str().unwrap(), "--prompt", "hi"]));
+    assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
+
+    // Tensors nothing consumes are reported, not ignored.
+    let extra = tmp.path().join("extra");
+    copy_dir(&model, &extra);
+    let store = WeightStore::open(&extra).unwrap();
+    let mut e = Exporter::new();
+    for name in store.names() {
+        let shape = store.info(name).unwrap().shape.clone();
+        e.raw(name, shape.clone(), store.read_f32(name, &shape).unwrap());
+    }
+    e.raw("language_model.model.layers.9.mlp.up_proj.weight", vec![2, 2], vec![0.0; 4]);
+    drop(store);
+    e.save(&extra.join("model.safetensors"), SaveDtype::F32, &[]).unwrap();
+    let msg = err(&xtask(&["generate", "--model", extra.to_str().unwrap(), "--prompt", "hi"]));
+    assert!(msg.contains("unused") && msg.contains("layers.9.mlp.up_proj.weight"), "{msg}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
