@@ -2,6 +2,7 @@
 //!
 //! Standard output carries only a command's result; logs and progress go to standard error.
 
+mod bench;
 mod demo;
 mod model_cmds;
 
@@ -25,6 +26,8 @@ enum Command {
     DemoModel(demo::DemoModelArgs),
     /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
     Demo,
+    /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
+    BenchBackends(bench::BenchBackendsArgs),
 }
 
 fn main() -> Result<()> {
@@ -39,5 +42,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => model_cmds::generate(args),
         Command::DemoModel(args) => demo::demo_model(args),
         Command::Demo => demo::demo(),
+        Command::BenchBackends(args) => bench::bench_backends(args),
     }
 }

@@ -7,10 +7,11 @@
 //!
 //! let device = Default::default();
 //! let loaded = load_dir::<Cpu>("llava-1.5-7b-hf".as_ref(), &LoadOptions::default(), &device)?;
+//! let tokenizer = loaded.tokenizer.as_ref().expect("the directory ships a tokenizer");
 //! let pixels = llava::image_tensor::<Cpu>("photo.jpg".as_ref(), &loaded.processor, loaded.config.image_aspect, &device)?;
-//! let prompt = tokenizer_image_token(&loaded.tokenizer, "USER: <image>\nWhat is shown? ASSISTANT:");
+//! let prompt = tokenizer_image_token(tokenizer, "USER: <image>\nWhat is shown? ASSISTANT:");
 //! let out = generate(&loaded.model, &[prompt], Some(pixels), &GenerationConfig::default(), |_, _| true);
-//! println!("{}", loaded.tokenizer.decode(&out[0], true));
+//! println!("{}", tokenizer.decode(&out[0], true));
 //! # Ok::<(), llava::LlavaError>(())
 //! ```
 
