@@ -4,7 +4,9 @@
 //!
 //! This crate knows nothing about Burn or the model; it produces plain `Vec`s.
 
+pub mod conversation;
 pub mod image;
+pub mod preprocess;
 pub mod sentencepiece;
 pub mod tokenizer;
 

@@ -197,11 +197,17 @@ impl SentencePiece {
 
     /// Encodes one text segment (no BOS, no special-token splitting).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_with(text, self.add_dummy_prefix)
+    }
+
+    /// Encodes with or without the dummy-prefix `▁` (Hugging Face's non-legacy Llama tokenizer
+    /// turns it off and adds one `▁` to the whole text itself).
+    pub fn encode_with(&self, text: &str, dummy_prefix: bool) -> Vec<u32> {
         if text.is_empty() {
             return Vec::new();
         }
         let mut normalized = String::with_capacity(text.len() + 3);
-        if self.add_dummy_prefix {
+        if dummy_prefix {
             normalized.push('▁');
         }
         for c in text.chars() {

@@ -41,6 +41,9 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     unk_id: Option<u32>,
+    /// Hugging Face's `legacy` flag (tokenizer_config.json; default true): legacy gives every
+    /// segment after a special token its own dummy-prefix `▁`, non-legacy does not.
+    legacy: bool,
     source: PathBuf,
 }
 
@@ -79,6 +82,7 @@ impl Tokenizer {
             specials: Vec::new(),
             special_ids,
             added: BTreeMap::new(),
+            legacy: true,
             source: path.to_path_buf(),
         })
     }
@@ -95,6 +99,7 @@ impl Tokenizer {
             }
         }
         let mut added = BTreeMap::new();
+        let mut legacy = true;
         let dir = path.parent().unwrap_or(Path::new("."));
         // added_tokens.json: {"<image>": 32000, ...}
         let added_path = dir.join("added_tokens.json");
@@ -110,6 +115,9 @@ impl Tokenizer {
         if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(|e| load_err(&config_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| load_err(&config_path, e))?;
+            if let Some(l) = json.get("legacy").and_then(|l| l.as_bool()) {
+                legacy = l;
+            }
             if let Some(map) = json.get("added_tokens_decoder").and_then(|m| m.as_object()) {
                 for (id, entry) in map {
                     let (Ok(id), Some(content)) = (id.parse::<u32>(), entry.get("content").and_then(|c| c.as_str()))
@@ -141,6 +149,7 @@ impl Tokenizer {
             specials,
             special_ids,
             added,
+            legacy,
             source: path.to_path_buf(),
         })
     }
@@ -159,6 +168,16 @@ impl Tokenizer {
 
     pub fn unk_id(&self) -> Option<u32> {
         self.unk_id
+    }
+
+    pub fn legacy(&self) -> bool {
+        self.legacy
+    }
+
+    /// Sets the `legacy` behaviour explicitly (overriding tokenizer_config.json).
+    pub fn with_legacy(mut self, legacy: bool) -> Self {
+        self.legacy = legacy;
+        self
     }
 
     /// Size of the vocabulary including added tokens.
@@ -193,6 +212,17 @@ impl Tokenizer {
                 ids.extend_from_slice(enc.get_ids());
             }
             Inner::SentencePiece(sp) => {
+                // Non-legacy (transformers ≥ 4.36 `LlamaTokenizer(legacy=False)`): one `▁` for the
+                // whole text, no dummy prefix per segment, and a lone leading `▁` before a
+                // special token dropped.
+                let prefixed;
+                let text = if self.legacy || text.is_empty() {
+                    text
+                } else {
+                    prefixed = format!("▁{}", text.replace('▁', " "));
+                    &prefixed
+                };
+                let start = ids.len();
                 let mut rest = text;
                 while !rest.is_empty() {
                     // Leftmost special token; the longest one at that position.
@@ -201,16 +231,21 @@ impl Tokenizer {
                         .iter()
                         .filter_map(|(t, id)| rest.find(t.as_str()).map(|pos| (pos, t.len(), *id)))
                         .min_by_key(|(pos, len, _)| (*pos, std::cmp::Reverse(*len)));
-                    match hit {
+                    let (segment, special) = match hit {
                         Some((pos, len, id)) => {
-                            ids.extend(sp.encode(&rest[..pos]));
-                            ids.push(id);
+                            let seg = &rest[..pos];
                             rest = &rest[pos + len..];
+                            (seg, Some(id))
                         }
-                        None => {
-                            ids.extend(sp.encode(rest));
-                            break;
-                        }
+                        None => (std::mem::take(&mut rest), None),
+                    };
+                    ids.extend(sp.encode_with(segment, self.legacy));
+                    ids.extend(special);
+                }
+                if !self.legacy && ids.len() >= start + 2 && self.special_ids.contains(&ids[start + 1]) {
+                    let underline = sp.pieces.iter().position(|p| p.text == "▁").map(|i| i as u32);
+                    if Some(ids[start]) == underline {
+                        ids.remove(start);
                     }
                 }
             }

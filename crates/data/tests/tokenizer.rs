@@ -49,6 +49,15 @@ fn ids_equal_hf_slow_llama_tokenizer_legacy() {
 }
 
 #[test]
+fn ids_equal_hf_slow_llama_tokenizer_non_legacy() {
+    let tok = llama().with_legacy(false);
+    for case in cases() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false), ids(&case["hf_nonlegacy"]), "text {text:?}");
+    }
+}
+
+#[test]
 fn bos_is_prepended_only_when_asked() {
     let tok = llama();
     assert_eq!(tok.bos_id(), Some(1));
