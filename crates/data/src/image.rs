@@ -142,10 +142,26 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     Ok(to_rgb(img))
 }
 
-/// PIL-style conversion to RGB. 16-bit images are reduced to their high byte.
+/// Conversion to RGB as PIL's `Image.open(p).convert("RGB")`: alpha is dropped (not composited),
+/// gray is replicated, 16-bit colour keeps the high byte (PIL decodes it that way), and 16-bit gray
+/// saturates at 255 (PIL's `I;16` → `RGB` clips instead of scaling).
 pub fn to_rgb(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
     match img {
         DynamicImage::ImageRgb8(i) => i,
+        DynamicImage::ImageLuma16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let v = i.get_pixel(x, y).0[0].min(255) as u8;
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageLumaA16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let v = (i.get_pixel(x, y).0[0] >> 8) as u8;
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageRgb16(i) => RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(|v| (v >> 8) as u8))),
+        DynamicImage::ImageRgba16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let [r, g, b, _] = i.get_pixel(x, y).0;
+            image::Rgb([r, g, b].map(|v| (v >> 8) as u8))
+        }),
         other => other.to_rgb8(),
     }
 }
