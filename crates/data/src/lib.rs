@@ -7,6 +7,7 @@
 pub mod conversation;
 pub mod image;
 pub mod preprocess;
+pub mod scienceqa;
 pub mod sentencepiece;
 pub mod tokenizer;
 
