@@ -5,6 +5,7 @@
 //! This crate knows nothing about Burn or the model; it produces plain `Vec`s.
 
 pub mod conversation;
+pub mod dataset;
 pub mod image;
 pub mod preprocess;
 pub mod scienceqa;
