@@ -104,6 +104,7 @@ fn bench_on<B: AutodiffBackend>(name: &str, device: &B::Device, shape: &SmallLla
 pub fn bench_backends(args: BenchBackendsArgs) -> Result<()> {
     let shape = small_llava()?;
     let tokens = shape.batch * (shape.text_tokens + shape.config.image_tokens());
+    #[allow(unused_mut)] // NdArray is pushed only with the `ndarray` feature.
     let mut rows = vec![("flex", bench_on::<Autodiff<burn::backend::Flex>>("flex", &Default::default(), &shape, args.iters))];
     #[cfg(feature = "ndarray")]
     rows.push(("ndarray", bench_on::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default(), &shape, args.iters)));

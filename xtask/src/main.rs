@@ -3,6 +3,7 @@
 //! Standard output carries only a command's result; logs and progress go to standard error.
 
 mod bench;
+mod data_cmds;
 mod demo;
 mod model_cmds;
 
@@ -26,6 +27,14 @@ enum Command {
     DemoModel(demo::DemoModelArgs),
     /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
     Demo,
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(data_cmds::TokenizeArgs),
+    /// CLIP-preprocess one image into `pixel_values` [3, H, W].
+    PreprocessImage(data_cmds::PreprocessImageArgs),
+    /// Write `input_ids`, `labels` (and `pixel_values`) of one dataset sample, as the reference's preprocess.
+    InspectSample(data_cmds::InspectSampleArgs),
+    /// Convert ScienceQA problems to LLaVA JSON in one of the reference formats or `llava15`.
+    SqaConvert(data_cmds::SqaConvertArgs),
     /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
     BenchBackends(bench::BenchBackendsArgs),
 }
@@ -43,5 +52,9 @@ fn main() -> Result<()> {
         Command::DemoModel(args) => demo::demo_model(args),
         Command::Demo => demo::demo(),
         Command::BenchBackends(args) => bench::bench_backends(args),
+        Command::Tokenize(args) => data_cmds::tokenize(args),
+        Command::PreprocessImage(args) => data_cmds::preprocess_image(args),
+        Command::InspectSample(args) => data_cmds::inspect_sample(args),
+        Command::SqaConvert(args) => data_cmds::sqa_convert(args),
     }
 }

@@ -177,3 +177,79 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+// ---- data commands ---------------------------------------------------------------------------
+
+fn read_i64(path: &Path, name: &str) -> Vec<i64> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name} is i64");
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn tokenize_prints_only_the_ids() {
+    let tok = repo().join("datasets/tokenizers/llama/tokenizer.model");
+    let out = ok(&xtask(&["tokenize", "--tokenizer", tok.to_str().unwrap(), "--text", "Hello world"]));
+    assert_eq!(out, "[15043,3186]\n");
+    let out = ok(&xtask(&["tokenize", "--tokenizer", tok.parent().unwrap().to_str().unwrap(), "--text", "Hi</s>", "--bos"]));
+    assert_eq!(out, "[1,6324,2]\n");
+}
+
+#[test]
+fn inspect_sample_and_preprocess_image_write_the_reference_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = repo().join("datasets/lcs558k-sample");
+    let tok = repo().join("datasets/tokenizers/llama/tokenizer.model");
+    let out = tmp.path().join("s.safetensors");
+    ok(&xtask(&[
+        "inspect-sample", "--data", data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
+        "--image-folder", data.join("images").to_str().unwrap(), "--template", "plain",
+        "--tokenizer", tok.to_str().unwrap(), "--index", "3", "--out", out.to_str().unwrap(),
+    ]));
+    let ids = read_i64(&out, "input_ids");
+    let labels = read_i64(&out, "labels");
+    assert_eq!(&ids[..2], &[1, -200]);
+    assert_eq!(&labels[..2], &[-100, -100]);
+    assert_eq!(&labels[2..], &ids[2..]);
+
+    // The sample's pixels equal preprocess-image on the same file.
+    let records: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("blip_laion_cc_sbu_16.json")).unwrap()).unwrap();
+    let image = data.join("images").join(records[3]["image"].as_str().unwrap());
+    let processor = tmp.path().join("preprocessor_config.json");
+    std::fs::write(&processor, r#"{"size": 224, "crop_size": 224}"#).unwrap();
+    let px = tmp.path().join("px.safetensors");
+    ok(&xtask(&[
+        "preprocess-image", "--image", image.to_str().unwrap(), "--processor", tmp.path().to_str().unwrap(),
+        "--out", px.to_str().unwrap(),
+    ]));
+    let a = WeightStore::open(&out).unwrap().read_f32("pixel_values", &[3, 224, 224]).unwrap();
+    let b = WeightStore::open(&px).unwrap().read_f32("pixel_values", &[3, 224, 224]).unwrap();
+    assert_eq!(a, b);
+
+    let msg = err(&xtask(&[
+        "inspect-sample", "--data", data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
+        "--image-folder", data.join("images").to_str().unwrap(), "--template", "nope",
+        "--tokenizer", tok.to_str().unwrap(), "--index", "0", "--out", out.to_str().unwrap(),
+    ]));
+    assert!(msg.contains("unknown template `nope`") && msg.contains("llava_v1"), "{msg}");
+}
+
+#[test]
+fn sqa_convert_writes_the_reference_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sqa = repo().join("tests/fixtures/scienceqa");
+    for format in ["QCM-LEA", "llava15"] {
+        let out = tmp.path().join("out.json");
+        ok(&xtask(&[
+            "sqa-convert", "--problems", sqa.join("problems.json").to_str().unwrap(),
+            "--splits", sqa.join("pid_splits.json").to_str().unwrap(), "--split", "test",
+            "--format", format, "--out", out.to_str().unwrap(),
+        ]));
+        let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(sqa.join(format!("expected/llava_test_{format}.json"))).unwrap()).unwrap();
+        assert_eq!(ours, expected, "{format}");
+    }
+}
