@@ -2,6 +2,7 @@
 //! forward+backward pass of the small LLaVA shape (bench/small-llava.json), on each CPU backend
 //! compiled in: Flex always, NdArray with `--features ndarray`.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -119,4 +120,80 @@ pub fn bench_backends(args: BenchBackendsArgs) -> Result<()> {
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchPipelineArgs {
+    /// Passes over the bundled LCS-558K sample (16 records with images).
+    #[arg(long, default_value_t = 16)]
+    pub epochs: usize,
+    /// Worker threads (Rust) / worker processes (Python).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Conversation template.
+    #[arg(long, default_value = "plain")]
+    pub template: String,
+    /// Python with torch, transformers 4.37.2 and llava-torch importable (see scripts/bench/pipeline_ref.py).
+    #[arg(long, default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// PYTHONPATH for the reference (llava-torch + transformers 4.37.2).
+    #[arg(long, default_value = ".venv-ref")]
+    pub pythonpath: PathBuf,
+}
+
+/// `bench-pipeline`: decode + preprocess + tokenize + mask, samples/s, ours vs the reference's
+/// Python pipeline on the same files in the same run.
+pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
+    use std::sync::Arc;
+
+    use llava_data::conversation::conv_template;
+    use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, SampleConfig};
+    use llava_data::image::ProcessorConfig;
+    use llava_data::preprocess::PreprocessOptions;
+
+    let root = crate::demo::repo_root();
+    let data = root.join("datasets/lcs558k-sample/blip_laion_cc_sbu_16.json");
+    let images = root.join("datasets/lcs558k-sample/images");
+    let tokenizer_path = root.join("datasets/tokenizers/llama/tokenizer.model");
+    let ds = Arc::new(LlavaDataset::open(&data, &images, OnError::Stop)?);
+    let tok = Arc::new(llava_data::Tokenizer::from_path(&tokenizer_path)?);
+    let config = Arc::new(SampleConfig {
+        template: conv_template(&args.template).context("unknown template")?,
+        processor: ProcessorConfig::clip(224),
+        aspect: AspectMode::Crop,
+        options: PreprocessOptions::default(),
+    });
+    let order: Vec<usize> = (0..args.epochs).flat_map(|_| 0..ds.len()).collect();
+    let n = order.len();
+    let start = Instant::now();
+    let mut tokens = 0usize;
+    for s in Prefetcher::new(ds.clone(), tok.clone(), config.clone(), order, args.workers, 4 * args.workers) {
+        tokens += s?.input_ids.len();
+    }
+    let ours = n as f64 / start.elapsed().as_secs_f64();
+    println!("input pipeline ({} template, {} LCS-558K samples with images, {} workers)", args.template, n, args.workers);
+    println!("ours:      {ours:>8.1} samples/s ({tokens} tokens)");
+
+    let python = if args.python.is_absolute() { args.python.clone() } else { root.join(&args.python) };
+    let script = root.join("scripts/bench/pipeline_ref.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args([data.as_os_str(), images.as_os_str(), tokenizer_path.as_os_str()])
+        .arg(&args.template)
+        .arg(args.epochs.to_string())
+        .arg(args.workers.to_string())
+        .env("PYTHONPATH", root.join(&args.pythonpath))
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let line = String::from_utf8_lossy(&o.stdout);
+            let json: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))?;
+            let theirs = json["samples_per_s"].as_f64().context("reference output")?;
+            println!("reference: {theirs:>8.1} samples/s (llava-torch LazySupervisedDataset + DataLoader)");
+            println!("ratio:     {:>8.2}x", ours / theirs);
+        }
+        Ok(o) => println!("reference pipeline failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+        Err(e) => println!("reference pipeline not run ({}: {e}); see scripts/bench/pipeline_ref.py", python.display()),
+    }
+    Ok(())
 }

@@ -27,6 +27,8 @@ enum Command {
     DemoModel(demo::DemoModelArgs),
     /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
     Demo,
+    /// Benchmark the input pipeline against the reference's Python pipeline (samples/s).
+    BenchPipeline(bench::BenchPipelineArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(data_cmds::TokenizeArgs),
     /// CLIP-preprocess one image into `pixel_values` [3, H, W].
@@ -52,6 +54,7 @@ fn main() -> Result<()> {
         Command::DemoModel(args) => demo::demo_model(args),
         Command::Demo => demo::demo(),
         Command::BenchBackends(args) => bench::bench_backends(args),
+        Command::BenchPipeline(args) => bench::bench_pipeline(args),
         Command::Tokenize(args) => data_cmds::tokenize(args),
         Command::PreprocessImage(args) => data_cmds::preprocess_image(args),
         Command::InspectSample(args) => data_cmds::inspect_sample(args),

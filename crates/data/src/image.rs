@@ -196,41 +196,49 @@ pub fn preprocess(img: &RgbImage, config: &ProcessorConfig, mode: AspectMode) ->
         AspectMode::Crop => img,
     };
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let resized;
-    let (img, w, h) = if config.do_resize {
+    let (nw, nh) = if config.do_resize {
         let s = config.shortest_edge;
-        let (nw, nh) = if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) };
-        resized = resize_bicubic(img.as_raw(), w, h, nw, nh);
-        (&resized[..], nw, nh)
+        if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) }
     } else {
-        (img.as_raw().as_slice(), w, h)
+        (w, h)
     };
-    let (ch, cw) = if config.do_center_crop { (config.crop_height, config.crop_width) } else { (h, w) };
-    // Crop origin in the (possibly zero-padded) image, as transformers' `center_crop`.
-    let top = (h as i64 - ch as i64) / 2 + if ch > h { ((ch - h) as i64 + 1) / 2 } else { 0 };
-    let left = (w as i64 - cw as i64) / 2 + if cw > w { ((cw - w) as i64 + 1) / 2 } else { 0 };
-    let (top_pad, left_pad) = (if ch > h { ((ch - h) as i64 + 1) / 2 } else { 0 }, if cw > w { ((cw - w) as i64 + 1) / 2 } else { 0 });
+    let (ch, cw) = if config.do_center_crop { (config.crop_height, config.crop_width) } else { (nh, nw) };
+    // transformers' `center_crop`: origin `(size - crop) / 2`; when the crop is larger than the
+    // image, the image is first zero-padded, centred, by `ceil((crop - size) / 2)`.
+    let top_pad = if ch > nh { (ch - nh).div_ceil(2) } else { 0 };
+    let left_pad = if cw > nw { (cw - nw).div_ceil(2) } else { 0 };
+    let top = if ch > nh { 0 } else { (nh - ch) / 2 };
+    let left = if cw > nw { 0 } else { (nw - cw) / 2 };
+    // Only the part of the resized image that survives the crop is computed.
+    let (ys, xs) = (top..top + ch.min(nh), left..left + cw.min(nw));
+    let window = if config.do_resize {
+        resize_bicubic_window(img.as_raw(), w, h, nw, nh, xs.clone(), ys.clone())
+    } else {
+        let mut out = Vec::with_capacity(xs.len() * ys.len() * 3);
+        for y in ys.clone() {
+            out.extend_from_slice(&img.as_raw()[(y * w + xs.start) * 3..(y * w + xs.end) * 3]);
+        }
+        out
+    };
+    let (win_w, win_h) = (xs.len(), ys.len());
+    let scale = if config.do_rescale { config.rescale_factor } else { 1.0 };
+    // Per channel and 8-bit level, the final value (rescale in f64 then f32, as numpy does).
+    let table: Vec<[f32; 256]> = (0..3)
+        .map(|c| {
+            std::array::from_fn(|v| {
+                let f = (v as f64 * scale) as f32;
+                if config.do_normalize { (f - config.image_mean[c]) / config.image_std[c] } else { f }
+            })
+        })
+        .collect();
     let mut out = vec![0f32; 3 * ch * cw];
-    for y in 0..ch {
-        for x in 0..cw {
-            // Coordinates in the padded canvas, then in the source image.
-            let sy = top + y as i64 - top_pad;
-            let sx = left + x as i64 - left_pad;
-            for c in 0..3 {
-                let v = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
-                    img[(sy as usize * w + sx as usize) * 3 + c]
-                } else {
-                    0
-                };
-                let mut f = v as f64;
-                if config.do_rescale {
-                    f *= config.rescale_factor;
-                }
-                let mut f = f as f32;
-                if config.do_normalize {
-                    f = (f - config.image_mean[c]) / config.image_std[c];
-                }
-                out[c * ch * cw + y * cw + x] = f;
+    for (c, plane) in out.chunks_mut(ch * cw).enumerate() {
+        plane.fill(table[c][0]); // zero padding
+        for y in 0..win_h {
+            let dst = &mut plane[(y + top_pad) * cw + left_pad..(y + top_pad) * cw + left_pad + win_w];
+            let src = &window[y * win_w * 3..(y + 1) * win_w * 3];
+            for (d, px) in dst.iter_mut().zip(src.chunks_exact(3)) {
+                *d = table[c][px[c] as usize];
             }
         }
     }
@@ -284,45 +292,84 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
-fn clip8(v: i64) -> u8 {
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// PIL `Image.resize((out_w, out_h), BICUBIC)` on packed RGB: a horizontal pass, then a
 /// vertical pass, each rounded back to 8 bits; a pass whose size does not change is skipped.
 pub fn resize_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let horizontal = if out_w != w {
+    resize_bicubic_window(src, w, h, out_w, out_h, 0..out_w, 0..out_h)
+}
+
+/// Like [`resize_bicubic`], but computes only the output window `xs` × `ys` (what a center crop
+/// keeps): each output pixel depends only on its own filter support, so the window equals the
+/// same window of the full resize. Returns `xs.len() × ys.len()` packed RGB.
+pub fn resize_bicubic_window(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+    xs: std::ops::Range<usize>,
+    ys: std::ops::Range<usize>,
+) -> Vec<u8> {
+    // Sums fit in i32 by construction (PIL's PRECISION_BITS leaves 2 bits of headroom).
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let (win_w, win_h) = (xs.len(), ys.len());
+    // Input rows the vertical pass will read.
+    let vcoeffs = (out_h != h).then(|| coefficients(h, out_h));
+    let (row0, row1) = match &vcoeffs {
+        Some(c) => {
+            let lo = ys.clone().map(|y| c[y].0).min().unwrap_or(0);
+            let hi = ys.clone().map(|y| c[y].0 + c[y].1.len()).max().unwrap_or(0);
+            (lo, hi)
+        }
+        None => (ys.start, ys.end),
+    };
+    // Horizontal pass over the needed rows and output columns.
+    let mut horizontal = vec![0u8; (row1 - row0) * win_w * 3];
+    if out_w != w {
         let coeffs = coefficients(w, out_w);
-        let mut out = vec![0u8; out_w * h * 3];
-        for y in 0..h {
+        for y in row0..row1 {
             let row = &src[y * w * 3..(y + 1) * w * 3];
-            for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (i, kk) in k.iter().enumerate() {
-                        acc += row[(xmin + i) * 3 + c] as i64 * *kk as i64;
-                    }
-                    out[(y * out_w + x) * 3 + c] = clip8(acc);
+            let out = &mut horizontal[(y - row0) * win_w * 3..(y - row0 + 1) * win_w * 3];
+            for (ox, x) in xs.clone().enumerate() {
+                let (xmin, k) = &coeffs[x];
+                let (mut r, mut g, mut b) = (half, half, half);
+                let taps = &row[xmin * 3..(xmin + k.len()) * 3];
+                for (px, &kk) in taps.chunks_exact(3).zip(k) {
+                    r += px[0] as i32 * kk;
+                    g += px[1] as i32 * kk;
+                    b += px[2] as i32 * kk;
                 }
+                out[ox * 3] = clip8(r);
+                out[ox * 3 + 1] = clip8(g);
+                out[ox * 3 + 2] = clip8(b);
             }
         }
-        out
     } else {
-        src.to_vec()
-    };
-    if out_h == h {
-        return horizontal;
+        for y in row0..row1 {
+            horizontal[(y - row0) * win_w * 3..(y - row0 + 1) * win_w * 3]
+                .copy_from_slice(&src[(y * w + xs.start) * 3..(y * w + xs.end) * 3]);
+        }
     }
-    let coeffs = coefficients(h, out_h);
-    let mut out = vec![0u8; out_w * out_h * 3];
-    for (y, (ymin, k)) in coeffs.iter().enumerate() {
-        for x in 0..out_w * 3 {
-            let mut acc = half;
-            for (i, kk) in k.iter().enumerate() {
-                acc += horizontal[(ymin + i) * out_w * 3 + x] as i64 * *kk as i64;
+    let Some(vcoeffs) = vcoeffs else { return horizontal };
+    // Vertical pass: accumulate whole rows (contiguous memory) per tap.
+    let stride = win_w * 3;
+    let mut out = vec![0u8; win_h * stride];
+    let mut acc = vec![0i32; stride];
+    for (oy, y) in ys.enumerate() {
+        let (ymin, k) = &vcoeffs[y];
+        acc.fill(half);
+        for (i, &kk) in k.iter().enumerate() {
+            let row = &horizontal[(ymin + i - row0) * stride..(ymin + i - row0 + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * kk;
             }
-            out[y * out_w * 3 + x] = clip8(acc);
+        }
+        for (o, &a) in out[oy * stride..(oy + 1) * stride].iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     out
