@@ -16,14 +16,14 @@ fn ids_and_labels_equal_the_reference_for_every_template() {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let samples = json["samples"].as_array().unwrap();
     let base = Tokenizer::from_path(&root.join("datasets/tokenizers/llama/tokenizer.model")).unwrap();
-    let options = PreprocessOptions::default();
-    let (mut checked, mut mismatches) = (0, 0);
+    let (mut checked, mut mismatches, mut truncated) = (0, 0, 0);
     for case in json["results"].as_array().unwrap() {
         let template_name = case["template"].as_str().unwrap();
         let template = conv_template(template_name).unwrap();
         let tokenizer = base.clone().with_legacy(case["legacy"].as_bool().unwrap());
         let sample = &samples[case["sample"].as_u64().unwrap() as usize];
         let has_image = sample.get("image").is_some();
+        let options = PreprocessOptions { model_max_length: case["max_length"].as_u64().unwrap() as usize, ..Default::default() };
         let mut turns: Vec<Turn> = serde_json::from_value(sample["conversations"].clone()).unwrap();
         if has_image {
             preprocess_multimodal(&mut turns, &template, &options);
@@ -41,7 +41,8 @@ fn ids_and_labels_equal_the_reference_for_every_template() {
         assert_eq!(result.labels, labels, "{what}: labels\n{}", result.prompt);
         assert_eq!(result.mismatch.is_some(), case["mismatch"].as_bool().unwrap(), "{what}: mismatch flag");
         mismatches += usize::from(result.mismatch.is_some());
+        truncated += usize::from(!has_image && ids.len() == options.model_max_length && options.model_max_length < 2048);
         checked += 1;
     }
-    assert!(checked > 700 && mismatches > 0, "{checked} cases, {mismatches} mismatches");
+    assert!(checked > 700 && mismatches > 0 && truncated > 0, "{checked} cases, {mismatches} mismatches, {truncated} truncated");
 }
