@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -170,15 +170,15 @@ impl LlamaConfig {
         let normal = |i: usize, o: usize| Tensor::<B, 2>::random([i, o], Distribution::Normal(0.0, 0.02), device);
         let linear = |i: usize, o: usize, bias: bool| {
             let mut l = LinearConfig::new(i, o).with_bias(bias).init(device);
-            l.weight = Param::initialized(ParamId::new(), normal(i, o));
+            l.weight = Param::from_tensor(normal(i, o));
             if bias {
-                l.bias = Some(Param::initialized(ParamId::new(), Tensor::zeros([o], device)));
+                l.bias = Some(Param::from_tensor(Tensor::zeros([o], device)));
             }
             l
         };
         let norm = || RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init(device);
         let mut embed_tokens = EmbeddingConfig::new(self.vocab_size, d).init(device);
-        embed_tokens.weight = Param::initialized(ParamId::new(), normal(self.vocab_size, d));
+        embed_tokens.weight = Param::from_tensor(normal(self.vocab_size, d));
         LlamaModel {
             embed_tokens,
             layers: (0..self.num_hidden_layers)

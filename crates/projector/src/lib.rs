@@ -17,7 +17,7 @@
 //! assert_eq!(projector.forward(x).dims(), [1, 4, 16]);
 //! ```
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
@@ -99,14 +99,8 @@ impl ProjectorConfig {
                 let d_in = if i == 0 { self.vision_hidden } else { self.text_hidden };
                 let bound = 1.0 / (d_in as f64).sqrt();
                 let mut l = LinearConfig::new(d_in, self.text_hidden).init(device);
-                l.weight = Param::initialized(
-                    ParamId::new(),
-                    Tensor::random([d_in, self.text_hidden], Distribution::Uniform(-bound, bound), device),
-                );
-                l.bias = Some(Param::initialized(
-                    ParamId::new(),
-                    Tensor::random([self.text_hidden], Distribution::Uniform(-bound, bound), device),
-                ));
+                l.weight = Param::from_tensor(Tensor::random([d_in, self.text_hidden], Distribution::Uniform(-bound, bound), device));
+                l.bias = Some(Param::from_tensor(Tensor::random([self.text_hidden], Distribution::Uniform(-bound, bound), device)));
                 l
             })
             .collect();

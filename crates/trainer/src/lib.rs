@@ -1,1 +1,243 @@
+//! The two LLaVA training stages on Burn: what is frozen, the loss, the optimizer step.
+//!
+//! * **Stage 1** (feature alignment): vision tower and LLM frozen, only the projector W trains.
+//! * **Stage 2** (end-to-end fine-tuning): vision tower frozen, projector and LLM train.
+//!
+//! Frozen parameters are marked `no_grad`, so the autodiff graph records no weight gradients for
+//! them and the optimizer holds no state for them. The loss is the reference's (Hugging Face
+//! `LlamaForCausalLM`): next-token cross-entropy, mean over the micro-batch's unmasked tokens.
+//! The optimizer is AdamW with Hugging Face Trainer's settings (β 0.9/0.999, ε 1e-8, no weight
+//! decay), the learning rate follows `get_cosine_schedule_with_warmup`, gradients are accumulated
+//! over micro-batches (each micro-batch loss divided by their number, as HF does) and clipped by
+//! their global L2 norm.
+//!
+//! The step is written against `GradientsParams`, so averaging them across devices (Burn's
+//! collective all-reduce) slots in between accumulation and clipping without changing the rest.
+
+pub mod loss;
+pub mod schedule;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use llava::{Llava, PaddingSide};
+use serde::{Deserialize, Serialize};
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Projector only.
+    One,
+    /// Projector and LLM.
+    Two,
+}
+
+/// Marks the frozen towers of `stage` (`require_grad = false`).
+pub fn freeze<B: AutodiffBackend>(mut model: Llava<B>, stage: Stage) -> Llava<B> {
+    model.vision = model.vision.no_grad();
+    if stage == Stage::One {
+        model.llm = model.llm.no_grad();
+    }
+    model
+}
+
+/// Optimisation settings (the reference's HF Trainer arguments).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub learning_rate: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f32,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_epsilon: f32,
+    /// Global-norm clipping (`max_grad_norm`, 1.0 in HF); `None` disables it.
+    pub max_grad_norm: Option<f32>,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer steps of the whole run (for the schedule).
+    pub total_steps: usize,
+    /// Longest spliced sequence (`model_max_length`).
+    pub max_length: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-3,
+            warmup_ratio: 0.03,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: Some(1.0),
+            gradient_accumulation_steps: 1,
+            total_steps: 1,
+            max_length: 2048,
+        }
+    }
+}
+
+/// A micro-batch: prompts with `-200` where images go, their labels, and the images in order.
+pub struct Batch<B: Backend> {
+    pub input_ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+    /// `[images, 3, H, W]`, one per `-200` in the batch, in order.
+    pub pixels: Option<Tensor<B, 4>>,
+}
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Mean of the micro-batch losses of this step.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (after splicing, padding excluded) processed in this step.
+    pub tokens: usize,
+    /// Supervised tokens in this step.
+    pub supervised: usize,
+}
+
+/// The training state: model, optimizer, accumulated gradients, step counter.
+pub struct Trainer<B: AutodiffBackend> {
+    pub model: Llava<B>,
+    pub optim: OptimizerAdaptor<AdamW, Llava<B>, B>,
+    pub config: OptimConfig,
+    pub stage: Stage,
+    /// Optimizer steps taken.
+    pub step: usize,
+    accumulator: GradientsAccumulator<Llava<B>>,
+    micro: usize,
+    pending: (f64, usize, usize),
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(model: Llava<B>, stage: Stage, config: OptimConfig) -> Self {
+        let optim = AdamWConfig::new()
+            .with_beta_1(config.adam_beta1)
+            .with_beta_2(config.adam_beta2)
+            .with_epsilon(config.adam_epsilon)
+            .with_weight_decay(config.weight_decay)
+            .init::<B, Llava<B>>();
+        Self {
+            model: freeze(model, stage),
+            optim,
+            config,
+            stage,
+            step: 0,
+            accumulator: GradientsAccumulator::new(),
+            micro: 0,
+            pending: (0.0, 0, 0),
+        }
+    }
+
+    /// The learning rate of the current optimizer step.
+    pub fn lr(&self) -> f64 {
+        let warmup = schedule::warmup_steps(self.config.total_steps, self.config.warmup_ratio);
+        self.config.learning_rate * schedule::cosine_with_warmup(self.step, warmup, self.config.total_steps)
+    }
+
+    /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
+    /// clips and applies the optimizer step and returns its report.
+    pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
+        let model = &self.model;
+        let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
+        let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(self.config.max_length), PaddingSide::Right);
+        let logits = model.forward(&spliced);
+        let labels = spliced.labels.clone().expect("labels were given");
+        let (loss, supervised) = loss::causal_lm_loss(logits, labels);
+        let loss = loss / self.config.gradient_accumulation_steps as f64;
+        let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        tracing::debug!("{} gradient tensors", grads.len());
+        self.accumulator.accumulate(&self.model, grads);
+        self.pending.0 += value;
+        self.pending.1 += spliced.lengths.iter().sum::<usize>();
+        self.pending.2 += supervised;
+        self.micro += 1;
+        if self.micro < self.config.gradient_accumulation_steps {
+            return None;
+        }
+        Some(self.apply())
+    }
+
+    fn apply(&mut self) -> StepReport {
+        let mut grads = self.accumulator.grads();
+        let grad_norm = global_grad_norm(&self.model, &grads);
+        if let Some(max) = self.config.max_grad_norm {
+            // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is < 1.
+            let coef = max as f64 / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                scale_grads(&self.model, &mut grads, coef);
+            }
+        }
+        let lr = self.lr();
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, grads);
+        let (loss_sum, tokens, supervised) = std::mem::take(&mut self.pending);
+        let report = StepReport { loss: loss_sum / self.micro as f64, lr, grad_norm, tokens, supervised };
+        self.micro = 0;
+        self.step += 1;
+        report
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+struct NormVisitor<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sum: f64,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.sum += g.square().sum().into_scalar().elem::<f64>();
+        }
+    }
+}
+
+/// L2 norm over every gradient in `grads` (the trainable parameters of `model`).
+pub fn global_grad_norm<B: AutodiffBackend>(model: &Llava<B>, grads: &GradientsParams) -> f64 {
+    let mut v = NormVisitor::<B> { grads, sum: 0.0, _b: Default::default() };
+    model.visit(&mut v);
+    v.sum.sqrt()
+}
+
+struct ScaleVisitor<'a> {
+    grads: &'a mut GradientsParams,
+    coef: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleVisitor<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register::<B::InnerBackend, D>(param.id, g * self.coef);
+        }
+    }
+}
+
+fn scale_grads<B: AutodiffBackend>(model: &Llava<B>, grads: &mut GradientsParams, coef: f64) {
+    let mut v = ScaleVisitor { grads, coef };
+    model.visit(&mut v);
+}
+
+/// All parameter values of a module by id, on the host (for tests and checkpoints).
+pub fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamId, Vec<f32>)> {
+    struct Collect<B: Backend>(Vec<(ParamId, Vec<f32>)>, std::marker::PhantomData<B>);
+    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let v = param.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+            self.0.push((param.id, v));
+        }
+    }
+    let mut c = Collect::<B>(Vec::new(), Default::default());
+    module.visit(&mut c);
+    c.0
+}
 

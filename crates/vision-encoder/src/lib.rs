@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid};
@@ -169,31 +169,25 @@ impl ClipVisionConfig {
         let normal = |shape: Vec<usize>| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
         let linear = |i: usize, o: usize| {
             let mut l = LinearConfig::new(i, o).init(device);
-            l.weight = Param::initialized(ParamId::new(), normal(vec![i, o]));
-            l.bias = Some(Param::initialized(ParamId::new(), Tensor::zeros([o], device)));
+            l.weight = Param::from_tensor(normal(vec![i, o]));
+            l.bias = Some(Param::from_tensor(Tensor::zeros([o], device)));
             l
         };
         let mut patch_embedding = Conv2dConfig::new([self.num_channels, d], [self.patch_size, self.patch_size])
             .with_stride([self.patch_size, self.patch_size])
             .with_bias(false)
             .init(device);
-        patch_embedding.weight = Param::initialized(
-            ParamId::new(),
-            normal(vec![d, self.num_channels, self.patch_size, self.patch_size]).reshape([
+        patch_embedding.weight = Param::from_tensor(normal(vec![d, self.num_channels, self.patch_size, self.patch_size]).reshape([
                 d,
                 self.num_channels,
                 self.patch_size,
                 self.patch_size,
-            ]),
-        );
+            ]));
         ClipVisionModel {
             embeddings: ClipEmbeddings {
                 patch_embedding,
-                class_embedding: Param::initialized(ParamId::new(), normal(vec![d]).reshape([d])),
-                position_embedding: Param::initialized(
-                    ParamId::new(),
-                    normal(vec![self.num_patches() + 1, d]).reshape([self.num_patches() + 1, d]),
-                ),
+                class_embedding: Param::from_tensor(normal(vec![d]).reshape([d])),
+                position_embedding: Param::from_tensor(normal(vec![self.num_patches() + 1, d]).reshape([self.num_patches() + 1, d])),
             },
             pre_layrnorm: ln(),
             layers: (0..self.num_hidden_layers)

@@ -1,6 +1,6 @@
 //! Building Burn layers from stored tensors, by Hugging Face name.
 
-use burn::module::{Param, ParamId};
+use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
@@ -59,7 +59,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::initialized(ParamId::new(), self.tensor(name, shape)?))
+        Ok(Param::from_tensor(self.tensor(name, shape)?))
     }
 
     /// A PyTorch `nn.Linear` (`weight` stored `[out, in]`), as Burn's `[in, out]` layout.
@@ -73,10 +73,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             }
         }
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::initialized(
-            ParamId::new(),
-            Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), &self.device),
-        );
+        linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), &self.device));
         if bias {
             linear.bias = Some(sub.param("bias", [d_out])?);
         }

@@ -1,0 +1,181 @@
+//! Training semantics: the reference's LR schedule and loss, what each stage freezes, gradient
+//! accumulation, and that a tiny model can overfit a sample.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use llava::{LlavaConfig, SelectFeature};
+use llava_data::image::AspectMode;
+use llava_llm::LlamaConfig;
+use llava_projector::ProjectorKind;
+use llava_trainer::{Batch, OptimConfig, Stage, Trainer, loss::causal_lm_loss, param_values, schedule};
+use llava_vision_encoder::ClipVisionConfig;
+
+type B = Autodiff<llava::backend::Cpu>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trainer")
+}
+
+#[test]
+fn schedule_matches_hf_cosine_with_warmup() {
+    let runs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("schedule.json")).unwrap()).unwrap();
+    for run in runs.as_array().unwrap() {
+        let total = run["total"].as_u64().unwrap() as usize;
+        let warmup = schedule::warmup_steps(total, 0.03);
+        assert_eq!(warmup, run["warmup"].as_u64().unwrap() as usize);
+        let base = run["base_lr"].as_f64().unwrap();
+        for (step, lr) in run["lrs"].as_array().unwrap().iter().enumerate() {
+            let ours = base * schedule::cosine_with_warmup(step, warmup, total);
+            assert!((ours - lr.as_f64().unwrap()).abs() < 1e-12, "total {total} step {step}: {ours} vs {lr}");
+        }
+    }
+}
+
+fn st_labels(bytes: &[u8]) -> Vec<i64> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensor("labels").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn loss_matches_torch_cross_entropy_with_ignore_index() {
+    let store = llava_weights::WeightStore::open(&fixtures().join("loss.safetensors")).unwrap();
+    let logits = store.read_f32("logits", &[2, 7, 11]).unwrap();
+    let expected = store.read_f32("loss", &[1]).unwrap()[0];
+    let bytes = std::fs::read(fixtures().join("loss.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let labels: Vec<i64> = st.tensor("labels").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let device = Default::default();
+    let logits = Tensor::<llava::backend::Cpu, 3>::from_data(TensorData::new(logits, [2, 7, 11]), &device);
+    let labels = Tensor::<llava::backend::Cpu, 2, Int>::from_data(TensorData::new(labels, [2, 7]), &device);
+    let (loss, n) = causal_lm_loss(logits, labels);
+    let shifted_valid = (0..2).flat_map(|r| (1..7).map(move |j| r * 7 + j)).filter(|&i| st_labels(&bytes)[i] != -100).count();
+    assert_eq!(n, shifted_valid, "supervised tokens");
+    let loss: f32 = loss.into_scalar();
+    assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+}
+
+fn tiny() -> LlavaConfig {
+    LlavaConfig {
+        vision: ClipVisionConfig {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 28,
+            patch_size: 14,
+            ..Default::default()
+        },
+        text: LlamaConfig {
+            vocab_size: 40,
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 128,
+            rms_norm_eps: 1e-5,
+            ..Default::default()
+        },
+        projector: ProjectorKind::MlpGelu { depth: 2 },
+        select_layer: -2,
+        select_feature: SelectFeature::Patch,
+        image_aspect: AspectMode::Crop,
+        max_length: 128,
+    }
+}
+
+/// A model whose lazily initialised parameters are materialised now, so clones are identical
+/// (the backend RNG is shared by tests running in parallel).
+fn model(device: &<B as burn::tensor::backend::BackendTypes>::Device) -> llava::Llava<B> {
+    let m = tiny().init::<B>(device);
+    let _ = param_values(&m);
+    m
+}
+
+fn batch<BB: Backend>(device: &BB::Device, rows: &[(Vec<i64>, Vec<i64>)]) -> Batch<BB> {
+    let images = rows.iter().flat_map(|(ids, _)| ids.iter()).filter(|&&t| t == -200).count();
+    Batch {
+        input_ids: rows.iter().map(|r| r.0.clone()).collect(),
+        labels: rows.iter().map(|r| r.1.clone()).collect(),
+        pixels: (images > 0).then(|| Tensor::random([images, 3, 28, 28], Distribution::Normal(0.0, 1.0), device)),
+    }
+}
+
+fn sample(seed: i64) -> (Vec<i64>, Vec<i64>) {
+    let ids: Vec<i64> = [1, -200].into_iter().chain((0..8).map(|i| 3 + (i * 7 + seed * 5) % 36)).collect();
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &t)| if i < 4 { -100 } else { t }).collect();
+    (ids, labels)
+}
+
+fn split(trainer: &Trainer<B>) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let m = &trainer.model;
+    let vals = |v: Vec<(burn::module::ParamId, Vec<f32>)>| v.into_iter().map(|(_, x)| x).collect::<Vec<_>>();
+    (vals(param_values(&m.vision)), vals(param_values(&m.projector)), vals(param_values(&m.llm)))
+}
+
+fn config(lr: f64, accumulation: usize) -> OptimConfig {
+    OptimConfig { learning_rate: lr, warmup_ratio: 0.0, gradient_accumulation_steps: accumulation, total_steps: 100, ..Default::default() }
+}
+
+#[test]
+fn each_stage_trains_only_its_parameters() {
+    let device = Default::default();
+    for stage in [Stage::One, Stage::Two] {
+        let mut trainer = Trainer::new(model(&device), stage, config(1e-2, 1));
+        let before = split(&trainer);
+        let report = trainer.micro_step(&batch(&device, &[sample(0), sample(1)])).expect("one micro-batch per step");
+        assert!(report.loss.is_finite() && report.grad_norm > 0.0, "{report:?}");
+        let after = split(&trainer);
+        assert_eq!(before.0, after.0, "{stage:?}: the vision tower is bit-identical");
+        assert_ne!(before.1, after.1, "{stage:?}: the projector trains");
+        if stage == Stage::One {
+            assert_eq!(before.2, after.2, "stage 1: the LLM is bit-identical");
+        } else {
+            assert!(before.2.iter().zip(&after.2).all(|(a, b)| a != b), "stage 2: every LLM tensor trains");
+        }
+    }
+}
+
+#[test]
+fn accumulating_micro_batches_equals_one_larger_batch() {
+    let device = Default::default();
+    let rows = [sample(2), sample(3)];
+    let base = model(&device);
+    let pixels = Tensor::<B, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+    let run = |accumulation: usize| {
+        let pixels = pixels.clone();
+        let mut trainer = Trainer::new(base.clone(), Stage::Two, config(1e-3, accumulation));
+        let report = if accumulation == 1 {
+            trainer.micro_step(&Batch { input_ids: rows.iter().map(|r| r.0.clone()).collect(), labels: rows.iter().map(|r| r.1.clone()).collect(), pixels: Some(pixels) })
+        } else {
+            let mut last = None;
+            for (k, r) in rows.iter().enumerate() {
+                last = trainer.micro_step(&Batch { input_ids: vec![r.0.clone()], labels: vec![r.1.clone()], pixels: Some(pixels.clone().slice([k..k + 1])) });
+            }
+            last
+        };
+        (report.unwrap(), split(&trainer))
+    };
+    let (one, p1) = run(1);
+    let (two, p2) = run(2);
+    assert!((one.loss - two.loss).abs() < 1e-5, "{} vs {}", one.loss, two.loss);
+    assert!((one.grad_norm - two.grad_norm).abs() < 1e-4 * one.grad_norm.max(1.0), "{} vs {}", one.grad_norm, two.grad_norm);
+    let max = p1.1.iter().chain(&p1.2).flatten().zip(p2.1.iter().chain(&p2.2).flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max < 1e-5, "parameters differ by {max}");
+}
+
+#[test]
+fn a_tiny_model_overfits_one_sample() {
+    let device = Default::default();
+    let mut trainer = Trainer::new(model(&device), Stage::Two, config(1e-2, 1));
+    let b = batch(&device, &[sample(4)]);
+    let first = trainer.micro_step(&b).unwrap().loss;
+    let mut last = first;
+    for _ in 0..80 {
+        last = trainer.micro_step(&b).unwrap().loss;
+    }
+    assert!(last < 0.05 && first > 2.0, "loss {first} → {last}");
+}
