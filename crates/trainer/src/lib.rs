@@ -14,6 +14,7 @@
 //! The step is written against `GradientsParams`, so averaging them across devices (Burn's
 //! collective all-reduce) slots in between accumulation and clipping without changing the rest.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod schedule;
 
