@@ -15,7 +15,9 @@
 //! collective all-reduce) slots in between accumulation and clipping without changing the rest.
 
 pub mod checkpoint;
+pub mod config;
 pub mod loss;
+pub mod metrics;
 pub mod schedule;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};

@@ -1,0 +1,184 @@
+//! Run configuration: TOML recipes in `configs/` (the paper's and LLaVA-1.5's hyperparameters),
+//! every field overridable with `section.field=value`, the resolved config saved with each run.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{OptimConfig, Stage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("override `{0}`: {1}")]
+    Override(String, String),
+}
+
+/// Where the model parts come from (local paths; nothing is downloaded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPaths {
+    /// CLIP directory (openai/clip-vit-large-patch14[-336] layout).
+    pub vision_tower: PathBuf,
+    /// LLaMA/Vicuna directory.
+    pub llm: PathBuf,
+    /// `linear` or `mlp2x_gelu`.
+    pub projector_type: String,
+    /// Stage 2: the stage-1 projector (`mm_projector.safetensors` / `.bin`).
+    #[serde(default)]
+    pub pretrained_projector: Option<PathBuf>,
+    #[serde(default = "default_select_layer")]
+    pub select_layer: i64,
+}
+
+fn default_select_layer() -> i64 {
+    -2
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    pub data_path: PathBuf,
+    pub image_folder: PathBuf,
+    /// Conversation template (`plain` for stage 1 of v1.0/1.5, `v1`, `v0`, …).
+    pub template: String,
+    /// `square` (crop) or `pad`.
+    #[serde(default = "default_aspect")]
+    pub image_aspect_ratio: String,
+    #[serde(default)]
+    pub group_by_modality_length: bool,
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+fn default_aspect() -> String {
+    "square".into()
+}
+
+fn default_workers() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    pub epochs: f64,
+    pub per_device_batch_size: usize,
+    /// Samples per optimizer step; gradient accumulation = global / (per-device × devices).
+    pub global_batch_size: usize,
+    pub learning_rate: f64,
+    #[serde(default = "default_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f32,
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f32,
+    #[serde(default = "default_max_length")]
+    pub model_max_length: usize,
+    #[serde(default = "default_bf16")]
+    pub bf16: bool,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_warmup() -> f64 {
+    0.03
+}
+fn default_max_grad_norm() -> f32 {
+    1.0
+}
+fn default_max_length() -> usize {
+    2048
+}
+fn default_bf16() -> bool {
+    true
+}
+fn default_seed() -> u64 {
+    42
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointConfig {
+    pub save_steps: usize,
+    pub keep: usize,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The run directory is `runs/{name}`.
+    pub name: String,
+    pub stage: Stage,
+    pub model: ModelPaths,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+impl RunConfig {
+    /// Reads a TOML file and applies `key=value` overrides (`training.learning_rate=1e-3`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let mut value: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        value.try_into().map_err(|e: toml::de::Error| ConfigError::File { path: path.into(), reason: e.to_string() })
+    }
+
+    /// The resolved config as TOML (saved in the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Micro-batches per optimizer step on `devices` devices.
+    pub fn gradient_accumulation_steps(&self, devices: usize) -> usize {
+        (self.training.global_batch_size / (self.training.per_device_batch_size * devices.max(1))).max(1)
+    }
+
+    /// Optimizer settings for a run of `samples` training samples on `devices` devices.
+    pub fn optim(&self, samples: usize, devices: usize) -> OptimConfig {
+        let t = &self.training;
+        let steps_per_epoch = samples.div_ceil(t.global_batch_size);
+        OptimConfig {
+            learning_rate: t.learning_rate,
+            warmup_ratio: t.warmup_ratio,
+            weight_decay: t.weight_decay,
+            max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+            gradient_accumulation_steps: self.gradient_accumulation_steps(devices),
+            total_steps: ((steps_per_epoch as f64) * t.epochs).ceil().max(1.0) as usize,
+            max_length: t.model_max_length,
+            ..OptimConfig::default()
+        }
+    }
+}
+
+/// Sets `a.b.c = value` in a TOML tree; the value is parsed as TOML (number, bool, string…),
+/// and falls back to a plain string.
+pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(assignment.into(), "expected section.field=value".into()))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Override(assignment.into(), format!("`{}` is not a section", parts[..i].join("."))))?;
+        if i + 1 == parts.len() {
+            if !table.contains_key(*part) && i == 0 {
+                return Err(ConfigError::Override(assignment.into(), format!("unknown section or field `{part}`")));
+            }
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = table
+            .get_mut(*part)
+            .ok_or_else(|| ConfigError::Override(assignment.into(), format!("unknown section `{}`", parts[..=i].join("."))))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! What a run reports: one JSON line per optimizer step in `metrics.jsonl`, and a loss-curve PNG
+//! drawn at the end (no plotting dependency: a small rasteriser on the `image` crate).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+/// Appends metrics lines, flushing each, so a killed run keeps everything it logged.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    /// Opens `path` for appending (a resumed run continues the same file).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    pub fn write(&mut self, m: &StepMetrics) -> std::io::Result<()> {
+        let line = serde_json::to_string(m).expect("metrics serialise");
+        writeln!(self.file, "{line}")?;
+        self.file.flush()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads a `metrics.jsonl` (a resumed run drops lines past the checkpoint's step itself).
+pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))))
+        .collect()
+}
+
+/// Draws `(step, loss)` (and an optional second series, e.g. validation loss) as a line chart
+/// with axes and tick marks, `width × height` pixels, and writes it as PNG.
+pub fn plot_loss_curve(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], width: u32, height: u32) -> image::ImageResult<()> {
+    let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    let (left, right, top, bottom) = (40.0, width as f64 - 10.0, 10.0, height as f64 - 30.0);
+    let all: Vec<&(f64, f64)> = train.iter().chain(val).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    let (x0, x1) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (y0, y1) = if all.is_empty() { (0.0, 1.0) } else { (y0.min(0.0), if y1 > y0 { y1 } else { y0 + 1.0 }) };
+    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    let map = |p: &(f64, f64)| (left + (p.0 - x0) / (x1 - x0) * (right - left), bottom - (p.1 - y0) / (y1 - y0) * (bottom - top));
+    let black = Rgb([0, 0, 0]);
+    line(&mut img, (left, bottom), (right, bottom), black);
+    line(&mut img, (left, bottom), (left, top), black);
+    for k in 0..=4 {
+        let y = bottom - k as f64 / 4.0 * (bottom - top);
+        line(&mut img, (left - 4.0, y), (left, y), black);
+        let x = left + k as f64 / 4.0 * (right - left);
+        line(&mut img, (x, bottom), (x, bottom + 4.0), black);
+    }
+    for (series, color) in [(train, Rgb([31, 119, 180])), (val, Rgb([255, 127, 14]))] {
+        for w in series.windows(2) {
+            line(&mut img, map(&w[0]), map(&w[1]), color);
+        }
+    }
+    img.save(path)
+}
+
+fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), color: Rgb<u8>) {
+    let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+    for i in 0..=steps {
+        let t = i as f64 / steps as f64;
+        let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+        if x >= 0.0 && y >= 0.0 && (x as u32) < img.width() && (y as u32) < img.height() {
+            img.put_pixel(x as u32, y as u32, color);
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Recipe configs carry the reference hyperparameters; overrides and metrics/plot outputs work.
+
+use std::path::{Path, PathBuf};
+
+use llava_trainer::Stage;
+use llava_trainer::config::RunConfig;
+use llava_trainer::metrics::{MetricsWriter, StepMetrics, plot_loss_curve, read_metrics};
+
+fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+#[test]
+fn recipes_have_the_reference_hyperparameters() {
+    // (file, stage, lr, global batch, epochs, template, projector) from the spec §7.
+    let expected = [
+        ("llava-13b-stage1", Stage::One, 2e-3, 128, 1.0, "v0", "linear"),
+        ("llava-7b-stage1", Stage::One, 2e-3, 128, 1.0, "v0", "linear"),
+        ("llava-13b-stage2-chatbot", Stage::Two, 2e-5, 32, 3.0, "v0", "linear"),
+        ("llava-13b-scienceqa", Stage::Two, 2e-5, 32, 12.0, "v1", "linear"),
+        ("llava-v1.5-7b-stage1", Stage::One, 1e-3, 256, 1.0, "plain", "mlp2x_gelu"),
+        ("llava-v1.5-7b-stage2", Stage::Two, 2e-5, 128, 1.0, "v1", "mlp2x_gelu"),
+    ];
+    for (name, stage, lr, global, epochs, template, projector) in expected {
+        let c = RunConfig::load(&configs().join(format!("{name}.toml")), &[]).unwrap();
+        assert_eq!((c.stage, c.training.learning_rate, c.training.global_batch_size, c.training.epochs), (stage, lr, global, epochs), "{name}");
+        assert_eq!((c.data.template.as_str(), c.model.projector_type.as_str()), (template, projector), "{name}");
+        assert_eq!((c.training.warmup_ratio, c.training.weight_decay, c.model.select_layer), (0.03, 0.0, -2), "{name}");
+        assert_eq!(c.training.model_max_length, 2048, "{name}");
+        assert!(llava_data::conversation::conv_template(&c.data.template).is_some());
+    }
+    // 558K samples at 256 per step on 8 GPUs × 32: 2,181 steps without accumulation.
+    let c = RunConfig::load(&configs().join("llava-v1.5-7b-stage1.toml"), &[]).unwrap();
+    let o = c.optim(558_128, 8);
+    assert_eq!((o.total_steps, o.gradient_accumulation_steps), (2181, 1));
+    assert_eq!(c.optim(558_128, 1).gradient_accumulation_steps, 8);
+    assert_eq!((o.adam_beta1, o.adam_beta2, o.adam_epsilon, o.weight_decay), (0.9, 0.999, 1e-8, 0.0));
+}
+
+#[test]
+fn every_field_can_be_overridden_and_the_resolved_config_round_trips() {
+    let path = configs().join("llava-v1.5-7b-stage2.toml");
+    let c = RunConfig::load(&path, &["training.learning_rate=1e-4".into(), "data.template=llava_llama_2".into(), "name=my-run".into()]).unwrap();
+    assert_eq!((c.training.learning_rate, c.data.template.as_str(), c.name.as_str()), (1e-4, "llava_llama_2", "my-run"));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("resolved.toml"), c.to_toml()).unwrap();
+    assert_eq!(RunConfig::load(&tmp.path().join("resolved.toml"), &[]).unwrap(), c);
+    let err = RunConfig::load(&path, &["nosuch.field=1".into()]).unwrap_err().to_string();
+    assert!(err.contains("nosuch"), "{err}");
+    let err = RunConfig::load(&path, &["training.learning_rate=fast".into()]).unwrap_err().to_string();
+    assert!(err.contains("learning_rate"), "{err}");
+}
+
+#[test]
+fn metrics_are_appended_and_the_loss_curve_is_drawn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("metrics.jsonl");
+    let lines: Vec<StepMetrics> = (0..5)
+        .map(|s| StepMetrics { step: s, loss: 3.0 - s as f64 * 0.5, lr: 1e-3, grad_norm: 1.0, tokens_per_s: 100.0, val_loss: None })
+        .collect();
+    for chunk in lines.chunks(3) {
+        // A second writer (a resumed run) appends to the same file.
+        let mut w = MetricsWriter::open(&path).unwrap();
+        for m in chunk {
+            w.write(m).unwrap();
+        }
+    }
+    assert_eq!(read_metrics(&path).unwrap(), lines);
+    let png = tmp.path().join("loss.png");
+    let points: Vec<(f64, f64)> = lines.iter().map(|m| (m.step as f64, m.loss)).collect();
+    plot_loss_curve(&png, &points, &[], 320, 200).unwrap();
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (320, 200));
+    let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+    assert!(blue > 100, "the curve is drawn ({blue} pixels)");
+}
