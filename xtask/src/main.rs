@@ -6,6 +6,7 @@ mod bench;
 mod data_cmds;
 mod demo;
 mod model_cmds;
+mod train_cmds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,12 @@ enum Command {
     Demo,
     /// Benchmark the input pipeline against the reference's Python pipeline (samples/s).
     BenchPipeline(bench::BenchPipelineArgs),
+    /// Stage 1 (feature alignment): train the projector, vision and LLM frozen.
+    Stage1(train_cmds::StageArgs),
+    /// Stage 2 (end-to-end): train projector and LLM, vision frozen.
+    Stage2(train_cmds::StageArgs),
+    /// Write random CLIP-architecture and LLaMA-architecture towers as Hugging Face directories.
+    DemoTowers(train_cmds::DemoTowersArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(data_cmds::TokenizeArgs),
     /// CLIP-preprocess one image into `pixel_values` [3, H, W].
@@ -55,6 +62,9 @@ fn main() -> Result<()> {
         Command::Demo => demo::demo(),
         Command::BenchBackends(args) => bench::bench_backends(args),
         Command::BenchPipeline(args) => bench::bench_pipeline(args),
+        Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One),
+        Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two),
+        Command::DemoTowers(args) => train_cmds::demo_towers(args),
         Command::Tokenize(args) => data_cmds::tokenize(args),
         Command::PreprocessImage(args) => data_cmds::preprocess_image(args),
         Command::InspectSample(args) => data_cmds::inspect_sample(args),

@@ -253,3 +253,86 @@ fn sqa_convert_writes_the_reference_file() {
         assert_eq!(ours, expected, "{format}");
     }
 }
+
+// ---- training -------------------------------------------------------------------------------
+
+fn recipe(dir: &Path, name: &str, stage: &str, template: &str, projector: Option<&Path>) -> PathBuf {
+    let data = repo().join("datasets/lcs558k-sample");
+    let towers = dir.join("towers");
+    let pretrained = projector.map(|p| format!("pretrained_projector = {:?}\n", p.to_str().unwrap())).unwrap_or_default();
+    let text = format!(
+        "name = {name:?}\nstage = {stage:?}\n[model]\nvision_tower = {:?}\nllm = {:?}\nprojector_type = \"mlp2x_gelu\"\n{pretrained}\
+         [data]\ndata_path = {:?}\nimage_folder = {:?}\ntemplate = {template:?}\n\
+         [training]\nepochs = 2\nper_device_batch_size = 4\nglobal_batch_size = 8\nlearning_rate = 1e-3\n\
+         [checkpoint]\nsave_steps = 1\nkeep = 2\n",
+        towers.join("clip").to_str().unwrap(),
+        towers.join("llm").to_str().unwrap(),
+        data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
+        data.join("images").to_str().unwrap(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn tensor(file: &Path, name: &str) -> Vec<f32> {
+    let store = WeightStore::open(file).unwrap();
+    let shape = store.info(name).unwrap_or_else(|| panic!("{name} in {}", file.display())).shape.clone();
+    store.read_f32(name, &shape).unwrap()
+}
+
+#[test]
+fn stage1_then_stage2_train_save_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(&xtask(&["demo-towers", "--out", t.join("towers").to_str().unwrap()]));
+    let s1 = recipe(t, "s1", "one", "plain", None);
+    let run1 = t.join("run1");
+    ok(&xtask(&["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1.to_str().unwrap()]));
+    for f in ["config.toml", "metrics.jsonl", "loss.png", "mm_projector.safetensors", "model/config.json", "checkpoints/checkpoint-4/state.json"] {
+        assert!(run1.join(f).exists(), "{f}");
+    }
+    assert!(!run1.join("checkpoints/checkpoint-2").exists(), "only the last 2 checkpoints are kept");
+    let full = losses(&run1);
+    assert_eq!(full.len(), 4);
+
+    // Killed after 1 step, resumed: the rest of the loss curve is the uninterrupted one.
+    let run1b = t.join("run1b");
+    ok(&xtask(&["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1b.to_str().unwrap(), "--max-steps", "1"]));
+    ok(&xtask(&["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1b.to_str().unwrap(), "--resume"]));
+    assert_eq!(losses(&run1b), full);
+
+    // Stage 1 leaves the towers untouched; the saved model is the llava-hf layout.
+    let model1 = run1.join("model/model.safetensors");
+    let tower_llm = t.join("towers/llm/model.safetensors");
+    assert_eq!(tensor(&model1, "language_model.model.layers.0.mlp.up_proj.weight"), tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight"));
+    assert_eq!(
+        tensor(&model1, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
+        tensor(&t.join("towers/clip/model.safetensors"), "vision_model.encoder.layers.0.mlp.fc1.weight")
+    );
+
+    // Stage 2 starts from the stage-1 projector and trains the LLM.
+    let s2 = recipe(t, "s2", "two", "v1", Some(&run1.join("mm_projector.safetensors")));
+    let run2 = t.join("run2");
+    let msg = err(&xtask(&["stage1", "--config", s2.to_str().unwrap()]));
+    assert!(msg.contains("stage2"), "{msg}");
+    ok(&xtask(&["stage2", "--config", s2.to_str().unwrap(), "--run-dir", run2.to_str().unwrap(), "--set", "training.epochs=1"]));
+    assert_eq!(losses(&run2).len(), 2);
+    let model2 = run2.join("model/model.safetensors");
+    assert_ne!(tensor(&model2, "language_model.model.layers.0.mlp.up_proj.weight"), tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight"));
+    assert_eq!(
+        tensor(&model2, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
+        tensor(&t.join("towers/clip/model.safetensors"), "vision_model.encoder.layers.0.mlp.fc1.weight")
+    );
+    // The trained model loads for inference.
+    let loaded = load_dir::<B>(&run2.join("model"), &LoadOptions::default(), &Default::default()).unwrap();
+    assert_eq!(loaded.config.projector.name(), "mlp2x_gelu");
+}

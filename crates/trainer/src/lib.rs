@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod metrics;
+pub mod run;
 pub mod schedule;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
