@@ -133,12 +133,12 @@ impl ProcessorConfig {
 /// Decodes an image file as 8-bit RGB the way PIL's `.convert("RGB")` does for common modes
 /// (alpha dropped without compositing; grayscale and palette expanded).
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?
-        .with_guessed_format()
-        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?
-        .decode()
-        .map_err(|e| ImageError::Decode { path: path.to_path_buf(), reason: e.to_string() })?;
+    let err = |reason: String| ImageError::Decode { path: path.to_path_buf(), reason };
+    // One read, then decode from memory with the format sniffed from the bytes (not the
+    // extension): cheaper than a buffered reader, and a mislabelled file still decodes.
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let format = image::guess_format(&bytes).map_err(|e| err(e.to_string()))?;
+    let img = image::load_from_memory_with_format(&bytes, format).map_err(|e| err(e.to_string()))?;
     Ok(to_rgb(img))
 }
 
