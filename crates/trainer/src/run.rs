@@ -136,6 +136,9 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
     B::seed(device, cfg.training.seed);
+    if cfg.training.bf16 || cfg.training.gradient_checkpointing {
+        tracing::warn!("training.bf16 / training.gradient_checkpointing are not implemented yet: this run computes in f32 without checkpointing");
+    }
 
     let (model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;
     let template = conv_template(&cfg.data.template).ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
