@@ -18,7 +18,7 @@ use burn::tensor::backend::Backend;
 use llava_data::Tokenizer;
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_llm::{LlamaConfig, LlamaModel};
-use llava_projector::{Projector, ProjectorConfig, ProjectorKind};
+use llava_projector::{Projector, ProjectorConfig, ProjectorKind, ProjectorNaming};
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 use llava_weights::{Loader, WeightStore};
 use serde::{Deserialize, Serialize};
@@ -329,11 +329,7 @@ pub fn load_parts<B: Backend>(
     let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
     let text = LlamaConfig::from_hf_dir(llm_dir)?;
     let proj_store = WeightStore::open(projector_file)?;
-    let prefix = ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
-        .into_iter()
-        .find(|p| ProjectorConfig::detect(&proj_store, p).is_some())
-        .ok_or_else(|| LlavaError::config(projector_file, "no projector weights (expected mm_projector.* or multi_modal_projector.linear_N.*)"))?;
-    let (projector, naming) = ProjectorConfig::detect(&proj_store, prefix).expect("detected above");
+    let (prefix, projector, naming) = detect_projector_file(&proj_store, projector_file)?;
     let config = LlavaConfig {
         vision,
         projector,
@@ -359,6 +355,29 @@ pub fn load_parts<B: Backend>(
     let processor = processor_for(clip_dir, &config)?;
     let tokenizer = load_tokenizer_if_present(llm_dir)?;
     Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+}
+
+/// Where the projector is inside a standalone projector file (`mm_projector.bin` /
+/// `mm_projector.safetensors`: keys with or without `model.mm_projector.`, or llava-hf's
+/// `multi_modal_projector.linear_N.*`), and its architecture.
+fn detect_projector_file(store: &WeightStore, path: &Path) -> Result<(&'static str, ProjectorKind, ProjectorNaming), LlavaError> {
+    ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
+        .into_iter()
+        .find_map(|p| ProjectorConfig::detect(store, p).map(|(kind, naming)| (p, kind, naming)))
+        .ok_or_else(|| LlavaError::config(path, "no projector weights (expected mm_projector.* or multi_modal_projector.linear_N.*)"))
+}
+
+/// Loads a standalone projector file (see [`detect_projector_file`]) for `config`; every tensor
+/// of the file must be consumed, and its architecture must be the configured one.
+pub fn load_projector_file<B: Backend>(path: &Path, config: &ProjectorConfig, device: &B::Device) -> Result<Projector<B>, LlavaError> {
+    let store = WeightStore::open(path)?;
+    let (prefix, kind, naming) = detect_projector_file(&store, path)?;
+    if kind != config.kind {
+        return Err(LlavaError::config(path, format!("holds a {} projector, the run is configured for {}", kind.name(), config.kind.name())));
+    }
+    let projector = Projector::load(config, naming, &Loader::new(&store, device).pp(prefix))?;
+    store.ensure_all_used()?;
+    Ok(projector)
 }
 
 /// The directory's tokenizer, if it has tokenizer files (a broken one is an error).

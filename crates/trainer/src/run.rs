@@ -18,9 +18,9 @@ use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, SampleConfig, modal
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_data::preprocess::PreprocessOptions;
 use llava_llm::{LlamaConfig, LlamaModel};
-use llava_projector::{Projector, ProjectorConfig, ProjectorKind};
+use llava_projector::ProjectorKind;
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-use llava_weights::{Loader, WeightStore};
+use llava_weights::WeightStore;
 
 use crate::config::RunConfig;
 use crate::metrics::{MetricsWriter, StepMetrics, plot_loss_curve, read_metrics};
@@ -106,17 +106,7 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
     clip_store.ensure_all_used()?;
     llm_store.ensure_all_used()?;
     let projector = match (&cfg.stage, &cfg.model.pretrained_projector) {
-        (_, Some(path)) => {
-            let store = WeightStore::open(path)?;
-            let prefix = ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
-                .into_iter()
-                .find(|p| ProjectorConfig::detect(&store, p).is_some())
-                .ok_or_else(|| TrainError::Config(format!("{}: no projector weights", path.display())))?;
-            let (_, naming) = ProjectorConfig::detect(&store, prefix).expect("detected");
-            let p = Projector::load(&config.projector_config(), naming, &Loader::new(&store, device).pp(prefix))?;
-            store.ensure_all_used()?;
-            p
-        }
+        (_, Some(path)) => llava::load::load_projector_file(path, &config.projector_config(), device)?,
         (Stage::Two, None) => return Err(TrainError::Config("stage 2 needs model.pretrained_projector (the stage-1 output)".into())),
         (Stage::One, None) => config.projector_config().init(device),
     };
