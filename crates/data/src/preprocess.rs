@@ -285,13 +285,8 @@ fn preprocess_hash(
     prompt += "### ";
     let input_ids = tokenize_full(tokenizer, &prompt, has_image, options.model_max_length);
     let mut labels = input_ids.clone();
-    let len_of = |text: &str| {
-        if has_image {
-            tokenizer_image_token(tokenizer, text).len()
-        } else {
-            tokenizer.encode(text, true).len().min(options.model_max_length)
-        }
-    };
+    // `_tokenize_fn` / `tokenizer_image_token` lengths, each piece with its own BOS.
+    let len_of = |text: &str| tokenize_full(tokenizer, text, has_image, options.model_max_length).len();
     let mut cur = len_of(&header) as i64;
     fill(&mut labels, 0, cur);
     for (piece, turn) in pieces.iter().zip(turns) {
