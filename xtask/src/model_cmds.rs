@@ -104,7 +104,7 @@ fn prompt_and_image<B: Backend>(
     let pixels = match image {
         Some(path) => {
             if !loaded.has_vision {
-                bail!("--image given, but {} is a text-only model", loaded.layout_name());
+                bail!("--image given, but the {:?} checkpoint is a text-only model", loaded.layout);
             }
             if markers != 1 {
                 bail!("--image needs exactly one `<image>` in the prompt to mark where the image goes (found {markers})");
@@ -115,16 +115,6 @@ fn prompt_and_image<B: Backend>(
         None => None,
     };
     Ok((tokenizer_image_token(tokenizer, prompt), pixels))
-}
-
-trait LayoutName {
-    fn layout_name(&self) -> String;
-}
-
-impl<B: Backend> LayoutName for LoadedLlava<B> {
-    fn layout_name(&self) -> String {
-        format!("{:?}", self.layout)
-    }
 }
 
 #[derive(Args, Debug)]

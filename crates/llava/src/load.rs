@@ -53,10 +53,11 @@ impl LlavaConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.vision.validate()?;
         self.text.validate()?;
-        let n = self.vision.num_hidden_layers as i64 + 1;
-        let index = if self.select_layer < 0 { n + self.select_layer } else { self.select_layer };
-        if !(0..n).contains(&index) {
-            return Err(format!("select_layer {} is out of range for a {}-layer vision tower", self.select_layer, n - 1));
+        if self.vision.hidden_state_index(self.select_layer).is_none() {
+            return Err(format!(
+                "select_layer {} is out of range for a {}-layer vision tower",
+                self.select_layer, self.vision.num_hidden_layers
+            ));
         }
         Ok(())
     }

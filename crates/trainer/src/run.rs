@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use llava::{Llava, LlavaConfig, SelectFeature};
+use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
 use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, SampleConfig, modality_length_grouped_indices, shuffled_indices};
@@ -31,17 +31,7 @@ pub enum TrainError {
     #[error(transparent)]
     Llava(#[from] llava::LlavaError),
     #[error(transparent)]
-    Weights(#[from] llava_weights::WeightsError),
-    #[error(transparent)]
-    Vision(#[from] llava_vision_encoder::VisionError),
-    #[error(transparent)]
-    Llm(#[from] llava_llm::LlmError),
-    #[error(transparent)]
-    Tokenizer(#[from] llava_data::TokenizerError),
-    #[error(transparent)]
     Dataset(#[from] llava_data::dataset::DatasetError),
-    #[error(transparent)]
-    Image(#[from] llava_data::image::ImageError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{0}")]
@@ -79,15 +69,15 @@ pub struct RunSummary {
 
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
 /// or from the stage-1 file (stage 2).
-pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), TrainError> {
+pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(&cfg.model.vision_tower)?;
     let text = LlamaConfig::from_hf_dir(&cfg.model.llm)?;
     let kind = ProjectorKind::parse(&cfg.model.projector_type)
-        .ok_or_else(|| TrainError::Config(format!("model.projector_type: unknown `{}`", cfg.model.projector_type)))?;
+        .ok_or_else(|| LlavaError::config("model.projector_type", format!("unknown `{}`", cfg.model.projector_type)))?;
     let aspect = match cfg.data.image_aspect_ratio.as_str() {
         "pad" => AspectMode::Pad,
         "square" | "crop" => AspectMode::Crop,
-        other => return Err(TrainError::Config(format!("data.image_aspect_ratio: unknown `{other}`"))),
+        other => return Err(LlavaError::config("data.image_aspect_ratio", format!("unknown `{other}`"))),
     };
     let config = LlavaConfig {
         vision,
@@ -98,7 +88,7 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
         image_aspect: aspect,
         max_length: cfg.training.model_max_length,
     };
-    config.validate().map_err(TrainError::Config)?;
+    config.validate().map_err(|reason| LlavaError::config(&cfg.model.vision_tower, reason))?;
     let clip_store = WeightStore::open(&cfg.model.vision_tower)?;
     let llm_store = WeightStore::open(&cfg.model.llm)?;
     let vision_model = ClipVisionModel::load_hf(&config.vision, &clip_store, device)?;
@@ -107,7 +97,7 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
     llm_store.ensure_all_used()?;
     let projector = match (&cfg.stage, &cfg.model.pretrained_projector) {
         (_, Some(path)) => llava::load::load_projector_file(path, &config.projector_config(), device)?,
-        (Stage::Two, None) => return Err(TrainError::Config("stage 2 needs model.pretrained_projector (the stage-1 output)".into())),
+        (Stage::Two, None) => return Err(LlavaError::config("model.pretrained_projector", "stage 2 needs the stage-1 projector")),
         (Stage::One, None) => config.projector_config().init(device),
     };
     let processor = match cfg.model.vision_tower.join("preprocessor_config.json") {

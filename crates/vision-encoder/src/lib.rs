@@ -154,12 +154,10 @@ impl ClipVisionConfig {
         (self.image_size / self.patch_size).pow(2)
     }
 
-    /// Resolves a Python-style layer index into `hidden_states` (length `num_hidden_layers + 1`).
-    pub fn hidden_state_index(&self, select_layer: i64) -> usize {
-        let n = self.num_hidden_layers as i64 + 1;
-        let index = if select_layer < 0 { n + select_layer } else { select_layer };
-        assert!((0..n).contains(&index), "select_layer {select_layer} is out of range for {n} hidden states");
-        index as usize
+    /// Resolves a Python-style layer index into `hidden_states` (length `num_hidden_layers + 1`);
+    /// `None` when it is out of range.
+    pub fn hidden_state_index(&self, select_layer: i64) -> Option<usize> {
+        hidden_state_index(self.num_hidden_layers, select_layer)
     }
 
     /// A randomly initialised model (weights as in Hugging Face's `_init_weights`, std 0.02).
@@ -211,6 +209,13 @@ impl ClipVisionConfig {
             post_layernorm: ln(),
         }
     }
+}
+
+/// Python-style index (`-2` = second to last) into the `layers + 1` hidden states.
+fn hidden_state_index(layers: usize, select_layer: i64) -> Option<usize> {
+    let n = layers as i64 + 1;
+    let index = if select_layer < 0 { n + select_layer } else { select_layer };
+    (0..n).contains(&index).then_some(index as usize)
 }
 
 #[derive(Module, Debug)]
@@ -299,11 +304,10 @@ impl<B: Backend> ClipVisionModel<B> {
     /// index (`-2` = output of the second-to-last layer; `0` = the pre-layernormed embeddings).
     /// Layers after the selected one are not run. Returns `[batch, 1 + patches, hidden]`.
     pub fn hidden_state(&self, pixels: Tensor<B, 4>, select_layer: i64) -> Tensor<B, 3> {
-        let n = self.layers.len() as i64 + 1;
-        let index = if select_layer < 0 { n + select_layer } else { select_layer };
-        assert!((0..n).contains(&index), "select_layer {select_layer} is out of range for {n} hidden states");
+        let index = hidden_state_index(self.layers.len(), select_layer)
+            .unwrap_or_else(|| panic!("select_layer {select_layer} is out of range for {} hidden states", self.layers.len() + 1));
         let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixels));
-        for layer in &self.layers[..index as usize] {
+        for layer in &self.layers[..index] {
             h = layer.forward(h);
         }
         h
