@@ -197,3 +197,179 @@ pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Runs `scripts/bench/small_llava_ref.py` and returns its JSON line (or why it did not run).
+fn reference(python: &std::path::Path, args: &[String]) -> Result<serde_json::Value, String> {
+    let root = crate::demo::repo_root();
+    let python = if python.is_absolute() { python.to_path_buf() } else { root.join(python) };
+    let out = std::process::Command::new(&python)
+        .arg(root.join("scripts/bench/small_llava_ref.py"))
+        .args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).map_err(|e| e.to_string())
+}
+
+/// Runs this benchmark's measurement in a fresh process (`--only …`), so that each one's peak
+/// memory is its own, and returns its JSON line.
+fn ours_in_process(args: &[&str]) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe()?).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or(""))?)
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Timed steps per stage (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Python with torch and transformers (the reference side).
+    #[arg(long, default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// Internal: measure only this stage in this process and print JSON.
+    #[arg(long, hide = true)]
+    pub only: Option<u8>,
+}
+
+/// One stage-1 or stage-2 step (forward, backward, AdamW) of the small LLaVA shape on Flex.
+fn train_step_seconds(stage: llava_trainer::Stage, iters: usize) -> Result<f64> {
+    use llava_trainer::{Batch, OptimConfig, Trainer};
+    type B = Autodiff<burn::backend::Flex>;
+    let device = Default::default();
+    let shape = small_llava()?;
+    B::seed(&device, 0);
+    let model = shape.config.init::<B>(&device);
+    let prompts = bench_prompts(&shape);
+    // Labels: the text tokens (BOS and the image are masked, as in the reference).
+    let labels: Vec<Vec<i64>> = prompts.iter().map(|p| p.iter().enumerate().map(|(i, &t)| if i < 2 { -100 } else { t }).collect()).collect();
+    let s = shape.config.vision.image_size;
+    let pixels = Tensor::<B, 4>::random([shape.batch, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+    let optim = OptimConfig { learning_rate: 2e-5, warmup_ratio: 0.0, total_steps: 1_000_000, ..OptimConfig::default() };
+    let mut trainer = Trainer::new(model, stage, optim);
+    let batch = Batch { input_ids: prompts, labels, pixels: Some(pixels) };
+    Ok(time(iters, || {
+        trainer.micro_step(&batch).expect("one micro-batch per step");
+    }))
+}
+
+/// `bench-train`: a stage-1 and a stage-2 training step, ours vs PyTorch, same shape and threads.
+pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    use llava_trainer::Stage;
+    if let Some(stage) = args.only {
+        let seconds = train_step_seconds(if stage == 1 { Stage::One } else { Stage::Two }, args.iters)?;
+        println!("{}", serde_json::json!({"step_s": seconds, "peak_rss_mb": peak_rss_mb()}));
+        return Ok(());
+    }
+    let shape = small_llava()?;
+    let threads = rayon_threads();
+    println!(
+        "training step, small LLaVA (bench/small-llava.json): batch {}, {} tokens per sample ({} image), AdamW, {threads} threads",
+        shape.batch,
+        shape.text_tokens + shape.config.image_tokens(),
+        shape.config.image_tokens()
+    );
+    println!("{:<8} {:>10} {:>10} {:>9} {:>12} {:>12}", "stage", "ours ms", "torch ms", "speed", "ours MiB", "torch MiB");
+    for stage in [1u8, 2] {
+        let ours = ours_in_process(&["bench-train", "--only", &stage.to_string(), "--iters", &args.iters.to_string()])?;
+        let theirs = reference(&args.python, &["train".into(), stage.to_string(), args.iters.to_string(), threads.to_string()]);
+        let ours_s = ours["step_s"].as_f64().unwrap_or(f64::NAN);
+        match theirs {
+            Ok(t) => {
+                let theirs_s = t["step_s"].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "{:<8} {:>10.1} {:>10.1} {:>8.2}x {:>12.0} {:>12.0}",
+                    format!("stage {stage}"),
+                    ours_s * 1e3,
+                    theirs_s * 1e3,
+                    theirs_s / ours_s,
+                    ours["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+                    t["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            Err(why) => println!("stage {stage}: ours {:.1} ms; reference not run ({why})", ours_s * 1e3),
+        }
+    }
+    println!("speed = torch time / our time (above 1: we are faster); memory = peak resident set of each process");
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchGenerateArgs {
+    /// Timed runs per measurement (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    #[arg(long, default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// Internal: measure only this batch size in this process and print JSON.
+    #[arg(long, hide = true)]
+    pub only: Option<usize>,
+}
+
+/// Prefill (1 new token) and full greedy generation times on Flex, random weights, EOS ignored.
+fn generate_seconds(batch: usize, iters: usize) -> Result<(f64, f64, usize, usize)> {
+    use llava::generate::{GenerationConfig, generate};
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::demo::repo_root().join("bench/small-llava.json"))?)?;
+    let new_tokens = json["decode"]["new_tokens"].as_u64().unwrap_or(64) as usize;
+    let prompt_text = json["decode"]["prompt_text_tokens"].as_u64().unwrap_or(32) as usize;
+    let mut shape = small_llava()?;
+    shape.batch = batch;
+    shape.text_tokens = prompt_text;
+    B::seed(&device, 0);
+    let model = shape.config.init::<B>(&device);
+    let prompts = bench_prompts(&shape);
+    let s = shape.config.vision.image_size;
+    let pixels = Tensor::<B, 4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+    let run = |n: usize| {
+        let config = GenerationConfig { max_new_tokens: n, eos_ids: vec![], ..Default::default() };
+        let out = generate(&model, &prompts, Some(pixels.clone()), &config, |_, _| true);
+        assert!(out.iter().all(|r| r.len() == n));
+    };
+    let prefill = time(iters, || run(1));
+    let total = time(iters, || run(new_tokens));
+    Ok((prefill, total, new_tokens, 1 + shape.config.image_tokens() + prompt_text - 1))
+}
+
+/// `bench-generate`: prefill and decode tokens/s at batch 1 and 8, ours vs transformers' generate.
+pub fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    if let Some(batch) = args.only {
+        let (prefill, total, new_tokens, prompt) = generate_seconds(batch, args.iters)?;
+        println!("{}", serde_json::json!({"prefill_s": prefill, "total_s": total, "new_tokens": new_tokens, "prompt_tokens": prompt, "peak_rss_mb": peak_rss_mb()}));
+        return Ok(());
+    }
+    let threads = rayon_threads();
+    println!("greedy generation, small LLaVA (bench/small-llava.json), {threads} threads, random weights, EOS ignored");
+    println!("{:<6} {:>18} {:>18} {:>7} {:>18} {:>18} {:>7}", "batch", "ours prefill tok/s", "torch prefill tok/s", "ratio", "ours decode tok/s", "torch decode tok/s", "ratio");
+    for batch in [1usize, 8] {
+        let ours = ours_in_process(&["bench-generate", "--only", &batch.to_string(), "--iters", &args.iters.to_string()])?;
+        let rates = |v: &serde_json::Value| {
+            let prefill = v["prefill_s"].as_f64().unwrap_or(f64::NAN);
+            let total = v["total_s"].as_f64().unwrap_or(f64::NAN);
+            let n = v["new_tokens"].as_f64().unwrap_or(f64::NAN);
+            let prompt = v["prompt_tokens"].as_f64().unwrap_or(f64::NAN);
+            (batch as f64 * prompt / prefill, batch as f64 * (n - 1.0) / (total - prefill))
+        };
+        let (op, od) = rates(&ours);
+        match reference(&args.python, &["generate".into(), batch.to_string(), args.iters.to_string(), threads.to_string()]) {
+            Ok(t) => {
+                let (tp, td) = rates(&t);
+                println!("{batch:<6} {op:>18.0} {tp:>18.0} {:>6.2}x {od:>18.1} {td:>18.1} {:>6.2}x", op / tp, od / td);
+            }
+            Err(why) => println!("{batch:<6} {op:>18.0} {:>18} {:>7} {od:>18.1}   reference not run ({why})", "-", "-"),
+        }
+    }
+    println!("prefill tok/s = batch × prompt tokens / time to the first new token; decode tok/s = batch × (new − 1) / the rest");
+    Ok(())
+}

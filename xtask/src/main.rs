@@ -5,6 +5,7 @@
 mod bench;
 mod data_cmds;
 mod demo;
+mod eval_cmds;
 mod model_cmds;
 mod train_cmds;
 
@@ -34,6 +35,16 @@ enum Command {
     Stage1(train_cmds::StageArgs),
     /// Stage 2 (end-to-end): train projector and LLM, vision frozen.
     Stage2(train_cmds::StageArgs),
+    /// Interactive multi-turn chat about an image (reads standard input; /image, /reset, /exit).
+    Chat(eval_cmds::ChatArgs),
+    /// ScienceQA prediction (model_vqa_science): one JSON line per question, batched, resumable.
+    SqaPredict(eval_cmds::SqaPredictArgs),
+    /// ScienceQA scoring: the reference's answer parsing and the paper's category table.
+    SqaEval(eval_cmds::SqaEvalArgs),
+    /// Predict and score the demo's held-out questions with the stage-2 model, with real and blank images.
+    DemoSqa(eval_cmds::DemoSqaArgs),
+    /// Regenerate the demo's synthetic shapes dataset (datasets/demo-shapes).
+    DemoData(train_cmds::DemoDataArgs),
     /// Write random CLIP-architecture and LLaMA-architecture towers as Hugging Face directories.
     DemoTowers(train_cmds::DemoTowersArgs),
     /// Print the token ids of a text as a JSON array.
@@ -44,6 +55,10 @@ enum Command {
     InspectSample(data_cmds::InspectSampleArgs),
     /// Convert ScienceQA problems to LLaVA JSON in one of the reference formats or `llava15`.
     SqaConvert(data_cmds::SqaConvertArgs),
+    /// Benchmark a stage-1 and a stage-2 training step against PyTorch (small LLaVA shape, CPU).
+    BenchTrain(bench::BenchTrainArgs),
+    /// Benchmark prefill and decode against transformers' generate (small LLaVA shape, CPU).
+    BenchGenerate(bench::BenchGenerateArgs),
     /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
     BenchBackends(bench::BenchBackendsArgs),
 }
@@ -61,9 +76,16 @@ fn main() -> Result<()> {
         Command::DemoModel(args) => demo::demo_model(args),
         Command::Demo => demo::demo(),
         Command::BenchBackends(args) => bench::bench_backends(args),
+        Command::BenchTrain(args) => bench::bench_train(args),
+        Command::BenchGenerate(args) => bench::bench_generate(args),
         Command::BenchPipeline(args) => bench::bench_pipeline(args),
         Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One),
         Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two),
+        Command::Chat(args) => eval_cmds::chat(args),
+        Command::SqaPredict(args) => eval_cmds::sqa_predict(args),
+        Command::SqaEval(args) => eval_cmds::sqa_eval(args).map(|_| ()),
+        Command::DemoSqa(args) => eval_cmds::demo_sqa(args),
+        Command::DemoData(args) => train_cmds::demo_data(args),
         Command::DemoTowers(args) => train_cmds::demo_towers(args),
         Command::Tokenize(args) => data_cmds::tokenize(args),
         Command::PreprocessImage(args) => data_cmds::preprocess_image(args),

@@ -56,6 +56,21 @@ fn parse_aspect(s: &str) -> Result<AspectMode, String> {
 }
 
 impl ModelArgs {
+    /// A checkpoint directory with every other option at its default.
+    pub fn for_dir(dir: &Path, backend: BackendKind) -> Self {
+        Self {
+            model: Some(dir.to_path_buf()),
+            clip: None,
+            llm: None,
+            projector: None,
+            select_layer: -2,
+            vision_tower: None,
+            hf_cache: None,
+            image_aspect: None,
+            backend,
+        }
+    }
+
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<LoadedLlava<B>> {
         let start = Instant::now();
         let loaded = match (&self.model, &self.clip, &self.llm, &self.projector) {

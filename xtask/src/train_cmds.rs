@@ -1,8 +1,11 @@
 //! `stage1`, `stage2` and `demo-towers`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use llava_data::shapes::{self, ShapesConfig};
+
+use crate::demo::repo_root;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
@@ -14,9 +17,11 @@ use llava_weights::{Exporter, SaveDtype};
 
 #[derive(Args, Debug)]
 pub struct StageArgs {
-    /// A run recipe (TOML), e.g. configs/llava-v1.5-7b-stage1.toml.
+    /// A run recipe (TOML), e.g. configs/llava-v1.5-7b-stage1.toml. Without it, the bundled demo
+    /// runs: configs/demo-stage1.toml / demo-stage2.toml on datasets/demo-shapes, from the
+    /// repository root, with the demo towers written first (stage 1).
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Override any field: `--set training.learning_rate=1e-4` (repeatable).
     #[arg(long = "set")]
     pub overrides: Vec<String>,
@@ -34,19 +39,77 @@ pub struct StageArgs {
 }
 
 pub fn stage(args: StageArgs, stage: Stage) -> Result<()> {
-    let cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let number = if stage == Stage::One { 1 } else { 2 };
+    let config = match &args.config {
+        Some(path) => path.clone(),
+        None => {
+            // The demo's paths are relative to the repository root.
+            std::env::set_current_dir(repo_root())?;
+            prepare_demo(stage)?;
+            PathBuf::from(format!("configs/demo-stage{number}.toml"))
+        }
+    };
+    let cfg = RunConfig::load(&config, &args.overrides)?;
     if cfg.stage != stage {
-        bail!("{} is a stage {:?} recipe; use `cargo xtask stage{}`", args.config.display(), cfg.stage, if cfg.stage == Stage::One { 1 } else { 2 });
+        bail!("{} is a stage {:?} recipe; use `cargo xtask stage{}`", config.display(), cfg.stage, if cfg.stage == Stage::One { 1 } else { 2 });
     }
-    llava::with_backend!(args.backend, train_on(&cfg, &args))
+    let started = std::time::Instant::now();
+    llava::with_backend!(args.backend, train_on(&cfg, &args))?;
+    tracing::info!("stage {number} took {}", llava_trainer::metrics::format_duration(started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// The demo's inputs: the shapes dataset (generated if absent) and, for stage 1, the random towers
+/// as Hugging Face directories; stage 2 needs stage 1's outputs.
+fn prepare_demo(stage: Stage) -> Result<()> {
+    let data = PathBuf::from(DEMO_DATA);
+    if !data.join("captions.json").is_file() {
+        tracing::info!("generating the demo dataset in {DEMO_DATA}");
+        write_demo_data(&data, ShapesConfig::default().seed)?;
+    }
+    match stage {
+        Stage::One => demo_towers(DemoTowersArgs { out: PathBuf::from("runs/demo-towers"), seed: 42 }),
+        Stage::Two if !Path::new("runs/demo-stage1/mm_projector.safetensors").is_file() => {
+            bail!("the demo's stage 2 starts from stage 1's outputs: run `cargo xtask stage1` first")
+        }
+        Stage::Two => Ok(()),
+    }
+}
+
+/// Where the demo dataset lives, relative to the repository root.
+pub const DEMO_DATA: &str = "datasets/demo-shapes";
+
+#[derive(Args, Debug)]
+pub struct DemoDataArgs {
+    #[arg(long, default_value = DEMO_DATA)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = ShapesConfig::default().seed)]
+    pub seed: u64,
+}
+
+/// (Re)generates the demo's synthetic shapes dataset, deterministically from the seed.
+pub fn demo_data(args: DemoDataArgs) -> Result<()> {
+    write_demo_data(&args.out, args.seed)
+}
+
+fn write_demo_data(out: &Path, seed: u64) -> Result<()> {
+    let dataset = shapes::build(&ShapesConfig { seed, ..Default::default() });
+    shapes::write(&dataset, out).with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!("wrote {} images and {} JSON files to {}", dataset.images.len(), dataset.json.len(), out.display());
+    Ok(())
 }
 
 fn train_on<B: Backend>(device: &B::Device, cfg: &RunConfig, args: &StageArgs) -> Result<()> {
     let options = RunOptions { run_dir: args.run_dir.clone(), resume: args.resume, max_steps: args.max_steps };
     let summary = run::<Autodiff<B>>(cfg, &options, device)?;
     tracing::info!(
-        "{}: {} steps, loss {:.4} → {:.4}; outputs in {}",
-        cfg.name, summary.steps, summary.first_loss, summary.last_loss, summary.run_dir.display()
+        "{}: {} steps, loss {:.4} → {:.4}{}; outputs in {}",
+        cfg.name,
+        summary.steps,
+        summary.first_loss,
+        summary.last_loss,
+        summary.final_val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default(),
+        summary.run_dir.display()
     );
     Ok(())
 }

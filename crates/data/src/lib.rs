@@ -10,6 +10,8 @@ pub mod image;
 pub mod preprocess;
 pub mod scienceqa;
 pub mod sentencepiece;
+pub mod shapes;
+pub mod sqa_score;
 pub mod tokenizer;
 
 pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError, tokenizer_image_token};

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub const OPTIONS: [&str; 5] = ["A", "B", "C", "D", "E"];
+/// Appended to a question by `model_vqa_science --single-pred-prompt` (LLaVA-1.5's evaluation).
+pub const SINGLE_PRED_PROMPT: &str = "Answer with the option's letter from the given choices directly.";
 
 /// Input formats of the reference converter.
 pub const INPUT_FORMATS: &[&str] = &["CQM", "QCM", "QCML", "QCME", "QCMLE", "QCLM", "QCEM", "QCLEM"];

@@ -20,6 +20,7 @@ pub mod generate;
 pub mod load;
 pub mod model;
 pub mod save;
+pub mod science;
 
 use std::path::{Path, PathBuf};
 

@@ -209,10 +209,14 @@ impl<B: Backend> Llava<B> {
         }
     }
 
+    /// Final-normed decoder states `[batch, len, hidden]` for a spliced batch (no cache).
+    pub fn hidden(&self, batch: &SplicedBatch<B>) -> Tensor<B, 3> {
+        self.llm.forward_embeds(batch.embeds.clone(), batch.positions.clone(), batch.attention_mask(), None)
+    }
+
     /// Logits `[batch, len, vocab]` for a spliced batch (no cache).
     pub fn forward(&self, batch: &SplicedBatch<B>) -> Tensor<B, 3> {
-        let hidden = self.llm.forward_embeds(batch.embeds.clone(), batch.positions.clone(), batch.attention_mask(), None);
-        self.llm.logits(hidden)
+        self.llm.logits(self.hidden(batch))
     }
 
     /// Runs the prompt through the decoder, filling `cache`; returns the logits of each row's

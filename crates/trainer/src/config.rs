@@ -48,6 +48,9 @@ pub struct DataConfig {
     pub group_by_modality_length: bool,
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Held-out samples (same format) for the validation loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_data_path: Option<PathBuf>,
 }
 
 fn default_aspect() -> String {
@@ -79,6 +82,9 @@ pub struct TrainingConfig {
     pub gradient_checkpointing: bool,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Validation loss every this many optimizer steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub eval_steps: usize,
 }
 
 fn default_warmup() -> f64 {
@@ -97,6 +103,18 @@ fn default_seed() -> u64 {
     42
 }
 
+/// Stage 1 only, optional: before aligning images, train the LLM alone on the text of some LLaVA
+/// JSON files (every turn, `<image>` removed), so that it already speaks the captions' language.
+/// The demo uses it because its LLM starts from random weights; real runs start from Vicuna and
+/// leave it out. The result is saved as a LLaMA directory `{run_dir}/llm` for stage 2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextPretrainConfig {
+    pub data_paths: Vec<PathBuf>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointConfig {
     pub save_steps: usize,
@@ -113,6 +131,8 @@ pub struct RunConfig {
     pub data: DataConfig,
     pub training: TrainingConfig,
     pub checkpoint: CheckpointConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_pretrain: Option<TextPretrainConfig>,
 }
 
 impl RunConfig {

@@ -151,9 +151,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model = &self.model;
         let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
         let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(self.config.max_length), PaddingSide::Right);
-        let logits = model.forward(&spliced);
+        let hidden = model.hidden(&spliced);
         let labels = spliced.labels.clone().expect("labels were given");
-        let (loss, supervised) = loss::causal_lm_loss(logits, labels);
+        let (loss, supervised) = loss::lm_head_loss(&model.llm, hidden, labels);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
         let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);

@@ -90,3 +90,64 @@ fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), color: Rgb<u8>) {
         }
     }
 }
+
+/// The live view of a run: on a terminal, one progress bar redrawn in place (step, loss, learning
+/// rate, tokens/s, ETA); otherwise (logs, CI) a `tracing` line every `total / 50` steps.
+pub struct Progress {
+    label: String,
+    total: usize,
+    first: usize,
+    start: std::time::Instant,
+    tty: bool,
+    every: usize,
+}
+
+impl Progress {
+    /// `first` is the step the run starts (or resumes) at.
+    pub fn new(label: &str, first: usize, total: usize) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            label: label.to_string(),
+            total,
+            first,
+            start: std::time::Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+            every: (total / 50).max(1),
+        }
+    }
+
+    /// Seconds left, extrapolated from the steps done in this process.
+    pub fn eta(&self, step: usize) -> f64 {
+        let done = step.saturating_sub(self.first).max(1);
+        self.start.elapsed().as_secs_f64() / done as f64 * self.total.saturating_sub(step) as f64
+    }
+
+    /// Shows `step` (1-based, completed) with the step's numbers.
+    pub fn update(&mut self, step: usize, loss: f64, lr: f64, tokens_per_s: f64) {
+        let eta = format_duration(self.eta(step));
+        let text = format!("{} {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s ETA {eta}", self.label, self.total);
+        if self.tty {
+            let width = 30;
+            let filled = (step * width / self.total.max(1)).min(width);
+            eprint!("\r\x1b[2K[{}{}] {text}", "#".repeat(filled), ".".repeat(width - filled));
+            if step >= self.total {
+                eprintln!();
+            }
+        } else if step % self.every == 0 || step >= self.total || step == self.first + 1 {
+            tracing::info!("{text}");
+        }
+    }
+
+    /// Ends the bar's line so that logs start on a fresh one.
+    pub fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// `95` → `1m35s`.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{s}s") }
+}

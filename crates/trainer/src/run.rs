@@ -9,22 +9,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
-use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use llava::{Llava, LlavaConfig, LlavaError, PaddingSide, SelectFeature};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
-use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, SampleConfig, modality_length_grouped_indices, shuffled_indices};
+use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, Record, Sample, SampleConfig, modality_length_grouped_indices, shuffled_indices};
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_data::preprocess::PreprocessOptions;
 use llava_llm::{LlamaConfig, LlamaModel};
 use llava_projector::ProjectorKind;
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-use llava_weights::WeightStore;
+use llava_weights::{Exporter, SaveDtype, WeightStore};
 
-use crate::config::RunConfig;
-use crate::metrics::{MetricsWriter, StepMetrics, plot_loss_curve, read_metrics};
-use crate::{Batch, Stage, Trainer, checkpoint};
+use crate::config::{RunConfig, TextPretrainConfig};
+use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics};
+use crate::{Batch, OptimConfig, Stage, Trainer, checkpoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -36,6 +37,8 @@ pub enum TrainError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Weights(#[from] llava_weights::WeightsError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("the loss became {loss} at step {step}; the last checkpoint is kept in {dir}")]
@@ -65,6 +68,8 @@ pub struct RunSummary {
     pub first_loss: f64,
     pub last_loss: f64,
     pub skipped_samples: usize,
+    /// The last validation loss, when the run has validation data.
+    pub final_val_loss: Option<f64>,
 }
 
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
@@ -109,6 +114,95 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
     Ok((model, config, processor, tokenizer))
 }
 
+/// Stacks samples into a training micro-batch (images in sample order).
+fn to_batch<B: Backend>(samples: &[Sample], shape: [usize; 3], device: &B::Device) -> Batch<B> {
+    let [c, h, w] = shape;
+    let images: Vec<f32> = samples.iter().filter_map(|s| s.pixel_values.as_ref()).flatten().copied().collect();
+    let n_images = images.len() / (c * h * w);
+    Batch {
+        input_ids: samples.iter().map(|s| s.input_ids.clone()).collect(),
+        labels: samples.iter().map(|s| s.labels.clone()).collect(),
+        pixels: (n_images > 0).then(|| Tensor::from_data(TensorData::new(images, [n_images, c, h, w]), device)),
+    }
+}
+
+/// Mean of the per-batch losses over `batches` (Hugging Face Trainer's `eval_loss`), computed on
+/// the inner backend with no autodiff graph.
+pub fn validation_loss<B: Backend>(model: &Llava<B>, batches: &[Batch<B>], max_length: usize) -> f64 {
+    let mut sum = 0.0;
+    let mut counted = 0usize;
+    for batch in batches {
+        let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
+        let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);
+        let labels = spliced.labels.clone().expect("labels were given");
+        let (loss, n) = crate::loss::lm_head_loss(&model.llm, model.hidden(&spliced), labels);
+        if n > 0 {
+            sum += loss.into_scalar().elem::<f64>();
+            counted += 1;
+        }
+    }
+    if counted == 0 { f64::NAN } else { sum / counted as f64 }
+}
+
+/// The text of a LLaVA JSON file for language-model pretraining: one sequence per record, each
+/// turn followed by a newline with `<image>` removed (for caption data this is exactly the text
+/// the `plain` template trains on: caption + `\n`).
+fn record_texts(path: &Path) -> Result<Vec<String>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let records: Vec<Record> =
+        serde_json::from_str(&text).map_err(|e| TrainError::Config(format!("{}: not a LLaVA JSON array: {e}", path.display())))?;
+    Ok(records
+        .iter()
+        .map(|r| r.conversations.iter().map(|t| t.value.replace("<image>", "").trim().to_string()).filter(|t| !t.is_empty()).map(|t| t + "\n").collect())
+        .collect())
+}
+
+/// Trains the LLM alone on the text of `pt.data_paths` (next-token loss on every token) and
+/// saves it as a LLaMA directory `out` (weights, config, tokenizer) that stage 2 loads.
+fn pretrain_text<B: AutodiffBackend>(
+    model: Llava<B>,
+    pt: &TextPretrainConfig,
+    text_config: &LlamaConfig,
+    tokenizer: &Tokenizer,
+    tokenizer_dir: &Path,
+    seed: u64,
+    out: &Path,
+    device: &B::Device,
+) -> Result<Llava<B>, TrainError> {
+    let mut sequences = Vec::new();
+    for path in &pt.data_paths {
+        for text in record_texts(path)? {
+            sequences.push(tokenizer.encode(&text, true).into_iter().map(i64::from).collect::<Vec<i64>>());
+        }
+    }
+    if sequences.is_empty() {
+        return Err(TrainError::Config("text_pretrain.data_paths: no text".into()));
+    }
+    let optim = OptimConfig { learning_rate: pt.learning_rate, total_steps: pt.steps, ..OptimConfig::default() };
+    let mut trainer = Trainer::new(model, Stage::Two, optim);
+    let order = shuffled_indices(sequences.len(), seed);
+    let mut next = order.iter().cycle();
+    tracing::info!("text pretraining of the LLM: {} sequences, {} steps of {}", sequences.len(), pt.steps, pt.batch_size);
+    let mut progress = Progress::new("text pretraining", 0, pt.steps);
+    while trainer.step < pt.steps {
+        let rows: Vec<Vec<i64>> = (0..pt.batch_size).map(|_| sequences[*next.next().expect("cycle")].clone()).collect();
+        let batch = Batch::<B> { labels: rows.clone(), input_ids: rows, pixels: None };
+        let start = Instant::now();
+        let report = trainer.micro_step(&batch).expect("no accumulation");
+        progress.update(trainer.step, report.loss, report.lr, report.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9));
+    }
+    progress.finish();
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let mut e = Exporter::new();
+    trainer.model.llm.export(&mut e, "model", "lm_head");
+    e.save(&out.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let config_json = serde_json::to_string_pretty(&text_config.to_hf_json()).expect("json");
+    std::fs::write(out.join("config.json"), config_json).map_err(io(out))?;
+    llava::save::copy_tokenizer_files(tokenizer_dir, out)?;
+    let _ = device;
+    Ok(trainer.model)
+}
+
 /// Runs (or resumes) a training stage.
 pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
@@ -120,7 +214,21 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         tracing::warn!("training.bf16 / training.gradient_checkpointing are not implemented yet: this run computes in f32 without checkpointing");
     }
 
-    let (model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;
+    let (mut model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;
+    // Optional LLM text pretraining (stage 1 of the demo): done once, reused on resume.
+    let pretrained_llm = run_dir.join("llm");
+    match &cfg.text_pretrain {
+        Some(_) if cfg.stage == Stage::Two => return Err(TrainError::Config("text_pretrain: only stage 1 pretrains the LLM".into())),
+        Some(_) if options.resume && pretrained_llm.join("model.safetensors").is_file() => {
+            let store = WeightStore::open(&pretrained_llm)?;
+            model.llm = LlamaModel::load_hf(&llava_config.text, &store, device).map_err(LlavaError::from)?;
+            tracing::info!("resumed with the text-pretrained LLM of {}", pretrained_llm.display());
+        }
+        Some(pt) => {
+            model = pretrain_text(model, pt, &llava_config.text, &tokenizer, &cfg.model.llm, cfg.training.seed, &pretrained_llm, device)?;
+        }
+        None => {}
+    }
     let template = conv_template(&cfg.data.template).ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
     let dataset = Arc::new(LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?);
     if dataset.is_empty() {
@@ -132,10 +240,21 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         aspect: llava_config.image_aspect,
         options: PreprocessOptions { model_max_length: cfg.training.model_max_length, ..Default::default() },
     });
-    let optim = cfg.optim(dataset.len(), 1);
+    let image_shape = processor.output_shape();
     let micro = cfg.training.per_device_batch_size;
+    // Validation batches, preprocessed once.
+    let val_batches: Vec<Batch<B::InnerBackend>> = match &cfg.data.val_data_path {
+        Some(path) => {
+            let val = LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?;
+            let samples: Vec<Sample> = (0..val.len()).filter_map(|i| val.sample(i, &tokenizer, &sample_config).ok()).collect();
+            samples.chunks(micro.max(1)).map(|c| to_batch(c, image_shape, device)).collect()
+        }
+        None => Vec::new(),
+    };
+    let optim = cfg.optim(dataset.len(), 1);
     let accumulation = optim.gradient_accumulation_steps;
     let total_steps = optim.total_steps;
+    let max_length = optim.max_length;
     let mut trainer = Trainer::new(model, cfg.stage, optim);
 
     // The sample order of the whole run, epoch after epoch, each shuffled with the seed.
@@ -184,9 +303,7 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         4 * micro.max(1),
     );
     let (mut skipped, mut first_loss, mut last_loss) = (0usize, f64::NAN, f64::NAN);
-    let start = Instant::now();
-    let start_step = trainer.step;
-    let [c, h, w] = processor.output_shape();
+    let mut progress = Progress::new(&cfg.name, trainer.step, stop_at);
     while trainer.step < stop_at {
         let mut samples = Vec::with_capacity(micro);
         while samples.len() < micro {
@@ -203,16 +320,11 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         if samples.is_empty() {
             break;
         }
-        let images: Vec<f32> = samples.iter().filter_map(|s| s.pixel_values.as_ref()).flatten().copied().collect();
-        let n_images = images.len() / (c * h * w);
-        let batch = Batch {
-            input_ids: samples.iter().map(|s| s.input_ids.clone()).collect(),
-            labels: samples.iter().map(|s| s.labels.clone()).collect(),
-            pixels: (n_images > 0).then(|| Tensor::from_data(TensorData::new(images, [n_images, c, h, w]), device)),
-        };
+        let batch = to_batch(&samples, image_shape, device);
         let step_start = Instant::now();
         let Some(report) = trainer.micro_step(&batch) else { continue };
         if !report.loss.is_finite() {
+            progress.finish();
             return Err(TrainError::NonFinite { loss: report.loss, step: trainer.step, dir: ckpt_dir });
         }
         if first_loss.is_nan() {
@@ -220,30 +332,35 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         }
         last_loss = report.loss;
         let tokens_per_s = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+        let evaluate = !val_batches.is_empty()
+            && (trainer.step == stop_at || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
+        let val_loss = evaluate.then(|| validation_loss(&trainer.model.valid(), &val_batches, max_length));
         metrics
-            .write(&StepMetrics { step: trainer.step - 1, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, tokens_per_s, val_loss: None })
+            .write(&StepMetrics { step: trainer.step - 1, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, tokens_per_s, val_loss })
             .map_err(io(&metrics_path))?;
-        let done = trainer.step - start_step;
-        let eta = start.elapsed().as_secs_f64() / done as f64 * (stop_at - trainer.step) as f64;
-        tracing::info!(
-            "step {}/{stop_at} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tokens/s ETA {:.0}s",
-            trainer.step, report.loss, report.lr, report.grad_norm, tokens_per_s, eta
-        );
+        progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
+        if let Some(v) = val_loss {
+            progress.finish();
+            tracing::info!("step {}: validation loss {v:.4}", trainer.step);
+        }
         if trainer.step % cfg.checkpoint.save_steps.max(1) == 0 || trainer.step == stop_at {
             let saved = checkpoint::save(&trainer, &ckpt_dir, cfg.checkpoint.keep, serde_json::json!({ "position": position }))?;
-            tracing::info!("checkpoint {}", saved.display());
+            tracing::debug!("checkpoint {}", saved.display());
         }
     }
+    progress.finish();
 
     // Outputs: the projector alone, the whole model, the loss curve.
     llava::save::save_projector(&trainer.model, &run_dir.join("mm_projector.safetensors"))?;
     llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm)?;
     let all = read_metrics(&metrics_path).map_err(io(&metrics_path))?;
     let points: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
-    plot_loss_curve(&run_dir.join("loss.png"), &points, &[], 800, 480)
+    let val_points: Vec<(f64, f64)> = all.iter().filter_map(|m| m.val_loss.map(|v| (m.step as f64, v))).collect();
+    plot_loss_curve(&run_dir.join("loss.png"), &points, &val_points, 800, 480)
         .map_err(|e| TrainError::Io { path: run_dir.join("loss.png"), source: std::io::Error::other(e) })?;
     if skipped > 0 {
         tracing::warn!("{skipped} samples were skipped (see the warnings above)");
     }
-    Ok(RunSummary { run_dir, steps: trainer.step, first_loss, last_loss, skipped_samples: skipped + dataset.skipped.len() })
+    let final_val_loss = all.iter().rev().find_map(|m| m.val_loss);
+    Ok(RunSummary { run_dir, steps: trainer.step, first_loss, last_loss, skipped_samples: skipped + dataset.skipped.len(), final_val_loss })
 }

@@ -1,0 +1,131 @@
+//! ScienceQA prediction as the reference's `llava/eval/model_vqa_science.py`: the question text
+//! with `<image>` removed, `"<image>\n"` put in front when the item has an image, the optional
+//! single-prediction instruction, the conversation template, greedy (or sampled) generation to EOS,
+//! and one answer line per question. Batched (left padding, KV cache) instead of one at a time.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use llava_data::conversation::Conversation;
+use llava_data::image::{AspectMode, ProcessorConfig, load_and_preprocess, preprocess};
+use llava_data::scienceqa::SINGLE_PRED_PROMPT;
+use llava_data::{DEFAULT_IMAGE_TOKEN, Tokenizer, tokenizer_image_token};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::LlavaError;
+use crate::generate::{GenerationConfig, generate};
+use crate::model::Llava;
+
+/// One question of a LLaVA-format question file (`llava_test_CQM-A.json`): the first human turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub id: String,
+    pub image: Option<String>,
+    pub human: String,
+}
+
+/// The prompt of a question: the templated text (with `<image>` where the image goes) and the
+/// `prompt` field the reference records (`"<image>\n" + question [+ instruction]`).
+pub fn science_prompt(question: &Question, single_pred_prompt: bool, template: &Conversation) -> (String, String) {
+    let qs = question.human.replace(DEFAULT_IMAGE_TOKEN, "").trim().to_string();
+    let (mut qs, mut recorded) = match question.image {
+        Some(_) => (format!("{DEFAULT_IMAGE_TOKEN}\n{qs}"), format!("{DEFAULT_IMAGE_TOKEN}\n{qs}")),
+        None => (qs.clone(), qs),
+    };
+    if single_pred_prompt {
+        qs = format!("{qs}\n{SINGLE_PRED_PROMPT}");
+        recorded = format!("{recorded}\n{SINGLE_PRED_PROMPT}");
+    }
+    let mut conv = template.clone();
+    let [user, assistant] = conv.roles.clone();
+    conv.append_message(&user, Some(&qs));
+    conv.append_message(&assistant, None);
+    (conv.get_prompt(), recorded)
+}
+
+/// One line of the answers file, the reference's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnswerRecord {
+    pub question_id: String,
+    pub prompt: String,
+    pub text: String,
+    pub answer_id: String,
+    pub model_id: String,
+    pub metadata: serde_json::Value,
+}
+
+/// A `shortuuid`-style id (22 characters of its 57-letter alphabet).
+pub fn answer_id(rng: &mut impl Rng) -> String {
+    const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+    (0..22).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// Where a question's pixels come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageSource {
+    /// The file the question names.
+    #[default]
+    File,
+    /// A blank (white) picture instead of every image: what the model answers without seeing.
+    Blank,
+}
+
+/// The inputs every prediction batch shares.
+pub struct ScienceRunner<'a, B: Backend> {
+    pub model: &'a Llava<B>,
+    pub tokenizer: &'a Tokenizer,
+    pub processor: &'a ProcessorConfig,
+    pub aspect: AspectMode,
+    pub template: &'a Conversation,
+    pub image_folder: PathBuf,
+    pub images: ImageSource,
+    pub single_pred_prompt: bool,
+    pub generation: GenerationConfig,
+}
+
+impl<B: Backend> ScienceRunner<'_, B> {
+    fn pixels(&self, question: &Question) -> Result<Option<Vec<f32>>, LlavaError> {
+        let Some(image) = &question.image else { return Ok(None) };
+        Ok(Some(match self.images {
+            ImageSource::File => load_and_preprocess(&self.image_folder.join(image), self.processor, self.aspect)?,
+            ImageSource::Blank => preprocess(&::image::RgbImage::from_pixel(336, 336, ::image::Rgb([255, 255, 255])), self.processor, self.aspect),
+        }))
+    }
+
+    /// Answers a batch of questions: (recorded prompt, decoded text) per question, in order.
+    pub fn answer(&self, questions: &[Question]) -> Result<Vec<(String, String)>, LlavaError> {
+        let mut prompts = Vec::with_capacity(questions.len());
+        let mut recorded = Vec::with_capacity(questions.len());
+        let mut pixels = Vec::new();
+        for q in questions {
+            let (prompt, rec) = science_prompt(q, self.single_pred_prompt, self.template);
+            prompts.push(tokenizer_image_token(self.tokenizer, &prompt));
+            recorded.push(rec);
+            if let Some(p) = self.pixels(q)? {
+                pixels.extend(p);
+            }
+        }
+        let [c, h, w] = self.processor.output_shape();
+        let n = pixels.len() / (c * h * w);
+        let device = self.model.llm.embed_tokens.weight.device();
+        let tensor = (n > 0).then(|| Tensor::<B, 4>::from_data(TensorData::new(pixels, [n, c, h, w]), &device));
+        let ids = generate(self.model, &prompts, tensor, &self.generation, |_, _| true);
+        Ok(recorded.into_iter().zip(ids).map(|(r, ids)| (r, self.tokenizer.decode(&ids, true).trim().to_string())).collect())
+    }
+}
+
+/// Reads the complete lines of an answers file (a line cut by a kill is dropped) and rewrites the
+/// file with them, so that a resumed run appends after the last whole answer.
+pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, LlavaError> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
+    let done: Vec<AnswerRecord> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut kept = String::new();
+    for a in &done {
+        kept += &serde_json::to_string(a).expect("json");
+        kept.push('\n');
+    }
+    std::fs::write(path, kept).map_err(|e| LlavaError::config(path, e))?;
+    Ok(done)
+}
