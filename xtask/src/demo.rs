@@ -77,43 +77,41 @@ pub fn demo_model(args: DemoModelArgs) -> Result<()> {
     write_demo_model(&args.out, args.seed)
 }
 
-/// The bundled demo end to end: write the demo checkpoint if missing, then run `forward` and
-/// `generate` on a bundled photo.
+/// The bundled demo end to end, with no arguments: stage 1 and stage 2 on the synthetic shapes
+/// dataset (`cargo xtask stage1`, `cargo xtask stage2`), the held-out ScienceQA-style evaluation
+/// with real and with blank pictures (`cargo xtask demo-sqa`), and one answer streamed by
+/// `generate` about a held-out picture.
 pub fn demo() -> Result<()> {
-    let root = repo_root();
-    let model_dir = root.join("runs/demo-model");
-    if !model_dir.join("config.json").is_file() {
-        write_demo_model(&model_dir, 42)?;
-    }
-    let image = root.join("datasets/demo-images/extreme_ironing.jpg");
-    let prompt = "USER: <image>\nWhat is unusual about this image? ASSISTANT:".to_string();
-    let model = crate::model_cmds::ModelArgs {
-        model: Some(model_dir.clone()),
-        clip: None,
-        llm: None,
-        projector: None,
-        select_layer: -2,
-        vision_tower: None,
-        hf_cache: None,
-        image_aspect: None,
-        backend: Default::default(),
+    let demo_args = || crate::train_cmds::StageArgs {
+        config: None,
+        overrides: Vec::new(),
+        resume: false,
+        max_steps: None,
+        run_dir: None,
+        backend: llava::backend::BackendKind::fastest(),
     };
-    let out = model_dir.join("forward.safetensors");
-    crate::model_cmds::forward(crate::model_cmds::ForwardArgs {
-        model: model.clone(),
-        image: Some(image.clone()),
-        prompt: prompt.clone(),
-        out: out.clone(),
+    crate::train_cmds::stage(demo_args(), llava_trainer::Stage::One)?;
+    crate::train_cmds::stage(demo_args(), llava_trainer::Stage::Two)?;
+    crate::eval_cmds::demo_sqa(crate::eval_cmds::DemoSqaArgs {
+        model: PathBuf::from("runs/demo-stage2/model"),
+        split: "test".into(),
+        batch_size: 16,
+        backend: Default::default(),
     })?;
+    let root = repo_root();
+    let questions = root.join(crate::train_cmds::DEMO_DATA).join("scienceqa/llava_test_CQM-A.json");
+    let first: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&questions)?)?;
+    let image = root.join(crate::train_cmds::DEMO_DATA).join("images").join(first[0]["image"].as_str().context("image")?);
+    let prompt = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, \
+                  and polite answers to the user's questions. USER: <image>\nDescribe the image briefly. ASSISTANT:";
+    eprintln!("{}: \"Describe the image briefly.\"", image.display());
     crate::model_cmds::generate(crate::model_cmds::GenerateArgs {
-        model,
+        model: crate::model_cmds::ModelArgs::for_dir(&root.join("runs/demo-stage2/model"), Default::default()),
         image: Some(image),
-        prompt,
-        max_new_tokens: 16,
+        prompt: prompt.into(),
+        max_new_tokens: 24,
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
-    })?;
-    tracing::info!("the weights are random, so the text above is noise; see README for real checkpoints");
-    Ok(())
+    })
 }

@@ -395,7 +395,10 @@ pub fn demo_sqa(args: DemoSqaArgs) -> Result<()> {
         })?;
         summary.push((label, result.acc, result.correct, result.count));
     }
-    let chance = 100.0 / 3.0;
+    // Chance = the expected accuracy of a uniform guess, averaged over the split's questions.
+    let problems = load_problems(&data.join("scienceqa/problems.json"))?;
+    let pids = load_split(&data.join("scienceqa/pid_splits.json"), &args.split)?;
+    let chance = 100.0 * pids.iter().map(|p| 1.0 / problems[p].choices.len() as f64).sum::<f64>() / pids.len().max(1) as f64;
     for (label, acc, correct, count) in summary {
         tracing::info!("held-out accuracy with {label}: {acc:.2}% ({correct}/{count}); chance {chance:.2}%");
     }

@@ -45,11 +45,13 @@ pub fn stage(args: StageArgs, stage: Stage) -> Result<()> {
         None => {
             // The demo's paths are relative to the repository root.
             std::env::set_current_dir(repo_root())?;
-            prepare_demo(stage)?;
             PathBuf::from(format!("configs/demo-stage{number}.toml"))
         }
     };
     let cfg = RunConfig::load(&config, &args.overrides)?;
+    if args.config.is_none() {
+        prepare_demo(&cfg)?;
+    }
     if cfg.stage != stage {
         bail!("{} is a stage {:?} recipe; use `cargo xtask stage{}`", config.display(), cfg.stage, if cfg.stage == Stage::One { 1 } else { 2 });
     }
@@ -61,18 +63,18 @@ pub fn stage(args: StageArgs, stage: Stage) -> Result<()> {
 
 /// The demo's inputs: the shapes dataset (generated if absent) and, for stage 1, the random towers
 /// as Hugging Face directories; stage 2 needs stage 1's outputs.
-fn prepare_demo(stage: Stage) -> Result<()> {
+fn prepare_demo(cfg: &RunConfig) -> Result<()> {
     let data = PathBuf::from(DEMO_DATA);
     if !data.join("captions.json").is_file() {
         tracing::info!("generating the demo dataset in {DEMO_DATA}");
         write_demo_data(&data, ShapesConfig::default().seed)?;
     }
-    match stage {
-        Stage::One => demo_towers(DemoTowersArgs { out: PathBuf::from("runs/demo-towers"), seed: 42 }),
-        Stage::Two if !Path::new("runs/demo-stage1/mm_projector.safetensors").is_file() => {
-            bail!("the demo's stage 2 starts from stage 1's outputs: run `cargo xtask stage1` first")
+    match (&cfg.stage, &cfg.model.pretrained_projector) {
+        (Stage::One, _) => write_demo_towers(&cfg.model.vision_tower, &cfg.model.llm, 42),
+        (Stage::Two, Some(projector)) if !projector.is_file() => {
+            bail!("the demo's stage 2 starts from stage 1's outputs ({} is missing): run `cargo xtask stage1` first", projector.display())
         }
-        Stage::Two => Ok(()),
+        (Stage::Two, _) => Ok(()),
     }
 }
 
@@ -126,14 +128,16 @@ pub struct DemoTowersArgs {
 /// The demo's towers, randomly initialised, as Hugging Face directories that the trainer loads
 /// exactly like openai/clip-vit-large-patch14 and a Vicuna directory.
 pub fn demo_towers(args: DemoTowersArgs) -> Result<()> {
+    write_demo_towers(&args.out.join("clip"), &args.out.join("llm"), args.seed)
+}
+
+fn write_demo_towers(clip: &Path, llm: &Path, seed: u64) -> Result<()> {
     let device = Default::default();
-    Cpu::seed(&device, args.seed);
+    Cpu::seed(&device, seed);
     let config = crate::demo::demo_config();
     let model = config.init::<Cpu>(&device);
-    let clip = args.out.join("clip");
-    let llm = args.out.join("llm");
-    std::fs::create_dir_all(&clip)?;
-    std::fs::create_dir_all(&llm)?;
+    std::fs::create_dir_all(clip)?;
+    std::fs::create_dir_all(llm)?;
     let mut e = Exporter::new();
     e.scope("vision_model", |e| model.vision.export(e));
     e.save(&clip.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
@@ -142,7 +146,7 @@ pub fn demo_towers(args: DemoTowersArgs) -> Result<()> {
     model.llm.export(&mut e, "model", "lm_head");
     e.save(&llm.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
     std::fs::write(llm.join("config.json"), serde_json::to_string_pretty(&config.text.to_hf_json())?)?;
-    llava::save::copy_tokenizer_files(&crate::demo::repo_root().join("datasets/tokenizers/llama"), &llm)?;
-    tracing::info!("wrote demo towers to {}", args.out.display());
+    llava::save::copy_tokenizer_files(&crate::demo::repo_root().join("datasets/tokenizers/llama"), llm)?;
+    tracing::info!("wrote the demo towers to {} and {}", clip.display(), llm.display());
     Ok(())
 }

@@ -495,3 +495,42 @@ fn chat_streams_replies_from_piped_turns_with_the_template() {
     let out = run("What is this?\nAnd then?\n");
     assert!(out.starts_with(&format!("{first}\n")) && out.len() > first.len() + 1, "{out}");
 }
+
+#[test]
+fn the_no_argument_demo_runs_both_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let path = |p: &str| t.join(p).to_str().unwrap().to_string();
+    let set = |kv: String| kv;
+    // The demo's recipes, shortened: 2 text-pretraining steps, 3 stage-1 steps, 2 stage-2 steps.
+    let s1 = [
+        "stage1", "--run-dir", &path("s1"), "--max-steps", "3",
+        "--set", "text_pretrain.steps=2",
+        "--set", &set(format!("model.vision_tower={}", path("towers/clip"))),
+        "--set", &set(format!("model.llm={}", path("towers/llm"))),
+    ];
+    ok(&xtask(&s1));
+    assert_eq!(losses(&t.join("s1")).len(), 3);
+    let pretrained = t.join("s1/llm/model.safetensors");
+    assert_ne!(
+        tensor(&pretrained, "model.layers.0.mlp.up_proj.weight"),
+        tensor(&t.join("towers/llm/model.safetensors"), "model.layers.0.mlp.up_proj.weight"),
+        "stage 1's text pretraining trains the LLM before freezing it"
+    );
+    let s2 = |projector: String, run: String| {
+        xtask(&[
+            "stage2", "--run-dir", &run, "--max-steps", "2",
+            "--set", "training.eval_steps=1",
+            "--set", &format!("model.vision_tower={}", path("towers/clip")),
+            "--set", &format!("model.llm={}", path("s1/llm")),
+            "--set", &format!("model.pretrained_projector={projector}"),
+        ])
+    };
+    ok(&s2(path("s1/mm_projector.safetensors"), path("s2")));
+    let metrics = std::fs::read_to_string(t.join("s2/metrics.jsonl")).unwrap();
+    let val: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64().unwrap()).collect();
+    assert_eq!(val.len(), 2);
+    assert!(val.iter().all(|v| v.is_finite() && *v > 0.0));
+    let msg = err(&s2(path("missing.safetensors"), path("s2b")));
+    assert!(msg.contains("run `cargo xtask stage1` first"), "{msg}");
+}

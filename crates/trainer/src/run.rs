@@ -257,8 +257,10 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     let max_length = optim.max_length;
     let mut trainer = Trainer::new(model, cfg.stage, optim);
 
-    // The sample order of the whole run, epoch after epoch, each shuffled with the seed.
-    let epochs = cfg.training.epochs.ceil().max(1.0) as usize;
+    // The sample order of the whole run, epoch after epoch, each shuffled with the seed; enough
+    // epochs for every optimizer step (batches run across epoch boundaries).
+    let needed = total_steps * accumulation * micro.max(1);
+    let epochs = (cfg.training.epochs.ceil().max(1.0) as usize).max(needed.div_ceil(dataset.len()));
     let order: Vec<usize> = (0..epochs as u64)
         .flat_map(|e| {
             let seed = cfg.training.seed.wrapping_add(e);
