@@ -25,6 +25,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
+use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -291,9 +292,9 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, self.num_heads, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let q = linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd]).swap_dims(1, 2);
+        let k = linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
         let q = rotary.apply(q);
         let mut k = rotary.apply(k);
         let mut v = v;
@@ -315,7 +316,7 @@ impl<B: Backend> Attention<B> {
             // Bottom-right aligned causal masking: also right for cached decoding (q_len < kv_len).
             None => attention(q, k, v, None, None, AttentionModuleOptions { is_causal: true, ..Default::default() }),
         };
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, self.num_heads * hd]))
+        linear_tokens(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.num_heads * hd]))
     }
 }
 
@@ -337,7 +338,7 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        linear_tokens(&self.down_proj, silu(linear_tokens(&self.gate_proj, x.clone())) * linear_tokens(&self.up_proj, x))
     }
 }
 
@@ -403,7 +404,7 @@ impl<B: Backend> LlamaModel<B> {
     /// LM head: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => linear_tokens(head, hidden),
             None => {
                 let [b, s, d] = hidden.dims();
                 let w = self.embed_tokens.weight.val(); // [vocab, d]

@@ -149,7 +149,7 @@ impl<B: Backend> Projector<B> {
             if i > 0 {
                 h = gelu(h);
             }
-            h = layer.forward(h);
+            h = llava_weights::linear_tokens(layer, h);
         }
         h
     }

@@ -25,6 +25,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
+use llava_weights::linear_tokens;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid};
@@ -250,12 +251,12 @@ impl<B: Backend> ClipAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.num_heads, d / self.num_heads]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()));
-        let k = heads(self.k_proj.forward(x.clone()));
-        let v = heads(self.v_proj.forward(x));
+        let q = heads(linear_tokens(&self.q_proj, x.clone()));
+        let k = heads(linear_tokens(&self.k_proj, x.clone()));
+        let v = heads(linear_tokens(&self.v_proj, x));
         // The vision tower attends bidirectionally: no mask.
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, s, d]))
+        linear_tokens(&self.out_proj, out.swap_dims(1, 2).reshape([b, s, d]))
     }
 }
 
@@ -268,9 +269,9 @@ pub struct ClipMlp<B: Backend> {
 
 impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.fc1.forward(x);
+        let h = linear_tokens(&self.fc1, x);
         let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
-        self.fc2.forward(h)
+        linear_tokens(&self.fc2, h)
     }
 }
 

@@ -72,3 +72,19 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     let path = path.into();
     move |source| WeightsError::Io { path, source }
 }
+
+/// A linear layer on `[batch, tokens, in]` computed as one `[batch × tokens, in]` product.
+///
+/// Burn's `Linear` on a 3-D input runs one matrix product per batch row, and a CPU gemm packs the
+/// whole weight matrix again for each of them: at decode time (one token per row) that packing is
+/// most of the work, and in training the weight gradient becomes `batch` small products instead of
+/// one. Flattening the tokens first gives the same values with one product.
+pub fn linear_tokens<B: burn::tensor::backend::Backend>(
+    linear: &burn::nn::Linear<B>,
+    x: burn::tensor::Tensor<B, 3>,
+) -> burn::tensor::Tensor<B, 3> {
+    let [b, s, d] = x.dims();
+    let y = linear.forward(x.reshape([b * s, d]));
+    let out = y.dims()[1];
+    y.reshape([b, s, out])
+}
