@@ -7,6 +7,7 @@ use llava_data::shapes::{self, ShapesConfig};
 
 use crate::demo::repo_root;
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::backend::{BackendKind, Cpu};
@@ -103,7 +104,13 @@ fn write_demo_data(out: &Path, seed: u64) -> Result<()> {
 
 fn train_on<B: Backend>(device: &B::Device, cfg: &RunConfig, args: &StageArgs) -> Result<()> {
     let options = RunOptions { run_dir: args.run_dir.clone(), resume: args.resume, max_steps: args.max_steps };
-    let summary = run::<Autodiff<B>>(cfg, &options, device)?;
+    // Gradient checkpointing is Burn's autodiff strategy: memory-bound operations (element-wise,
+    // activations) are recomputed in the backward pass instead of kept from the forward pass.
+    let summary = if cfg.training.gradient_checkpointing {
+        run::<Autodiff<B, BalancedCheckpointing>>(cfg, &options, device)?
+    } else {
+        run::<Autodiff<B>>(cfg, &options, device)?
+    };
     tracing::info!(
         "{}: {} steps, loss {:.4} → {:.4}{}; outputs in {}",
         cfg.name,

@@ -238,7 +238,8 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Rotary embedding tables for given positions: `cos`, `sin` of shape `[batch, 1, seq, head_dim]`.
+/// Rotary embedding tables for given positions: `cos`, `sin` of shape `[batch, seq, 1, head_dim]`
+/// (applied before the heads are moved in front of the sequence, while q/k are still contiguous).
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
     cos: Tensor<B, 4>,
@@ -257,15 +258,15 @@ impl<B: Backend> Rotary<B> {
             .collect();
         let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device).reshape([1, 1, half]);
         let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, half]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, head_dim]);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, s, 1, head_dim]);
         Self { cos: angles.clone().cos(), sin: angles.sin() }
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `[batch, heads, seq, head_dim]`.
+    /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let [b, s, h, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
     }
@@ -292,12 +293,9 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        let q = linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd]).swap_dims(1, 2);
-        let k = linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
-        let v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
-        let q = rotary.apply(q);
-        let mut k = rotary.apply(k);
-        let mut v = v;
+        let q = rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd])).swap_dims(1, 2);
+        let mut k = rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd])).swap_dims(1, 2);
+        let mut v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
                 k = Tensor::cat(vec![past_k, k], 2);

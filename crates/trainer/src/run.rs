@@ -210,8 +210,11 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
     B::seed(device, cfg.training.seed);
-    if cfg.training.bf16 || cfg.training.gradient_checkpointing {
-        tracing::warn!("training.bf16 / training.gradient_checkpointing are not implemented yet: this run computes in f32 without checkpointing");
+    if cfg.training.bf16 {
+        tracing::warn!("training.bf16 is not implemented yet: this run computes in f32");
+    }
+    if cfg.training.gradient_checkpointing {
+        tracing::info!("gradient checkpointing: activations are recomputed in the backward pass (run with an Autodiff<_, BalancedCheckpointing> backend)");
     }
 
     let (mut model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;

@@ -229,3 +229,26 @@ fn checkpoints_are_atomic_and_only_the_last_ones_are_kept() {
     let steps: Vec<usize> = llava_trainer::checkpoint::list(tmp.path()).unwrap().into_iter().map(|c| c.0).collect();
     assert_eq!(steps, vec![3, 4]);
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_step() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::module::AutodiffModule;
+    type Ckpt = Autodiff<llava::backend::Cpu, BalancedCheckpointing>;
+    let device = Default::default();
+    let base = model(&device);
+    let rows = [sample(5), sample(6)];
+    let pixels = Tensor::<B, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+    let batch_of = |p: Tensor<llava::backend::Cpu, 4>| (rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), p);
+    let (ids, labels, inner_pixels) = batch_of(pixels.clone().inner());
+
+    let mut plain = Trainer::new(base.clone(), Stage::Two, config(1e-2, 1));
+    let a = plain.micro_step(&Batch { input_ids: ids.clone(), labels: labels.clone(), pixels: Some(pixels) }).unwrap();
+    let mut checkpointed = Trainer::new(llava::Llava::<Ckpt>::from_inner(base.valid()), Stage::Two, config(1e-2, 1));
+    let b = checkpointed.micro_step(&Batch { input_ids: ids, labels, pixels: Some(Tensor::from_inner(inner_pixels)) }).unwrap();
+    assert!((a.loss - b.loss).abs() < 1e-6 && (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm, "{a:?} vs {b:?}");
+    let flat = |v: Vec<(burn::module::ParamId, Vec<f32>)>| v.into_iter().flat_map(|(_, x)| x).collect::<Vec<f32>>();
+    let (pa, pb) = (flat(param_values(&plain.model.llm)), flat(param_values(&checkpointed.model.llm)));
+    let max = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max < 1e-6, "updated LLM weights differ by {max}");
+}
