@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
-use llava::load::LoadedLlava;
 use llava::science::{AnswerRecord, ImageSource, Question, ScienceRunner, answer_id, resume_answers};
 use llava_data::conversation::{Conversation, conv_template, template_for_model_name};
 use llava_data::dataset::Record;
@@ -17,7 +16,7 @@ use llava_data::scienceqa::{load_problems, load_split};
 use llava_data::sqa_score::{AnswerLine, Fallback, SqaResult, format_table, score_answers, score_results};
 use llava_data::{DEFAULT_IMAGE_TOKEN, tokenizer_image_token};
 
-use crate::model_cmds::ModelArgs;
+use crate::model_cmds::{ModelArgs, eos_ids};
 
 /// The conversation template: `--template`, else chosen from the model directory's name as the
 /// reference CLI does.
@@ -31,12 +30,6 @@ fn pick_template(name: Option<&str>, model: Option<&Path>) -> Result<(String, Co
     };
     let conv = conv_template(&chosen).with_context(|| format!("unknown conversation template `{chosen}`"))?;
     Ok((chosen, conv))
-}
-
-fn eos_ids<B: Backend>(loaded: &LoadedLlava<B>) -> Vec<u32> {
-    let mut ids = loaded.config.text.eos_ids();
-    ids.extend(loaded.tokenizer.as_ref().and_then(|t| t.eos_id()));
-    ids
 }
 
 #[derive(Args, Debug)]

@@ -107,6 +107,13 @@ impl ModelArgs {
     }
 }
 
+/// The ids that end generation: the model config's EOS and the tokenizer's.
+pub fn eos_ids<B: Backend>(loaded: &LoadedLlava<B>) -> Vec<u32> {
+    let mut ids = loaded.config.text.eos_ids();
+    ids.extend(loaded.tokenizer.as_ref().and_then(|t| t.eos_id()));
+    ids
+}
+
 /// Prompt ids (BOS first, -200 at `<image>`) and the image tensor, checked against each other.
 fn prompt_and_image<B: Backend>(
     loaded: &LoadedLlava<B>,
@@ -202,12 +209,10 @@ fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()
     let loaded = args.model.load::<B>(device)?;
     let (ids, pixels) = prompt_and_image(&loaded, &args.prompt, args.image.as_deref(), device)?;
     let tokenizer = loaded.tokenizer.as_ref().expect("checked in prompt_and_image");
-    let mut eos_ids = loaded.config.text.eos_ids();
-    eos_ids.extend(tokenizer.eos_id());
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
-        eos_ids,
+        eos_ids: eos_ids(&loaded),
         use_cache: true,
     };
     let prompt_len = ids.len();

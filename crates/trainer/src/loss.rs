@@ -36,31 +36,39 @@ fn nll<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
     log_softmax(logits, 1).gather(1, targets).sum().neg() / n as f64
 }
 
+/// The rows of `flat` `[batch × seq, width]` whose next label is supervised, with those labels;
+/// `None` when no token is supervised.
+fn supervised<B: Backend>(flat: Tensor<B, 2>, labels: Tensor<B, 2, Int>) -> Option<(Tensor<B, 2>, Vec<i64>)> {
+    let (rows, targets) = supervised_rows(labels);
+    if rows.is_empty() {
+        return None;
+    }
+    let n = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &flat.device());
+    Some((flat.select(0, rows), targets))
+}
+
 /// Returns the mean loss (a 1-element tensor) and the number of supervised tokens, from full
 /// logits `[batch, seq, vocab]`. Only the supervised rows go through the log-softmax.
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, usize) {
     let [b, s, v] = logits.dims();
-    let (rows, targets) = supervised_rows(labels);
-    let n = rows.len();
-    if n == 0 {
+    match supervised(logits.clone().reshape([b * s, v]), labels) {
+        Some((picked, targets)) => (nll(picked, targets.clone()), targets.len()),
         // No supervised token (e.g. a sample the mismatch rule masked): zero loss, no gradient.
-        return (logits.sum() * 0.0, 0);
+        None => (logits.sum() * 0.0, 0),
     }
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &logits.device());
-    (nll(logits.reshape([b * s, v]).select(0, rows), targets), n)
 }
 
 /// The same loss from the decoder's final hidden states `[batch, seq, hidden]`: the LM head runs
 /// on the supervised positions only.
 pub fn lm_head_loss<B: Backend>(llm: &LlamaModel<B>, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, usize) {
     let [b, s, d] = hidden.dims();
-    let (rows, targets) = supervised_rows(labels);
-    let n = rows.len();
-    if n == 0 {
-        return (hidden.sum() * 0.0, 0);
+    match supervised(hidden.clone().reshape([b * s, d]), labels) {
+        Some((picked, targets)) => {
+            let n = targets.len();
+            let logits = llm.logits(picked.reshape([1, n, d])).reshape([n, llm.vocab_size()]);
+            (nll(logits, targets), n)
+        }
+        None => (hidden.sum() * 0.0, 0),
     }
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &hidden.device());
-    let picked = hidden.reshape([b * s, d]).select(0, rows).reshape([1, n, d]);
-    let v = llm.vocab_size();
-    (nll(llm.logits(picked).reshape([n, v]), targets), n)
 }
