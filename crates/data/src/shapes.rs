@@ -241,22 +241,17 @@ pub fn build(config: &ShapesConfig) -> ShapesDataset {
             pid += 1;
         }
     }
+    let sample = |pid: &String| llava15_sample(pid, &problems[&pid.parse::<usize>().expect("numeric pid")]).expect("valid problem");
     let with_instruction = |pid: &String| {
-        let mut sample = llava15_sample(pid, &problems[&pid.parse::<usize>().expect("numeric pid")]).expect("valid problem");
+        let mut sample = sample(pid);
         let human = &mut sample["conversations"][0]["value"];
         *human = Value::String(format!("{}\n{SINGLE_PRED_PROMPT}", human.as_str().expect("text")));
         sample
     };
     instruct.extend(splits["train"].iter().map(with_instruction));
     instruct.shuffle(&mut rng);
-    let test_questions: Vec<Value> = splits["test"]
-        .iter()
-        .map(|pid| llava15_sample(pid, &problems[&pid.parse::<usize>().expect("numeric pid")]).expect("valid problem"))
-        .collect();
-    let val_questions: Vec<Value> = splits["val"]
-        .iter()
-        .map(|pid| llava15_sample(pid, &problems[&pid.parse::<usize>().expect("numeric pid")]).expect("valid problem"))
-        .collect();
+    let test_questions: Vec<Value> = splits["test"].iter().map(sample).collect();
+    let val_questions: Vec<Value> = splits["val"].iter().map(sample).collect();
     let val_instruct: Vec<Value> = splits["val"].iter().map(with_instruction).collect();
     let problems_json: serde_json::Map<String, Value> =
         problems.iter().map(|(pid, p)| (pid.to_string(), serde_json::to_value(p).expect("problem serialises"))).collect();

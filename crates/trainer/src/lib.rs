@@ -92,6 +92,25 @@ pub struct Batch<B: Backend> {
     pub pixels: Option<Tensor<B, 4>>,
 }
 
+/// The loss of one batch and what it counted.
+pub struct BatchLoss<B: Backend> {
+    /// Mean cross-entropy over the supervised tokens (1 element).
+    pub loss: Tensor<B, 1>,
+    pub supervised: usize,
+    /// Tokens after splicing, padding excluded.
+    pub tokens: usize,
+}
+
+/// Images encoded, spliced into the prompts (right padding, truncated at `max_length`), decoded,
+/// and the causal-LM loss taken: the forward half of a training step, also the validation loss.
+pub fn batch_loss<B: Backend>(model: &Llava<B>, batch: &Batch<B>, max_length: usize) -> BatchLoss<B> {
+    let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
+    let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);
+    let labels = spliced.labels.clone().expect("labels were given");
+    let (loss, supervised) = loss::lm_head_loss(&model.llm, model.hidden(&spliced), labels);
+    BatchLoss { loss, supervised, tokens: spliced.lengths.iter().sum() }
+}
+
 /// What one optimizer step reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -148,19 +167,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
-        let model = &self.model;
-        let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
-        let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(self.config.max_length), PaddingSide::Right);
-        let hidden = model.hidden(&spliced);
-        let labels = spliced.labels.clone().expect("labels were given");
-        let (loss, supervised) = loss::lm_head_loss(&model.llm, hidden, labels);
+        let BatchLoss { loss, supervised, tokens } = batch_loss(&self.model, batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
         let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         tracing::debug!("{} gradient tensors", grads.len());
         self.accumulator.accumulate(&self.model, grads);
         self.pending.0 += value;
-        self.pending.1 += spliced.lengths.iter().sum::<usize>();
+        self.pending.1 += tokens;
         self.pending.2 += supervised;
         self.micro += 1;
         if self.micro < self.config.gradient_accumulation_steps {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use llava::{Llava, LlavaConfig, LlavaError, PaddingSide, SelectFeature};
+use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
 use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, Record, Sample, SampleConfig, modality_length_grouped_indices, shuffled_indices};
@@ -25,7 +25,7 @@ use llava_weights::{Exporter, SaveDtype, WeightStore};
 
 use crate::config::{RunConfig, TextPretrainConfig};
 use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics};
-use crate::{Batch, OptimConfig, Stage, Trainer, checkpoint};
+use crate::{Batch, BatchLoss, OptimConfig, Stage, Trainer, batch_loss, checkpoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -132,11 +132,8 @@ pub fn validation_loss<B: Backend>(model: &Llava<B>, batches: &[Batch<B>], max_l
     let mut sum = 0.0;
     let mut counted = 0usize;
     for batch in batches {
-        let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
-        let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);
-        let labels = spliced.labels.clone().expect("labels were given");
-        let (loss, n) = crate::loss::lm_head_loss(&model.llm, model.hidden(&spliced), labels);
-        if n > 0 {
+        let BatchLoss { loss, supervised, .. } = batch_loss(model, batch, max_length);
+        if supervised > 0 {
             sum += loss.into_scalar().elem::<f64>();
             counted += 1;
         }
@@ -167,7 +164,6 @@ fn pretrain_text<B: AutodiffBackend>(
     tokenizer_dir: &Path,
     seed: u64,
     out: &Path,
-    device: &B::Device,
 ) -> Result<Llava<B>, TrainError> {
     let mut sequences = Vec::new();
     for path in &pt.data_paths {
@@ -199,7 +195,6 @@ fn pretrain_text<B: AutodiffBackend>(
     let config_json = serde_json::to_string_pretty(&text_config.to_hf_json()).expect("json");
     std::fs::write(out.join("config.json"), config_json).map_err(io(out))?;
     llava::save::copy_tokenizer_files(tokenizer_dir, out)?;
-    let _ = device;
     Ok(trainer.model)
 }
 
@@ -228,7 +223,7 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
             tracing::info!("resumed with the text-pretrained LLM of {}", pretrained_llm.display());
         }
         Some(pt) => {
-            model = pretrain_text(model, pt, &llava_config.text, &tokenizer, &cfg.model.llm, cfg.training.seed, &pretrained_llm, device)?;
+            model = pretrain_text(model, pt, &llava_config.text, &tokenizer, &cfg.model.llm, cfg.training.seed, &pretrained_llm)?;
         }
         None => {}
     }
