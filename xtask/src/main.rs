@@ -71,6 +71,9 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // Keep freed memory instead of trimming the heap top after every large free (the next
+        // step's tensors would page-fault it back in, zeroed by the kernel).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 

@@ -14,6 +14,7 @@
 //! The step is written against `GradientsParams`, so averaging them across devices (Burn's
 //! collective all-reduce) slots in between accumulation and clipping without changing the rest.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod loss;
@@ -23,9 +24,10 @@ pub mod schedule;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use adamw::{AdamWParams, FusedAdamW};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use llava::{Llava, PaddingSide};
 use serde::{Deserialize, Serialize};
 
@@ -104,11 +106,24 @@ pub struct BatchLoss<B: Backend> {
 /// Images encoded, spliced into the prompts (right padding, truncated at `max_length`), decoded,
 /// and the causal-LM loss taken: the forward half of a training step, also the validation loss.
 pub fn batch_loss<B: Backend>(model: &Llava<B>, batch: &Batch<B>, max_length: usize) -> BatchLoss<B> {
+    let (hidden, labels, tokens) = batch_hidden(model, batch, max_length);
+    let (loss, supervised) = loss::lm_head_loss(&model.llm, hidden, labels);
+    BatchLoss { loss, supervised, tokens }
+}
+
+/// [`batch_loss`] for a training step (same value and gradient; see [`loss::lm_head_loss_train`]).
+pub fn batch_loss_train<B: AutodiffBackend>(model: &Llava<B>, batch: &Batch<B>, max_length: usize) -> BatchLoss<B> {
+    let (hidden, labels, tokens) = batch_hidden(model, batch, max_length);
+    let (loss, supervised) = loss::lm_head_loss_train(&model.llm, hidden, labels);
+    BatchLoss { loss, supervised, tokens }
+}
+
+/// The decoder's final hidden states, the spliced labels and the token count of a batch.
+fn batch_hidden<B: Backend>(model: &Llava<B>, batch: &Batch<B>, max_length: usize) -> (Tensor<B, 3>, Tensor<B, 2, Int>, usize) {
     let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
     let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);
     let labels = spliced.labels.clone().expect("labels were given");
-    let (loss, supervised) = loss::lm_head_loss(&model.llm, model.hidden(&spliced), labels);
-    BatchLoss { loss, supervised, tokens: spliced.lengths.iter().sum() }
+    (model.hidden(&spliced), labels, spliced.lengths.iter().sum())
 }
 
 /// What one optimizer step reports.
@@ -128,7 +143,7 @@ pub struct StepReport {
 /// The training state: model, optimizer, accumulated gradients, step counter.
 pub struct Trainer<B: AutodiffBackend> {
     pub model: Llava<B>,
-    pub optim: OptimizerAdaptor<AdamW, Llava<B>, B>,
+    pub optim: OptimizerAdaptor<FusedAdamW, Llava<B>, B>,
     pub config: OptimConfig,
     pub stage: Stage,
     /// Optimizer steps taken.
@@ -140,12 +155,13 @@ pub struct Trainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(model: Llava<B>, stage: Stage, config: OptimConfig) -> Self {
-        let optim = AdamWConfig::new()
-            .with_beta_1(config.adam_beta1)
-            .with_beta_2(config.adam_beta2)
-            .with_epsilon(config.adam_epsilon)
-            .with_weight_decay(config.weight_decay)
-            .init::<B, Llava<B>>();
+        let optim = FusedAdamW::new(AdamWParams {
+            beta_1: config.adam_beta1,
+            beta_2: config.adam_beta2,
+            epsilon: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        })
+        .init::<B, Llava<B>>();
         Self {
             model: freeze(model, stage),
             optim,
@@ -167,7 +183,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
-        let BatchLoss { loss, supervised, tokens } = batch_loss(&self.model, batch, self.config.max_length);
+        let BatchLoss { loss, supervised, tokens } = batch_loss_train(&self.model, batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
         let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
