@@ -243,7 +243,12 @@ impl<B: Backend> KvCache<B> {
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
     cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    /// `sin` with its first half negated: `rotate_half(x) * sin = swap_halves(x) * signed_sin`.
+    signed_sin: Tensor<B, 4>,
+    /// The tables repeated over `heads` (contiguous `[batch, seq, heads, head_dim]`), made once
+    /// per forward for each head count: element-wise products of same-shape contiguous tensors
+    /// take the CPU backend's vector path, a broadcast over the heads axis does not.
+    per_heads: std::cell::RefCell<Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>>,
 }
 
 impl<B: Backend> Rotary<B> {
@@ -258,17 +263,33 @@ impl<B: Backend> Rotary<B> {
             .collect();
         let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device).reshape([1, 1, half]);
         let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, half]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, s, 1, head_dim]);
-        Self { cos: angles.clone().cos(), sin: angles.sin() }
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        Self {
+            cos: Tensor::cat(vec![cos.clone(), cos], 2).reshape([b, s, 1, head_dim]),
+            signed_sin: Tensor::cat(vec![sin.clone().neg(), sin], 2).reshape([b, s, 1, head_dim]),
+            per_heads: Default::default(),
+        }
+    }
+
+    fn tables(&self, heads: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let mut cache = self.per_heads.borrow_mut();
+        if let Some((_, cos, sin)) = cache.iter().find(|(h, _, _)| *h == heads) {
+            return (cos.clone(), sin.clone());
+        }
+        let cos = Tensor::cat(vec![self.cos.clone(); heads], 2);
+        let sin = Tensor::cat(vec![self.signed_sin.clone(); heads], 2);
+        cache.push((heads, cos.clone(), sin.clone()));
+        (cos, sin)
     }
 
     /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
+        let (cos, signed_sin) = self.tables(h);
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let swapped = Tensor::cat(vec![x2, x1], 3);
+        x * cos + swapped * signed_sin
     }
 }
 
