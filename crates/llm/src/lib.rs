@@ -25,6 +25,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
+use llava_weights::heads::swap_heads;
 use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
@@ -314,9 +315,9 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        let q = rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd])).swap_dims(1, 2);
-        let mut k = rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd])).swap_dims(1, 2);
-        let mut v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let q = swap_heads(rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd])));
+        let mut k = swap_heads(rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd])));
+        let mut v = swap_heads(linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]));
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -335,7 +336,7 @@ impl<B: Backend> Attention<B> {
             // Bottom-right aligned causal masking: also right for cached decoding (q_len < kv_len).
             None => attention(q, k, v, None, None, AttentionModuleOptions { is_causal: true, ..Default::default() }),
         };
-        linear_tokens(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, self.num_heads * hd]))
+        linear_tokens(&self.o_proj, swap_heads(out).reshape([b, s, self.num_heads * hd]))
     }
 }
 

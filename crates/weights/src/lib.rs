@@ -25,6 +25,7 @@
 mod export;
 mod loader;
 mod pickle;
+pub mod heads;
 pub mod skinny;
 mod store;
 
