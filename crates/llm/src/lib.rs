@@ -25,10 +25,10 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
+use llava_weights::fused::silu_mul;
 use llava_weights::heads::swap_heads;
 use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -358,7 +358,7 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_tokens(&self.down_proj, silu(linear_tokens(&self.gate_proj, x.clone())) * linear_tokens(&self.up_proj, x))
+        linear_tokens(&self.down_proj, silu_mul(linear_tokens(&self.gate_proj, x.clone()), linear_tokens(&self.up_proj, x)))
     }
 }
 
