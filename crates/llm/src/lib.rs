@@ -315,8 +315,12 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        let q = swap_heads(rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd])));
-        let mut k = swap_heads(rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd])));
+        // The reshape round trip is free forwards; backwards it turns the strided gradient that
+        // comes out of the head swap into a contiguous one once, before RoPE's products use it
+        // (on the CPU backend strided operands take a slow element-by-element path).
+        let rope = |t: Tensor<B, 3>, heads: usize| swap_heads(rotary.apply(t.reshape([b, s, heads, hd])).reshape([b, s, heads * hd]).reshape([b, s, heads, hd]));
+        let q = rope(linear_tokens(&self.q_proj, x.clone()), self.num_heads);
+        let mut k = rope(linear_tokens(&self.k_proj, x.clone()), self.num_kv_heads);
         let mut v = swap_heads(linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]));
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
