@@ -64,6 +64,12 @@ pub struct SqaPredictArgs {
     /// Replace every image with a blank one (what the model answers without seeing).
     #[arg(long)]
     pub blank_images: bool,
+    /// Split the questions into this many chunks (the reference's `--num-chunks`) ...
+    #[arg(long, default_value_t = 1)]
+    pub num_chunks: usize,
+    /// ... and answer only this one (0-based, `--chunk-idx`); concatenate the chunks' answer files.
+    #[arg(long, default_value_t = 0)]
+    pub chunk_idx: usize,
 }
 
 fn read_questions(path: &Path) -> Result<Vec<Question>> {
@@ -85,7 +91,10 @@ pub fn sqa_predict(args: SqaPredictArgs) -> Result<()> {
 }
 
 fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Result<()> {
-    let questions = read_questions(&args.questions)?;
+    if args.num_chunks == 0 || args.chunk_idx >= args.num_chunks {
+        bail!("--chunk-idx {} is not one of --num-chunks {} chunks (0-based)", args.chunk_idx, args.num_chunks);
+    }
+    let questions = llava::science::chunk(read_questions(&args.questions)?, args.num_chunks, args.chunk_idx);
     let done: std::collections::HashSet<String> = resume_answers(&args.out)?.into_iter().map(|a| a.question_id).collect();
     let todo: Vec<Question> = questions.into_iter().filter(|q| !done.contains(&q.id)).collect();
     if !done.is_empty() {
@@ -374,6 +383,8 @@ pub fn demo_sqa(args: DemoSqaArgs) -> Result<()> {
             top_p: 1.0,
             seed: 0,
             blank_images: blank,
+            num_chunks: 1,
+            chunk_idx: 0,
         })?;
         eprintln!("ScienceQA-style {} split, {label}:", args.split);
         let result = sqa_eval(SqaEvalArgs {

@@ -424,7 +424,7 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     let t = tmp.path();
     let model = demo_model(t);
     let (questions, images) = demo_questions(t);
-    let predict = |out: &Path, batch: &str| {
+    let predict_chunk = |out: &Path, batch: &str, chunk: [&str; 2]| {
         ok(&xtask(&[
             "sqa-predict", "--model", model.to_str().unwrap(),
             "--questions", questions.to_str().unwrap(),
@@ -432,8 +432,10 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
             "--out", out.to_str().unwrap(),
             "--single-pred-prompt", "--template", "vicuna_v1",
             "--batch-size", batch, "--max-new-tokens", "6",
+            "--num-chunks", chunk[0], "--chunk-idx", chunk[1],
         ]))
     };
+    let predict = |out: &Path, batch: &str| predict_chunk(out, batch, ["1", "0"]);
     let one = t.join("one.jsonl");
     let four = t.join("four.jsonl");
     predict(&one, "1");
@@ -463,6 +465,18 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
         assert_eq!((&x["question_id"], &x["text"]), (&y["question_id"], &y["text"]));
     }
     assert_eq!(c[0]["answer_id"], b[0]["answer_id"], "written answers are kept, not redone");
+
+    // --num-chunks 2: chunk 0 answers the first three questions, chunk 1 the other three.
+    let (first, second) = (t.join("chunk0.jsonl"), t.join("chunk1.jsonl"));
+    predict_chunk(&first, "4", ["2", "0"]);
+    predict_chunk(&second, "4", ["2", "1"]);
+    let chunked: Vec<_> = answers(&first).into_iter().chain(answers(&second)).collect();
+    assert_eq!(chunked.len(), 6);
+    for (x, y) in chunked.iter().zip(&b) {
+        assert_eq!((&x["question_id"], &x["text"]), (&y["question_id"], &y["text"]));
+    }
+    let bad = xtask(&["sqa-predict", "--model", model.to_str().unwrap(), "--questions", questions.to_str().unwrap(), "--image-folder", images.to_str().unwrap(), "--out", t.join("bad.jsonl").to_str().unwrap(), "--num-chunks", "2", "--chunk-idx", "2"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--chunk-idx 2"));
 }
 
 #[test]

@@ -129,3 +129,26 @@ pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, LlavaError> {
     std::fs::write(path, kept).map_err(|e| LlavaError::config(path, e))?;
     Ok(done)
 }
+
+/// Chunk `k` of `n` of the question list, as the reference's `get_chunk` (`--num-chunks`,
+/// `--chunk-idx`): chunks of `ceil(len / n)` consecutive items; a chunk past the end is empty.
+pub fn chunk<T>(items: Vec<T>, n: usize, k: usize) -> Vec<T> {
+    assert!(n > 0 && k < n, "chunk {k} of {n}");
+    let size = items.len().div_ceil(n).max(1);
+    items.into_iter().skip(k * size).take(size).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk;
+
+    #[test]
+    fn chunks_split_like_the_reference_and_cover_every_item_once() {
+        let items: Vec<u32> = (0..10).collect();
+        let parts: Vec<Vec<u32>> = (0..3).map(|k| chunk(items.clone(), 3, k)).collect();
+        assert_eq!(parts, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+        assert_eq!(chunk(items.clone(), 1, 0), items);
+        // More chunks than items: ceil(2 / 4) = 1 item each, the rest empty.
+        assert_eq!((0..4).map(|k| chunk(vec![7, 8], 4, k)).collect::<Vec<_>>(), vec![vec![7], vec![8], vec![], vec![]]);
+    }
+}
