@@ -84,10 +84,17 @@ def train(stage, iters):
         opt.zero_grad(set_to_none=True)
 
     step()
-    start = time.perf_counter()
+    return {"step_s": median_time(step, iters)}
+
+
+def median_time(f, iters):
+    """Median seconds of `iters` calls (the Rust side does the same): robust to the VM's noise."""
+    times = []
     for _ in range(iters):
-        step()
-    return {"step_s": (time.perf_counter() - start) / iters}
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def generate(batch, iters):
@@ -103,10 +110,7 @@ def generate(batch, iters):
     times = {}
     for n in [1, d["new_tokens"]]:
         run(n)
-        start = time.perf_counter()
-        for _ in range(iters):
-            run(n)
-        times[n] = (time.perf_counter() - start) / iters
+        times[n] = median_time(lambda: run(n), iters)
     return {"prefill_s": times[1], "total_s": times[d["new_tokens"]], "new_tokens": d["new_tokens"],
             "prompt_tokens": ids.shape[1]}
 

@@ -66,13 +66,19 @@ pub fn bench_prompts(shape: &SmallLlava) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// Median seconds of `iters` calls after one warm-up (the Python reference side does the same):
+/// robust to the VM's run-to-run noise, which a mean is not.
 fn time<R>(iters: usize, mut f: impl FnMut() -> R) -> f64 {
     f(); // warm-up
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    start.elapsed().as_secs_f64() / iters as f64
+    let mut times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 fn bench_on<B: AutodiffBackend>(name: &str, device: &B::Device, shape: &SmallLlava, iters: usize) -> (f64, f64) {
@@ -231,8 +237,8 @@ fn ours_in_process(args: &[&str]) -> Result<serde_json::Value> {
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
-    /// Timed steps per stage (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
+    /// Timed steps per stage (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 5)]
     pub iters: usize,
     /// Python with torch and transformers (the reference side).
     #[arg(long, default_value = ".venv/bin/python")]
@@ -306,8 +312,8 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
-    /// Timed runs per measurement (after one warm-up).
-    #[arg(long, default_value_t = 2)]
+    /// Timed runs per measurement (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
     pub iters: usize,
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: PathBuf,
