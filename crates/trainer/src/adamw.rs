@@ -13,10 +13,10 @@
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::Tensor;
 use burn_flex::FlexTensor;
+use llava_weights::flex::{flex_f32, from_f32};
 use rayon::prelude::*;
-use std::any::Any;
 
 /// Hyperparameters as the reference names them.
 #[derive(Debug, Clone, Copy)]
@@ -78,19 +78,11 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
 }
 
 fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-    let prim = t.clone().into_primitive().tensor();
-    let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
-    (flex.dtype() == burn::tensor::DType::F32).then(|| flex.to_contiguous())
+    Some(flex_f32(t)?.to_contiguous())
 }
 
 fn values(t: &FlexTensor) -> Option<Vec<f32>> {
     Some(t.as_slice::<f32>()?.to_vec())
-}
-
-fn to_tensor<B: Backend, const D: usize>(data: Vec<f32>, shape: burn::tensor::Shape) -> Option<Tensor<B, D>> {
-    let flex = FlexTensor::from_data(TensorData::new(data, shape));
-    let prim: Box<dyn Any> = Box::new(flex);
-    Some(Tensor::from_primitive(TensorPrimitive::Float(*prim.downcast::<B::FloatTensorPrimitive>().ok()?)))
 }
 
 type Fused<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>, usize);
@@ -120,7 +112,7 @@ fn fused_step<B: Backend, const D: usize>(
     }
     let mut out = vec![0f32; n];
     update(p, lr, time, params_in, grads, &mut m, &mut v, &mut out);
-    Some((to_tensor(out, shape.clone())?, to_tensor(m, shape.clone())?, to_tensor(v, shape)?, time))
+    Some((from_f32(out, shape.clone())?, from_f32(m, shape.clone())?, from_f32(v, shape)?, time))
 }
 
 /// One AdamW step over flat buffers: `m`, `v` updated in place, the new parameters in `out`.

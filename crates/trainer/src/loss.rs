@@ -7,10 +7,9 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
+use burn::tensor::{Int, Tensor, TensorData};
+use llava_weights::flex::{flex_f32, from_f32};
 use rayon::prelude::*;
-use std::any::Any;
 use llava_data::IGNORE_INDEX;
 use llava_llm::LlamaModel;
 
@@ -103,18 +102,11 @@ pub fn lm_head_loss_train<B: AutodiffBackend>(llm: &LlamaModel<B>, hidden: Tenso
 /// logits, on Flex f32 tensors; `None` elsewhere.
 fn cross_entropy_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Option<(f64, Tensor<B, 2>)> {
     let [n, vocab] = logits.dims();
-    let prim = logits.into_primitive().tensor();
-    let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
-    if flex.dtype() != burn::tensor::DType::F32 {
-        return None;
-    }
-    let flex = flex.to_contiguous();
+    let flex = flex_f32(&logits)?.to_contiguous();
     let values = flex.as_slice::<f32>()?;
     let mut grad = vec![0f32; n * vocab];
     let total = cross_entropy_rows(values, vocab, targets, &mut grad);
-    let out: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(grad, [n, vocab])));
-    let out = *out.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some((total / n as f64, Tensor::from_primitive(TensorPrimitive::Float(out))))
+    Some((total / n as f64, from_f32(grad, [n, vocab])?))
 }
 
 /// Per row: `lse − x[target]` (summed over rows, returned) and `(softmax − one-hot) / n` into

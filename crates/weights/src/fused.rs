@@ -5,12 +5,11 @@
 //! inputs with the same arithmetic as Flex's sigmoid (so the same bits), split among the rayon
 //! threads. Under autodiff, or on other backends, Burn's own operations run.
 
+use crate::flex::{flex_f32, from_f32};
+use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
-use std::any::Any;
 
 /// `silu(gate) * up` (same shapes).
 pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
@@ -20,17 +19,11 @@ pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
     }
 }
 
-fn contiguous_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-    let prim = t.clone().into_primitive().tensor();
-    let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
-    (flex.dtype() == burn::tensor::DType::F32).then(|| flex.to_contiguous())
-}
-
 fn on_flex<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
     if gate.dims() != up.dims() {
         return None;
     }
-    let (g, u) = (contiguous_f32(gate)?, contiguous_f32(up)?);
+    let (g, u) = (flex_f32(gate)?.to_contiguous(), flex_f32(up)?.to_contiguous());
     let (g, u) = (g.as_slice::<f32>()?, u.as_slice::<f32>()?);
     let n = gate.shape().num_elements();
     if g.len() != n || u.len() != n {
@@ -38,8 +31,7 @@ fn on_flex<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -
     }
     let mut out = vec![0f32; n];
     silu_mul_slices(g, u, &mut out);
-    let flex: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(out, gate.shape())));
-    Some(Tensor::from_primitive(TensorPrimitive::Float(*flex.downcast::<B::FloatTensorPrimitive>().ok()?)))
+    from_f32(out, gate.shape())
 }
 
 /// Flex's sigmoid, written the same way so that results are bit-identical.

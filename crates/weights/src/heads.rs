@@ -7,11 +7,10 @@
 //! non-matmul time. Copying whole head rows instead is a memcpy per row. Under autodiff, or on
 //! other backends, this is the plain view.
 
+use crate::flex::{flex_f32, from_f32};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
-use std::any::Any;
 
 /// `x.swap_dims(1, 2)`, materialised contiguous on Flex (inference); the view elsewhere.
 pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -23,19 +22,14 @@ pub fn swap_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 fn swap_on_flex<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
     let [a, b, c, d] = x.dims();
-    let prim = x.clone().into_primitive().tensor();
-    let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
-    if flex.dtype() != burn::tensor::DType::F32 || !flex.is_contiguous() || flex.layout().start_offset() != 0 {
-        return None;
-    }
+    let flex = flex_f32(x)?.to_contiguous();
     let src = flex.as_slice::<f32>()?;
     if src.len() != a * b * c * d {
         return None;
     }
     let mut out = vec![0f32; src.len()];
     swap_middle(src, &mut out, a, b, c, d);
-    let flex: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(out, [a, c, b, d])));
-    Some(Tensor::from_primitive(TensorPrimitive::Float(*flex.downcast::<B::FloatTensorPrimitive>().ok()?)))
+    from_f32(out, [a, c, b, d])
 }
 
 /// `out[i, k, j, :] = src[i, j, k, :]` for `src` `[a, b, c, d]`, both row-major.
@@ -62,6 +56,7 @@ pub fn swap_middle(src: &[f32], out: &mut [f32], a: usize, b: usize, c: usize, d
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
 
     #[test]
     fn equals_burns_swap_dims_on_flex_and_is_its_own_inverse() {

@@ -25,6 +25,7 @@
 mod export;
 mod loader;
 mod pickle;
+pub mod flex;
 pub mod fused;
 pub mod heads;
 pub mod skinny;

@@ -13,11 +13,10 @@
 //! sequential sum over `k`, independent of `m` and of the thread split, so a row's result does
 //! not depend on which other rows share the batch.
 
+use crate::flex::{flex_f32, from_f32};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
 use rayon::prelude::*;
-use std::any::Any;
 
 /// Largest row count handled here; above it a gemm's packing pays off.
 pub const MAX_ROWS: usize = 16;
@@ -32,22 +31,13 @@ pub fn skinny_linear<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Optio
     if m == 0 || m > MAX_ROWS || wk != k || n < 16 {
         return None;
     }
-    let x_prim = x.clone().into_primitive().tensor();
-    let w_prim = w.clone().into_primitive().tensor();
-    let x_flex = (&x_prim as &dyn Any).downcast_ref::<FlexTensor>()?;
-    let w_flex = (&w_prim as &dyn Any).downcast_ref::<FlexTensor>()?;
+    let w_flex = flex_f32(w)?;
+    // The weight is used in place: a strided (e.g. transposed) one is left to Burn.
     let weights = w_flex.as_slice::<f32>().filter(|s| s.len() == k * n && w_flex.layout().start_offset() == 0)?;
-    if x_flex.dtype() != burn::tensor::DType::F32 {
-        return None;
-    }
-    let x_contig = x_flex.to_contiguous();
+    let x_contig = flex_f32(x)?.to_contiguous();
     let rows = x_contig.as_slice::<f32>()?;
     let bias_values = match bias {
-        Some(b) => {
-            let prim = b.clone().into_primitive().tensor();
-            let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?.to_contiguous();
-            Some(flex.as_slice::<f32>()?.to_vec())
-        }
+        Some(b) => Some(flex_f32(b)?.to_contiguous().as_slice::<f32>()?.to_vec()),
         None => None,
     };
     let mut out = vec![0f32; m * n];
@@ -57,10 +47,7 @@ pub fn skinny_linear<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Optio
             row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
         }
     }
-    let flex = FlexTensor::from_data(TensorData::new(out, [m, n]));
-    let prim: Box<dyn Any> = Box::new(flex);
-    let prim = *prim.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(prim)))
+    from_f32(out, [m, n])
 }
 
 /// Output pointer shared by the threads; each writes a disjoint set of columns.
@@ -205,6 +192,7 @@ unsafe fn panel_portable<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
 
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut out = vec![0f64; m * n];
