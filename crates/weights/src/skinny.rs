@@ -4,9 +4,10 @@
 //! general gemm packs the whole weight matrix into panels before multiplying and its register
 //! tile is 64 rows tall, so for m = 1..16 it spends most of its time copying and on masked
 //! lanes; for m = 1 it falls back to a single-threaded matrix-vector loop. Here the weight is
-//! streamed once, straight from its row-major storage, in 512-column panels (long sequential
-//! runs per row, sums for up to 8 rows kept in L1), the panels shared among the rayon threads.
-//! Decoding is then bound by reading the weights, as it should be.
+//! streamed once, straight from its row-major storage, in panels of up to 512 columns (long
+//! sequential runs per row, prefetched), each panel in 32-column strips whose sums for up to 8
+//! rows stay in registers; the panels are shared among the rayon threads. Decoding is then
+//! bound by reading the weights, as it should be.
 //!
 //! It applies only where the tensors are Burn's `Flex` CPU backend in f32 without autodiff
 //! (inference); everything else takes Burn's own `matmul`. Each output element is one
@@ -20,7 +21,8 @@ use rayon::prelude::*;
 
 /// Largest row count handled here; above it a gemm's packing pays off.
 pub const MAX_ROWS: usize = 16;
-/// Columns per panel: one 2 KiB run of a weight row per step; 8 rows of sums take 16 KiB of L1.
+/// Widest panel: a 2 KiB run of each weight row (and, in the portable loop, 8 rows of sums in
+/// 16 KiB of L1).
 const PANEL: usize = 512;
 
 /// `x [m, k] · w [k, n] (+ bias [n])` on Flex f32 tensors with `m ≤ MAX_ROWS`; `None` (inputs
