@@ -3,8 +3,10 @@
 //! Burn's `AdamW` writes the update as a dozen tensor operations (moments, bias corrections,
 //! square root, division, decay), each reading and allocating a parameter-sized tensor: at stage
 //! 2 that was a quarter of a CPU training step. On Flex this optimizer does the same arithmetic
-//! in one pass over parameter, gradient and both moments (three new buffers, written once). Other backends (wgpu, CUDA) get Burn's `AdamW` unchanged. The state is
-//! Burn's `AdamWState`, so checkpoints are the same either way.
+//! in one pass over parameter, gradient and both moments: the moments are updated in place
+//! (their storage belongs to the optimizer state alone), the new parameters written once. Other
+//! backends (wgpu, CUDA) get Burn's `AdamW` unchanged. The state is Burn's `AdamWState`, so
+//! checkpoints are the same either way.
 //!
 //! The formula is Burn's (and torch.optim.AdamW's, up to rounding):
 //! `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
@@ -13,9 +15,9 @@
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use burn_flex::FlexTensor;
-use llava_weights::flex::{flex_f32, from_f32};
+use llava_weights::flex::{flex_f32, from_f32, into_tensor};
 use rayon::prelude::*;
 
 /// Hyperparameters as the reference names them.
@@ -62,14 +64,17 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
         grad: Tensor<B, D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
-        match fused_step(&self.params, lr, &tensor, &grad, state.as_ref()) {
-            Some((param, moment_1, moment_2, time)) => {
-                drop(state);
-                let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
-                (param, Some(AdamWState { momentum }))
-            }
-            None => SimpleOptimizer::<B>::step(&self.fallback, lr, tensor, grad, state),
+        // Flex f32 throughout, and no AMSGrad maximum (which this pass does not keep).
+        let fusable = |t: &Tensor<B, D>| flex_f32(t).is_some();
+        let fused = fusable(&tensor)
+            && fusable(&grad)
+            && state.as_ref().is_none_or(|s| s.momentum.max_moment_2.is_none() && fusable(&s.momentum.moment_1) && fusable(&s.momentum.moment_2));
+        if !fused {
+            return SimpleOptimizer::<B>::step(&self.fallback, lr, tensor, grad, state);
         }
+        let (param, moment_1, moment_2, time) = fused_step(&self.params, lr, &tensor, &grad, state).expect("Flex f32 tensors, checked above");
+        let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
+        (param, Some(AdamWState { momentum }))
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
@@ -81,38 +86,47 @@ fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
     Some(flex_f32(t)?.to_contiguous())
 }
 
-fn values(t: &FlexTensor) -> Option<Vec<f32>> {
-    Some(t.as_slice::<f32>()?.to_vec())
+/// A moment's storage to update in place: its own buffer once the state's tensor is dropped
+/// (nothing else holds it in a run), else a contiguous copy.
+fn owned_moment<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<FlexTensor> {
+    let mut flex = flex_f32(&t)?.to_contiguous();
+    drop(t);
+    if flex.try_storage_mut::<f32>().is_none() {
+        let shape = flex.layout().shape().clone();
+        flex = FlexTensor::from_data(TensorData::new(flex.as_slice::<f32>()?.to_vec(), shape));
+    }
+    Some(flex)
 }
 
 type Fused<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>, usize);
 
-/// The fused update on Flex f32 tensors; `None` on any other backend or dtype.
+/// The fused update on Flex f32 tensors (the caller checked the backend, dtype and state).
 fn fused_step<B: Backend, const D: usize>(
     p: &AdamWParams,
     lr: f64,
     tensor: &Tensor<B, D>,
     grad: &Tensor<B, D>,
-    state: Option<&AdamWState<B, D>>,
+    state: Option<AdamWState<B, D>>,
 ) -> Option<Fused<B, D>> {
     let param = flex(tensor)?;
     let grad = flex(grad)?;
     let shape = tensor.shape();
     let n = shape.num_elements();
     let (mut m, mut v, time) = match state {
-        Some(s) if s.momentum.max_moment_2.is_none() => {
-            (values(&flex(&s.momentum.moment_1)?)?, values(&flex(&s.momentum.moment_2)?)?, s.momentum.time + 1)
+        Some(s) => (owned_moment(s.momentum.moment_1)?, owned_moment(s.momentum.moment_2)?, s.momentum.time + 1),
+        None => {
+            let zeros = || FlexTensor::from_data(TensorData::new(vec![0f32; n], shape.clone()));
+            (zeros(), zeros(), 1)
         }
-        Some(_) => return None,
-        None => (vec![0f32; n], vec![0f32; n], 1),
     };
     let (params_in, grads) = (param.as_slice::<f32>()?, grad.as_slice::<f32>()?);
-    if params_in.len() != n || grads.len() != n || m.len() != n || v.len() != n {
+    let mut out = vec![0f32; n];
+    let (m_values, v_values) = (m.try_storage_mut::<f32>()?, v.try_storage_mut::<f32>()?);
+    if params_in.len() != n || grads.len() != n || m_values.len() != n || v_values.len() != n {
         return None;
     }
-    let mut out = vec![0f32; n];
-    update(p, lr, time, params_in, grads, &mut m, &mut v, &mut out);
-    Some((from_f32(out, shape.clone())?, from_f32(m, shape.clone())?, from_f32(v, shape)?, time))
+    update(p, lr, time, params_in, grads, m_values, v_values, &mut out);
+    Some((from_f32(out, shape)?, into_tensor(m)?, into_tensor(v)?, time))
 }
 
 /// One AdamW step over flat buffers: `m`, `v` updated in place, the new parameters in `out`.
@@ -162,7 +176,7 @@ mod tests {
             let grad = Tensor::<B, 2>::random([70, 300], Distribution::Normal(0.0, 1.0), &device);
             let lr = 1e-3 * (step + 1) as f64;
             // The fused path must be the one taken here.
-            assert!(fused_step(&params, lr, &a, &grad, sa.as_ref()).is_some());
+            assert!(fused_step(&params, lr, &a, &grad, sa.clone()).is_some());
             (a, sa) = SimpleOptimizer::<B>::step(&fused, lr, a, grad.clone(), sa);
             (b, sb) = SimpleOptimizer::<B>::step(&burn_adamw, lr, b, grad, sb);
             let diff = (a.clone() - b.clone()).abs().max().into_scalar();
@@ -174,6 +188,15 @@ mod tests {
             assert!(dm < 1e-7 && dv < 1e-7, "moments differ by {dm}, {dv}");
         }
         // The parameters did move.
-        assert!((a - start).abs().max().into_scalar() > 1e-4);
+        assert!((a.clone() - start).abs().max().into_scalar() > 1e-4);
+
+        // Moments are updated in place only when the state alone holds them: a copy kept
+        // elsewhere (a checkpoint record being written, say) is left as it was.
+        let kept = sa.clone().unwrap();
+        let before = kept.momentum.moment_1.to_data();
+        let grad = Tensor::<B, 2>::random([70, 300], Distribution::Normal(0.0, 1.0), &device);
+        let (_, next) = SimpleOptimizer::<B>::step(&fused, 1e-3, a, grad, sa);
+        assert_eq!(kept.momentum.moment_1.to_data(), before);
+        assert_ne!(next.unwrap().momentum.moment_1.to_data(), before);
     }
 }

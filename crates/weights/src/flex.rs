@@ -18,7 +18,12 @@ pub fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTens
 
 /// A tensor of backend `B` holding `values` (row-major) with `shape`, when `B` is Flex.
 pub fn from_f32<B: Backend, const D: usize>(values: Vec<f32>, shape: impl Into<Shape>) -> Option<Tensor<B, D>> {
-    let flex: Box<dyn Any> = Box::new(FlexTensor::from_data(TensorData::new(values, shape.into())));
+    into_tensor(FlexTensor::from_data(TensorData::new(values, shape.into())))
+}
+
+/// `flex` as a tensor of backend `B`, when `B` is Flex.
+pub fn into_tensor<B: Backend, const D: usize>(flex: FlexTensor) -> Option<Tensor<B, D>> {
+    let flex: Box<dyn Any> = Box::new(flex);
     let prim = *flex.downcast::<B::FloatTensorPrimitive>().ok()?;
     Some(Tensor::from_primitive(TensorPrimitive::Float(prim)))
 }
