@@ -26,12 +26,10 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use llava_weights::fused::silu_mul;
-use llava_weights::heads::swap_heads;
+use llava_weights::attention::attention;
 use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
 use serde::{Deserialize, Serialize};
@@ -210,7 +208,7 @@ impl LlamaConfig {
     }
 }
 
-/// Keys and values of past positions, per layer: `[batch, kv_heads, past, head_dim]`.
+/// Keys and values of past positions, per layer: `[batch, past, kv_heads, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -223,7 +221,7 @@ impl<B: Backend> KvCache<B> {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -240,7 +238,7 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// Rotary embedding tables for given positions: `cos`, `sin` of shape `[batch, seq, 1, head_dim]`
-/// (applied before the heads are moved in front of the sequence, while q/k are still contiguous).
+/// (applied to q/k in the projections' `[batch, seq, heads, head_dim]` layout, where they are contiguous).
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
     cos: Tensor<B, 4>,
@@ -315,42 +313,23 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
-        // The reshape round trip is free forwards; backwards it turns the strided gradient that
-        // comes out of the head swap into a contiguous one once, before RoPE's products use it
-        // (on the CPU backend strided operands take a slow element-by-element path).
-        let rope = |t: Tensor<B, 3>, heads: usize| swap_heads(rotary.apply(t.reshape([b, s, heads, hd])).reshape([b, s, heads * hd]).reshape([b, s, heads, hd]));
-        let q = rope(linear_tokens(&self.q_proj, x.clone()), self.num_heads);
-        let mut k = rope(linear_tokens(&self.k_proj, x.clone()), self.num_kv_heads);
-        let mut v = swap_heads(linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]));
+        // Everything stays in the projections' `[b, s, heads, head_dim]` layout: the attention
+        // operation reads heads with a stride (and shared K/V heads directly, for GQA).
+        let q = rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd]));
+        let mut k = rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd]));
+        let mut v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]);
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
+                k = Tensor::cat(vec![past_k, k], 1);
+                v = Tensor::cat(vec![past_v, v], 1);
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
-        let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
-        let out = match mask {
-            Some(mask) => {
-                let [mb, _, mq, mk] = mask.dims();
-                let mask = mask.expand([mb, self.num_heads, mq, mk]);
-                attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
-            }
-            // Bottom-right aligned causal masking: also right for cached decoding (q_len < kv_len).
-            None => attention(q, k, v, None, None, AttentionModuleOptions { is_causal: true, ..Default::default() }),
-        };
-        linear_tokens(&self.o_proj, swap_heads(out).reshape([b, s, self.num_heads * hd]))
+        // Without a mask: causal, aligned bottom-right, so also right for a cached decode step.
+        let causal = mask.is_none();
+        let out = attention(q, k, v, mask, causal);
+        linear_tokens(&self.o_proj, out.reshape([b, s, self.num_heads * hd]))
     }
-}
-
-/// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`, each kv head repeated `n_rep` times in place.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, h, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, h, n_rep, s, d]).reshape([b, h * n_rep, s, d])
 }
 
 #[derive(Module, Debug)]

@@ -25,14 +25,12 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use llava_weights::heads::swap_heads;
+use llava_weights::attention::attention;
 use llava_weights::linear_tokens;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
 use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
 use serde::{Deserialize, Serialize};
@@ -251,13 +249,13 @@ pub struct ClipAttention<B: Backend> {
 impl<B: Backend> ClipAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
-        let heads = |t: Tensor<B, 3>| swap_heads(t.reshape([b, s, self.num_heads, d / self.num_heads]));
+        let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.num_heads, d / self.num_heads]);
         let q = heads(linear_tokens(&self.q_proj, x.clone()));
         let k = heads(linear_tokens(&self.k_proj, x.clone()));
         let v = heads(linear_tokens(&self.v_proj, x));
-        // The vision tower attends bidirectionally: no mask.
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        linear_tokens(&self.out_proj, swap_heads(out).reshape([b, s, d]))
+        // The vision tower attends bidirectionally: no mask, not causal.
+        let out = attention(q, k, v, None, false);
+        linear_tokens(&self.out_proj, out.reshape([b, s, d]))
     }
 }
 

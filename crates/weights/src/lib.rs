@@ -25,9 +25,9 @@
 mod export;
 mod loader;
 mod pickle;
+pub mod attention;
 pub mod flex;
 pub mod fused;
-pub mod heads;
 pub mod skinny;
 mod store;
 
