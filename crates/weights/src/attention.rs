@@ -18,24 +18,18 @@
 //! On other backends, and under autodiff with a checkpointing strategy, this is Burn's
 //! `attention` with the usual head swap.
 
-use crate::flex::{flex_f32, into_tensor};
-use burn::backend::Autodiff;
-use burn::tensor::backend::{Backend, BackendTypes};
+use crate::flex::{autodiff_primitive, flex_f32, from_autodiff, into_tensor, is_autodiff_flex};
+use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use std::any::Any;
 use std::sync::Arc;
-
-/// The training backend the fused backward pass is written for.
-type AutodiffFlex = Autodiff<Flex>;
-type AutodiffPrimitive = <AutodiffFlex as BackendTypes>::FloatTensorPrimitive;
 
 /// Softmax attention. `q` is `[b, sq, h, d]`, `k` and `v` are `[b, sk, kv_heads, d]` with `h` a
 /// multiple of `kv_heads`; the result is `[b, sq, h, d]`. `mask` is `[b, 1 or h, sq, sk]`, `true`
@@ -45,8 +39,7 @@ type AutodiffPrimitive = <AutodiffFlex as BackendTypes>::FloatTensorPrimitive;
 pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>, causal: bool) -> Tensor<B, 4> {
     let all_f32 = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
     if let Some(dims) = Dims::of(&q, &k, &v, mask.as_ref(), causal).filter(|_| all_f32) {
-        let is_autodiff_flex = std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<AutodiffPrimitive>();
-        if is_autodiff_flex {
+        if is_autodiff_flex::<B>() {
             let mask = mask.map(|m| Arc::new(MaskRows::new(m, &dims)));
             return autodiff_attention(q, k, v, mask, dims);
         }
@@ -357,11 +350,7 @@ impl Backward<Flex, 3> for AttentionBackward {
 }
 
 fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Arc<MaskRows>>, dims: Dims) -> Tensor<B, 4> {
-    let primitive = |t: Tensor<B, 4>| -> AutodiffPrimitive {
-        let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-        *boxed.downcast::<AutodiffPrimitive>().expect("checked: B is Autodiff<Flex>")
-    };
-    let (q, k, v) = (primitive(q), primitive(k), primitive(v));
+    let (q, k, v) = (autodiff_primitive(q), autodiff_primitive(k), autodiff_primitive(v));
     let (qf, kf, vf) = (contiguous(q.primitive.clone()), contiguous(k.primitive.clone()), contiguous(v.primitive.clone()));
     let output = match AttentionBackward.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
@@ -374,9 +363,7 @@ fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
             prep.finish(flex_from(fwd.out, [dims.b, dims.sq, dims.h, dims.d]))
         }
     };
-    let boxed: Box<dyn Any> = Box::new(output);
-    let output = *boxed.downcast::<B::FloatTensorPrimitive>().expect("checked: B is Autodiff<Flex>");
-    Tensor::from_primitive(TensorPrimitive::Float(output))
+    from_autodiff(output)
 }
 
 #[cfg(test)]
@@ -384,7 +371,7 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
-    type AD = Autodiff<Flex>;
+    type AD = burn::backend::Autodiff<Flex>;
 
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: length");

@@ -3,10 +3,32 @@
 //! On any other backend, and under autodiff, the tensor primitive is not a `FlexTensor` and
 //! these return `None`, so callers fall back to Burn's own operations.
 
-use burn::tensor::backend::Backend;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
-use std::any::Any;
+use burn_flex::{Flex, FlexTensor};
+use std::any::{Any, TypeId};
+
+/// The tensor primitive of `Autodiff<Flex>`, the CPU training backend, whose fused operations
+/// (attention, SwiGLU) implement their own backward pass.
+pub(crate) type AutodiffFlexTensor = <Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive;
+
+/// Whether `B` is `Autodiff<Flex>` (with its default, non-checkpointing strategy).
+pub(crate) fn is_autodiff_flex<B: Backend>() -> bool {
+    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<AutodiffFlexTensor>()
+}
+
+/// `t`'s autodiff primitive; call only when [`is_autodiff_flex`] holds.
+pub(crate) fn autodiff_primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> AutodiffFlexTensor {
+    let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    *boxed.downcast::<AutodiffFlexTensor>().expect("B is Autodiff<Flex>")
+}
+
+/// The inverse of [`autodiff_primitive`].
+pub(crate) fn from_autodiff<B: Backend, const D: usize>(t: AutodiffFlexTensor) -> Tensor<B, D> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    Tensor::from_primitive(TensorPrimitive::Float(*boxed.downcast::<B::FloatTensorPrimitive>().expect("B is Autodiff<Flex>")))
+}
 
 /// `t`'s f32 Flex tensor (its layout as is; an `Arc` clone, no copy), or `None` when `B` is not
 /// Flex or the dtype is not f32.

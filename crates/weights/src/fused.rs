@@ -1,18 +1,35 @@
-//! `silu(gate) · up`, LLaMA's MLP activation, in one multi-threaded pass on the Flex CPU backend.
+//! `silu(gate) · up`, LLaMA's MLP activation, in one multi-threaded pass on the Flex CPU backend,
+//! forwards and, under autodiff, backwards.
 //!
-//! Burn computes it as three passes (sigmoid, two products), each allocating, on one thread;
-//! the exponential makes it a visible part of a CPU prefill. Here it is one pass over both
-//! inputs with the same arithmetic as Flex's sigmoid (so the same bits), split among the rayon
-//! threads. Under autodiff, or on other backends, Burn's own operations run.
+//! Burn computes it as three passes (sigmoid, two products), each allocating, on one thread, and
+//! its backward as several more; the exponential makes it a visible part of a CPU prefill and
+//! training step. Here the forward is one pass over both inputs with the same arithmetic as
+//! Flex's sigmoid (so the same bits), split among the rayon threads, and the backward one pass
+//! that gives both gradients:
+//!
+//! ```text
+//! d_up = g · silu(gate)        d_gate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))
+//! ```
+//!
+//! On other backends Burn's own operations run.
 
-use crate::flex::{flex_f32, from_f32};
-use burn::tensor::Tensor;
+use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, from_autodiff, from_f32, is_autodiff_flex};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 /// `silu(gate) * up` (same shapes).
 pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let same = gate.dims() == up.dims() && gate.dtype() == DType::F32 && up.dtype() == DType::F32;
+    if same && is_autodiff_flex::<B>() {
+        return from_autodiff(autodiff_silu_mul(autodiff_primitive(gate), autodiff_primitive(up)));
+    }
     match on_flex(&gate, &up) {
         Some(out) => out,
         None => silu(gate) * up,
@@ -45,8 +62,73 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
+fn flex_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
+}
+
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl Backward<Flex, 2> for SiluMulBackward {
+    /// The contiguous gate and up inputs.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let n = values(&gate).len();
+        let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
+        silu_mul_backward_slices(values(&gate), values(&up), values(&grad), &mut d_gate, &mut d_up);
+        let [gate_node, up_node] = ops.parents;
+        if let Some(node) = gate_node {
+            grads.register::<Flex>(node.id, flex_like(d_gate, &gate));
+        }
+        if let Some(node) = up_node {
+            grads.register::<Flex>(node.id, flex_like(d_up, &up));
+        }
+    }
+}
+
+fn autodiff_silu_mul(gate: AutodiffFlexTensor, up: AutodiffFlexTensor) -> AutodiffFlexTensor {
+    let (g, u) = (gate.primitive.to_contiguous(), up.primitive.to_contiguous());
+    let mut out = vec![0f32; values(&g).len()];
+    silu_mul_slices(values(&g), values(&u), &mut out);
+    let out = flex_like(out, &g);
+    match SiluMulBackward.prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((g, u), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+const CHUNK: usize = 1 << 13;
+
+/// Both input gradients of `silu(gate) · up` for the output gradient `grad`.
+pub fn silu_mul_backward_slices(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    let run = |(((dg, du), g), (u, gr)): (((&mut [f32], &mut [f32]), &[f32]), (&[f32], &[f32]))| {
+        for i in 0..dg.len() {
+            let s = sigmoid(g[i]);
+            let silu = g[i] * s;
+            du[i] = gr[i] * silu;
+            dg[i] = gr[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    };
+    if gate.len() >= 2 * CHUNK {
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
+            .for_each(run);
+    } else {
+        run((((d_gate, d_up), gate), (up, grad)));
+    }
+}
+
 pub fn silu_mul_slices(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    const CHUNK: usize = 1 << 13;
     let run = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = g * sigmoid(g) * u;
@@ -75,6 +157,49 @@ mod tests {
             let fused = silu_mul(gate.clone(), up.clone()).to_data().to_vec::<f32>().unwrap();
             let burn = (silu(gate) * up).to_data().to_vec::<f32>().unwrap();
             assert_eq!(fused, burn);
+        }
+    }
+
+    #[test]
+    fn autodiff_gradients_match_burns() {
+        type AD = burn::backend::Autodiff<burn::backend::Flex>;
+        let device = Default::default();
+        AD::seed(&device, 11);
+        // Both sizes: the single-threaded path and the chunked parallel one.
+        for shape in [[3usize, 7], [40, 1000]] {
+            let gate = Tensor::<AD, 2>::random(shape, Distribution::Normal(0.0, 4.0), &device);
+            let up = Tensor::<AD, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<AD, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
+                let out = if fused { silu_mul(g.clone(), u.clone()) } else { silu(g.clone()) * u.clone() };
+                let grads = (out.clone() * w.clone()).sum().backward();
+                let v = |t: TensorData| t.to_vec::<f32>().unwrap();
+                (v(out.into_data()), v(g.grad(&grads).unwrap().into_data()), v(u.grad(&grads).unwrap().into_data()))
+            };
+            let (ours, burn) = (run(true), run(false));
+            assert_eq!(ours.0, burn.0, "values");
+            for (what, a, b) in [("d_gate", &ours.1, &burn.1), ("d_up", &ours.2, &burn.2)] {
+                for (x, y) in a.iter().zip(b.iter()) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_inputs_get_no_gradient() {
+        type AD = burn::backend::Autodiff<burn::backend::Flex>;
+        let device = Default::default();
+        let gate = Tensor::<AD, 2>::from_data([[1.0f32, -2.0]], &device).require_grad();
+        let up = Tensor::<AD, 2>::from_data([[3.0f32, 4.0]], &device);
+        let grads = silu_mul(gate.clone(), up.clone()).sum().backward();
+        assert!(up.grad(&grads).is_none());
+        let expected = (silu(gate.clone()) * up.clone()).sum().backward();
+        let ours = gate.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let burn = gate.grad(&expected).unwrap().into_data().to_vec::<f32>().unwrap();
+        for (x, y) in ours.iter().zip(&burn) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{ours:?} vs {burn:?}");
         }
     }
 }
