@@ -29,7 +29,8 @@ use llava_weights::attention::attention;
 use llava_weights::linear_tokens;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::gelu;
+use llava_weights::fused::quick_gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
@@ -269,7 +270,7 @@ pub struct ClipMlp<B: Backend> {
 impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = linear_tokens(&self.fc1, x);
-        let h = if self.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };
+        let h = if self.quick_gelu { quick_gelu(h) } else { gelu(h) };
         linear_tokens(&self.fc2, h)
     }
 }
