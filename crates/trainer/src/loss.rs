@@ -8,6 +8,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
+use llava_weights::fastexp::{self, exp_shifted_sum};
 use llava_weights::flex::{flex_f32, from_f32};
 use rayon::prelude::*;
 use llava_data::IGNORE_INDEX;
@@ -110,20 +111,16 @@ fn cross_entropy_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Opti
 }
 
 /// Per row: `lse − x[target]` (summed over rows, returned) and `(softmax − one-hot) / n` into
-/// `grad`. One exponential per logit. Not generic, so compiled once, optimised, in this crate.
+/// `grad`. One (vectorised) exponential per logit. Not generic, so compiled once, optimised, in this crate.
 fn cross_entropy_rows(logits: &[f32], vocab: usize, targets: &[i64], grad: &mut [f32]) -> f64 {
     let scale = 1.0 / targets.len() as f32;
     grad.par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .zip(targets.par_iter())
         .map(|((g, x), &t)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (g, &v) in g.iter_mut().zip(x) {
-                let e = (v - max).exp();
-                *g = e;
-                sum += e;
-            }
+            let max = fastexp::max(x);
+            g.copy_from_slice(x);
+            let sum = exp_shifted_sum(g, max);
             let factor = scale / sum;
             g.iter_mut().for_each(|g| *g *= factor);
             g[t as usize] -= scale;

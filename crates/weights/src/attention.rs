@@ -18,6 +18,7 @@
 //! On other backends, and under autodiff with a checkpointing strategy, this is Burn's
 //! `attention` with the usual head swap.
 
+use crate::fastexp::exp_shifted_sum;
 use crate::flex::{autodiff_primitive, flex_f32, from_autodiff, into_tensor, is_autodiff_flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
@@ -261,12 +262,8 @@ fn softmax_row(row: &mut [f32], hidden: impl Fn(usize) -> bool) {
         row.fill(0.0);
         return;
     }
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
+    // Hidden entries are −∞: exactly 0 after the exponential.
+    let inv = 1.0 / exp_shifted_sum(row, max);
     for x in row.iter_mut() {
         *x *= inv;
     }

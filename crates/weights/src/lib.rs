@@ -26,6 +26,7 @@ mod export;
 mod loader;
 mod pickle;
 pub mod attention;
+pub mod fastexp;
 pub mod flex;
 pub mod fused;
 pub mod skinny;
