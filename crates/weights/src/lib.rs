@@ -26,6 +26,7 @@ mod export;
 mod loader;
 mod pickle;
 pub mod attention;
+pub mod dense;
 pub mod fastexp;
 pub mod flex;
 pub mod fused;
@@ -90,8 +91,10 @@ pub fn linear_tokens<B: burn::tensor::backend::Backend>(
 ) -> burn::tensor::Tensor<B, 3> {
     let [b, s, d] = x.dims();
     let x = x.reshape([b * s, d]);
-    // A few rows (decoding) on the CPU backend: stream the weight once instead of packing it.
-    let fast = skinny::skinny_linear(&x, &linear.weight.val(), linear.bias.as_ref().map(|b| b.val()).as_ref());
+    let (weight, bias) = (linear.weight.val(), linear.bias.as_ref().map(|b| b.val()));
+    // On the CPU backend: a few rows (decoding) stream the weight once instead of packing it;
+    // more call gemm directly (no zeroed, copied output; own backward under autodiff).
+    let fast = skinny::skinny_linear(&x, &weight, bias.as_ref()).or_else(|| dense::linear(&x, &weight, bias.as_ref()));
     let y = fast.unwrap_or_else(|| linear.forward(x));
     let out = y.dims()[1];
     y.reshape([b, s, out])
