@@ -283,6 +283,10 @@ impl<B: Backend> Rotary<B> {
 
     /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        // The CPU backend: one threaded pass over the [b, s, 1, d] tables (own backward).
+        if let Some(out) = llava_weights::fused::rope(&x, &self.cos, &self.signed_sin) {
+            return out;
+        }
         let [b, s, h, d] = x.dims();
         let (cos, signed_sin) = self.tables(h);
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);

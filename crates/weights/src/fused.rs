@@ -53,6 +53,81 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * burn::tensor::activation::sigmoid(x * 1.702)
 }
 
+/// Rotary embedding, `x · cos + swap_halves(x) · signed_sin`, for `x` `[b, s, heads, d]` and
+/// tables `[b, s, 1, d]` (`signed_sin` = `sin` with its first half negated, so that this is
+/// Hugging Face's `x·cos + rotate_half(x)·sin`): one threaded pass on Flex, with its own backward
+/// (`dx[j] = g[j]·cos[j] + g[p]·signed_sin[p]`, `p` = `j`'s partner in the other half) under
+/// `Autodiff<Flex>`; `None` elsewhere (or for tables that carry a gradient), for the caller's
+/// Burn expression.
+pub fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, signed_sin: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let [b, s, _, d] = x.dims();
+    if cos.dims() != [b, s, 1, d] || signed_sin.dims() != [b, s, 1, d] || d % 2 != 0 || x.dtype() != DType::F32 {
+        return None;
+    }
+    if is_autodiff_flex::<B>() {
+        let (x, cos, sin) = (autodiff_primitive(x.clone()), autodiff_primitive(cos.clone()), autodiff_primitive(signed_sin.clone()));
+        if cos.is_tracked() || sin.is_tracked() {
+            return None;
+        }
+        return Some(from_autodiff(autodiff_rope(x, cos.primitive.to_contiguous(), sin.primitive.to_contiguous())));
+    }
+    let (xf, cf, sf) = (flex_f32(x)?.to_contiguous(), flex_f32(cos)?.to_contiguous(), flex_f32(signed_sin)?.to_contiguous());
+    let mut out = vec![0f32; values(&xf).len()];
+    rope_slices(values(&xf), values(&cf), values(&sf), d, &mut out, false);
+    from_f32(out, x.shape())
+}
+
+/// Forward (`transpose = false`) or backward over rows of `d`: `x` has `heads` rows per table row.
+fn rope_slices(x: &[f32], cos: &[f32], sin: &[f32], d: usize, out: &mut [f32], transpose: bool) {
+    let half = d / 2;
+    let heads = x.len() / cos.len().max(1);
+    let rows_per_chunk = (CHUNK / d).max(1);
+    let run = |(chunk, (o, x)): (usize, (&mut [f32], &[f32]))| {
+        for (r, (o, x)) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+            let t = (chunk * rows_per_chunk + r) / heads * d;
+            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+            for j in 0..d {
+                let p = if j < half { j + half } else { j - half };
+                // Forward: out[j] = x[j]·cos[j] + x[p]·sin[j]; its transpose reads sin at p.
+                o[j] = x[j] * c[j] + x[p] * if transpose { sn[p] } else { sn[j] };
+            }
+        }
+    };
+    out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).enumerate().for_each(run);
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    /// The contiguous `cos` and `signed_sin` tables.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let d = *cos.layout().shape().last().expect("4-D table");
+            let mut dx = vec![0f32; values(&grad).len()];
+            rope_slices(values(&grad), values(&cos), values(&sin), d, &mut dx, true);
+            grads.register::<Flex>(node.id, flex_like(dx, &grad));
+        }
+    }
+}
+
+fn autodiff_rope(x: AutodiffFlexTensor, cos: FlexTensor, sin: FlexTensor) -> AutodiffFlexTensor {
+    let xf = x.primitive.to_contiguous();
+    let d = *cos.layout().shape().last().expect("4-D table");
+    let mut out = vec![0f32; values(&xf).len()];
+    rope_slices(values(&xf), values(&cos), values(&sin), d, &mut out, false);
+    let out = flex_like(out, &xf);
+    match RopeBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
 fn on_flex<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
     if gate.dims() != up.dims() {
         return None;
@@ -278,6 +353,41 @@ mod tests {
             // Inference on plain Flex: the same bits.
             let plain = Tensor::<burn::backend::Flex, 2>::from_data(x.to_data(), &device);
             assert_eq!(quick_gelu(plain).into_data().to_vec::<f32>().unwrap(), burn.0);
+        }
+    }
+
+    #[test]
+    fn rope_matches_burns_expression_values_and_gradient() {
+        type AD = burn::backend::Autodiff<burn::backend::Flex>;
+        let device = Default::default();
+        AD::seed(&device, 8);
+        // Small, and large enough to be split among threads (rows straddle chunk boundaries).
+        for [b, s, h, d] in [[2usize, 3, 2, 8], [2, 37, 6, 64]] {
+            let x = Tensor::<AD, 4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), &device);
+            let cos = Tensor::<AD, 4>::random([b, s, 1, d], Distribution::Normal(0.0, 1.0), &device);
+            let sin = Tensor::<AD, 4>::random([b, s, 1, d], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<AD, 4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), &device);
+            let burn_rope = |x: Tensor<AD, 4>| {
+                let swapped = Tensor::cat(vec![x.clone().slice([0..b, 0..s, 0..h, d / 2..d]), x.clone().slice([0..b, 0..s, 0..h, 0..d / 2])], 3);
+                x * cos.clone() + swapped * sin.clone()
+            };
+            let run = |fused: bool| {
+                let x = x.clone().require_grad();
+                let out = if fused { rope(&x, &cos, &sin).expect("Autodiff<Flex>") } else { burn_rope(x.clone()) };
+                let grads = (out.clone() * w.clone()).sum().backward();
+                (out.into_data().to_vec::<f32>().unwrap(), x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap())
+            };
+            let (ours, burn) = (run(true), run(false));
+            for (what, a, c) in [("values", &ours.0, &burn.0), ("gradient", &ours.1, &burn.1)] {
+                for (p, q) in a.iter().zip(c.iter()) {
+                    assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{what}: {p} vs {q}");
+                }
+            }
+            let plain = |t: &Tensor<AD, 4>| Tensor::<burn::backend::Flex, 4>::from_data(t.to_data(), &device);
+            let inference = rope(&plain(&x), &plain(&cos), &plain(&sin)).unwrap().into_data().to_vec::<f32>().unwrap();
+            for (p, q) in inference.iter().zip(&burn.0) {
+                assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "inference: {p} vs {q}");
+            }
         }
     }
 
