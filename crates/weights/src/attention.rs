@@ -19,11 +19,11 @@
 //! `attention` with the usual head swap.
 
 use crate::fastexp::exp_shifted_sum;
-use crate::flex::{autodiff_primitive, flex_f32, from_autodiff, into_tensor, is_autodiff_flex};
+use crate::flex::{autodiff_primitive, flex_f32, flex_tensor, from_autodiff, into_tensor, is_autodiff_flex, values};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -48,7 +48,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
             let mask = mask.map(|m| MaskRows::new(m, &dims));
             let (q, k, v) = (contiguous(qf), contiguous(kf), contiguous(vf));
             let fwd = forward(&dims, &q, &k, &v, mask.as_ref(), false);
-            return into_tensor(flex_from(fwd.out, [dims.b, dims.sq, dims.h, dims.d])).expect("Flex");
+            return into_tensor(flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d])).expect("Flex");
         }
     }
     fallback(q, k, v, mask, causal)
@@ -137,13 +137,6 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
-}
-
-fn flex_from(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, Shape::from(shape)))
-}
 
 /// A raw pointer that rayon tasks share; each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -335,13 +328,13 @@ impl Backward<Flex, 3> for AttentionBackward {
         let [q_node, k_node, v_node] = ops.parents;
         let kv_shape = [dims.b, dims.sk, dims.kv_heads, dims.d];
         if let Some(node) = q_node {
-            grads.register::<Flex>(node.id, flex_from(dq, [dims.b, dims.sq, dims.h, dims.d]));
+            grads.register::<Flex>(node.id, flex_tensor(dq, [dims.b, dims.sq, dims.h, dims.d]));
         }
         if let Some(node) = k_node {
-            grads.register::<Flex>(node.id, flex_from(dk, kv_shape));
+            grads.register::<Flex>(node.id, flex_tensor(dk, kv_shape));
         }
         if let Some(node) = v_node {
-            grads.register::<Flex>(node.id, flex_from(dv, kv_shape));
+            grads.register::<Flex>(node.id, flex_tensor(dv, kv_shape));
         }
     }
 }
@@ -352,12 +345,12 @@ fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
     let output = match AttentionBackward.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let fwd = forward(&dims, &qf, &kf, &vf, mask.as_deref(), true);
-            let out = flex_from(fwd.out, [dims.b, dims.sq, dims.h, dims.d]);
+            let out = flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d]);
             prep.finish(SavedForBackward { dims, q: qf, k: kf, v: vf, probs: Arc::new(fwd.probs) }, out)
         }
         OpsKind::UnTracked(prep) => {
             let fwd = forward(&dims, &qf, &kf, &vf, mask.as_deref(), false);
-            prep.finish(flex_from(fwd.out, [dims.b, dims.sq, dims.h, dims.d]))
+            prep.finish(flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d]))
         }
     };
     from_autodiff(output)
@@ -366,6 +359,7 @@ fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
     use burn::tensor::Distribution;
 
     type AD = burn::backend::Autodiff<Flex>;

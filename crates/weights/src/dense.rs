@@ -8,9 +8,9 @@
 //! backward pass is the two products `dX = dY · Wᵀ` and `dW = Xᵀ · dY` (each only when needed),
 //! with the transposes as strides. Few-row products (decoding) go to [`crate::skinny`] first.
 
-use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, from_autodiff, from_f32, is_autodiff_flex};
+use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -41,10 +41,6 @@ pub fn linear<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Option<&Tens
         }
     }
     from_f32(out, [m, n])
-}
-
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// Same threshold as Flex's: below about 192³ multiply-adds one thread is faster.
@@ -86,10 +82,6 @@ fn matmul(m: usize, k: usize, n: usize, (lhs, lhs_rs, lhs_cs): (&[f32], usize, u
     out
 }
 
-fn flex(values: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, Shape::from(shape)))
-}
-
 #[derive(Debug)]
 struct MatmulBackward;
 
@@ -105,18 +97,18 @@ impl Backward<Flex, 2> for MatmulBackward {
         let [x_node, w_node] = ops.parents;
         if let (Some(node), Some(w)) = (x_node, w) {
             // dX = dY · Wᵀ: Wᵀ[j, c] = W[c, j], so rows step by 1 and columns by n.
-            grads.register::<Flex>(node.id, flex(matmul(m, n, k, (values(&grad), n, 1), (values(&w), 1, n)), [m, k]));
+            grads.register::<Flex>(node.id, flex_tensor(matmul(m, n, k, (values(&grad), n, 1), (values(&w), 1, n)), [m, k]));
         }
         if let (Some(node), Some(x)) = (w_node, x) {
             // dW = Xᵀ · dY: Xᵀ[c, i] = X[i, c].
-            grads.register::<Flex>(node.id, flex(matmul(k, m, n, (values(&x), 1, k), (values(&grad), n, 1)), [k, n]));
+            grads.register::<Flex>(node.id, flex_tensor(matmul(k, m, n, (values(&x), 1, k), (values(&grad), n, 1)), [k, n]));
         }
     }
 }
 
 fn autodiff_matmul(x: AutodiffFlexTensor, w: AutodiffFlexTensor, [m, k, n]: [usize; 3]) -> AutodiffFlexTensor {
     let (xf, wf) = (x.primitive.to_contiguous(), w.primitive.to_contiguous());
-    let out = flex(matmul(m, k, n, (values(&xf), k, 1), (values(&wf), n, 1)), [m, n]);
+    let out = flex_tensor(matmul(m, k, n, (values(&xf), k, 1), (values(&wf), n, 1)), [m, n]);
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     match MatmulBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
         // X is kept only to give W its gradient, and W only to give X its own.
@@ -128,6 +120,7 @@ fn autodiff_matmul(x: AutodiffFlexTensor, w: AutodiffFlexTensor, [m, k, n]: [usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
     use burn::tensor::Distribution;
 
     type AD = burn::backend::Autodiff<Flex>;

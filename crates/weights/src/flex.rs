@@ -49,3 +49,13 @@ pub fn into_tensor<B: Backend, const D: usize>(flex: FlexTensor) -> Option<Tenso
     let prim = *flex.downcast::<B::FloatTensorPrimitive>().ok()?;
     Some(Tensor::from_primitive(TensorPrimitive::Float(prim)))
 }
+
+/// The values of a contiguous f32 Flex tensor (the fast paths call `to_contiguous` first).
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
+/// A contiguous f32 Flex tensor holding `values` (row-major) with `shape`.
+pub(crate) fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.into()))
+}

@@ -13,10 +13,10 @@
 //!
 //! On other backends Burn's own operations run.
 
-use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, from_autodiff, from_f32, is_autodiff_flex};
+use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -154,12 +154,8 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
-}
-
 fn flex_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
+    flex_tensor(values, like.layout().shape().clone())
 }
 
 #[derive(Debug)]
@@ -287,6 +283,7 @@ pub fn silu_mul_slices(gate: &[f32], up: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
     use burn::tensor::Distribution;
 
     #[test]
