@@ -12,6 +12,12 @@
 //! An [`Exporter`] is the reverse: modules push their tensors under Hugging Face names, and the
 //! result is written as one safetensors file, atomically.
 //!
+//! The crate also holds the layer helpers every model crate shares and their CPU fast paths,
+//! generic over `B: Backend` and tested against Burn's own operations: [`linear_tokens`]
+//! ([`skinny`] for few rows, [`dense`] otherwise), [`attention::attention`], the activations and
+//! RoPE in [`fused`], and [`fastexp`]; on Flex (and, with their own backward, `Autodiff<Flex>`)
+//! they run kernels of ours, on other backends Burn's operations.
+//!
 //! ```no_run
 //! use burn::backend::Flex;
 //! use llava_weights::{Loader, WeightStore};
