@@ -46,7 +46,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         }
         if let (Some(qf), Some(kf), Some(vf)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v)) {
             let mask = mask.map(|m| MaskRows::new(m, &dims));
-            let (q, k, v) = (contiguous(qf), contiguous(kf), contiguous(vf));
+            let (q, k, v) = (qf.to_contiguous(), kf.to_contiguous(), vf.to_contiguous());
             let fwd = forward(&dims, &q, &k, &v, mask.as_ref(), false);
             return into_tensor(flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d])).expect("Flex");
         }
@@ -131,10 +131,6 @@ impl MaskRows {
         let start = ((bi * heads + head) * dims.sq + i) * dims.sk;
         &self.masked[start..start + dims.sk]
     }
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    t.to_contiguous()
 }
 
 
@@ -323,7 +319,7 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let saved = ops.state;
         let dims = saved.dims;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (dq, dk, dv) = backward(&dims, values(&saved.q), values(&saved.k), values(&saved.v), &saved.probs, values(&grad));
         let [q_node, k_node, v_node] = ops.parents;
         let kv_shape = [dims.b, dims.sk, dims.kv_heads, dims.d];
@@ -341,7 +337,7 @@ impl Backward<Flex, 3> for AttentionBackward {
 
 fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Arc<MaskRows>>, dims: Dims) -> Tensor<B, 4> {
     let (q, k, v) = (autodiff_primitive(q), autodiff_primitive(k), autodiff_primitive(v));
-    let (qf, kf, vf) = (contiguous(q.primitive.clone()), contiguous(k.primitive.clone()), contiguous(v.primitive.clone()));
+    let (qf, kf, vf) = (q.primitive.to_contiguous(), k.primitive.to_contiguous(), v.primitive.to_contiguous());
     let output = match AttentionBackward.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let fwd = forward(&dims, &qf, &kf, &vf, mask.as_deref(), true);

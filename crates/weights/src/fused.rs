@@ -268,16 +268,7 @@ pub fn silu_mul_backward_slices(gate: &[f32], up: &[f32], grad: &[f32], d_gate: 
 }
 
 pub fn silu_mul_slices(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let run = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
-        }
-    };
-    if out.len() >= 2 * CHUNK {
-        out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(run);
-    } else {
-        run(((out, gate), up));
-    }
+    par_map2(gate, up, out, |g, u| g * sigmoid(g) * u);
 }
 
 #[cfg(test)]
