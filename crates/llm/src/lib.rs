@@ -357,6 +357,12 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
+/// `LlamaRMSNorm` (statistics in f32 whatever the activations' dtype; one threaded pass with its
+/// own backward on the CPU backend).
+fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    llava_weights::norm::rms_norm(x, norm.gamma.val(), norm.epsilon)
+}
+
 /// `LlamaForCausalLM`: the decoder stack plus the LM head.
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
@@ -401,11 +407,11 @@ impl<B: Backend> LlamaModel<B> {
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(layer.input_layernorm.forward(h.clone()), &rotary, mask.clone(), slot);
+            let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, h.clone()), &rotary, mask.clone(), slot);
             h = h + a;
-            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+            h = h.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, h));
         }
-        self.norm.forward(h)
+        rms_norm(&self.norm, h)
     }
 
     /// LM head: `[batch, seq, hidden]` → `[batch, seq, vocab]`.

@@ -36,6 +36,7 @@ pub mod dense;
 pub mod fastexp;
 pub mod flex;
 pub mod fused;
+pub mod norm;
 pub mod skinny;
 mod store;
 
