@@ -189,7 +189,7 @@ impl<B: Backend> Llava<B> {
                 let row = if pad == 0 {
                     row
                 } else {
-                    let zeros = Tensor::<B, 2>::zeros([pad, hidden], &device);
+                    let zeros = Tensor::<B, 2>::zeros([pad, hidden], (&device, row.dtype()));
                     match padding {
                         PaddingSide::Right => Tensor::cat(vec![row, zeros], 0),
                         PaddingSide::Left => Tensor::cat(vec![zeros, row], 0),

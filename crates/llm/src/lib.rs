@@ -289,6 +289,8 @@ impl<B: Backend> Rotary<B> {
         }
         let [b, s, h, d] = x.dims();
         let (cos, signed_sin) = self.tables(h);
+        // Tables are made in f32; under mixed precision the activations are bf16.
+        let (cos, signed_sin) = (cos.cast(x.dtype()), signed_sin.cast(x.dtype()));
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let swapped = Tensor::cat(vec![x2, x1], 3);

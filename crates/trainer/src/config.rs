@@ -76,6 +76,9 @@ pub struct TrainingConfig {
     pub max_grad_norm: f32,
     #[serde(default = "default_max_length")]
     pub model_max_length: usize,
+    /// Mixed precision as the reference's `--bf16`: bf16 forward and backward, f32 master
+    /// weights and optimizer state. Backends without bf16 arithmetic (wgpu) run in f32 with a
+    /// warning; on the CPU backend bf16 works but is slower than f32 (no bf16 matrix kernels).
     #[serde(default = "default_bf16")]
     pub bf16: bool,
     #[serde(default)]

@@ -13,6 +13,12 @@
 //!
 //! The step is written against `GradientsParams`, so averaging them across devices (Burn's
 //! collective all-reduce) slots in between accumulation and clipping without changing the rest.
+//!
+//! Mixed precision ([`Trainer::with_compute_dtype`], the reference's `--bf16`): trainable
+//! parameters stay f32 (the optimizer's master copy, as DeepSpeed keeps it) and are cast to bf16
+//! for each forward through Burn's differentiable cast, so their gradients arrive in f32; frozen
+//! towers, which need no master copy, are stored in bf16 once. Activations are bf16; RMSNorm
+//! statistics and the loss are f32, as in Hugging Face's LLaMA.
 
 pub mod adamw;
 pub mod checkpoint;
@@ -22,12 +28,12 @@ pub mod metrics;
 pub mod run;
 pub mod schedule;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use adamw::{AdamWParams, FusedAdamW};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use llava::{Llava, PaddingSide};
 use serde::{Deserialize, Serialize};
 
@@ -149,6 +155,8 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Optimizer steps taken.
     pub step: usize,
     accumulator: GradientsAccumulator<Llava<B>>,
+    /// Mixed precision: the dtype the forward and backward run in; `None` = the parameters' own.
+    compute_dtype: Option<DType>,
     micro: usize,
     pending: (f64, usize, usize),
 }
@@ -169,8 +177,36 @@ impl<B: AutodiffBackend> Trainer<B> {
             stage,
             step: 0,
             accumulator: GradientsAccumulator::new(),
+            compute_dtype: None,
             micro: 0,
             pending: (0.0, 0, 0),
+        }
+    }
+
+    /// Mixed precision: forward and backward in `dtype` (bf16), trainable parameters kept in
+    /// f32 and cast for each forward, frozen towers stored in `dtype` from now on (they need no
+    /// master copy; at 7B this halves the frozen LLM of stage 1).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.model.vision = self.model.vision.map(&mut CastParams(dtype));
+        if self.stage == Stage::One {
+            self.model.llm = self.model.llm.map(&mut CastParams(dtype));
+        }
+        self.compute_dtype = Some(dtype);
+        self
+    }
+
+    /// The dtype forward and backward compute in (f32 unless [`Self::with_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype.unwrap_or(DType::F32)
+    }
+
+    /// The model the forward pass runs: [`Self::model`] itself, or under mixed precision its
+    /// parameters cast to the compute dtype, still connected to the f32 ones in the autodiff
+    /// graph (the gradients are registered for those).
+    pub fn compute_model(&self) -> Llava<B> {
+        match self.compute_dtype {
+            None => self.model.clone(),
+            Some(dtype) => self.model.clone().map(&mut CastParams(dtype)),
         }
     }
 
@@ -183,7 +219,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
-        let BatchLoss { loss, supervised, tokens } = batch_loss_train(&self.model, batch, self.config.max_length);
+        let BatchLoss { loss, supervised, tokens } = batch_loss_train(&self.compute_model(), batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
         let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
@@ -221,6 +257,16 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 use burn::tensor::ElementConversion;
+
+/// Casts every float parameter to a dtype (Burn's cast is differentiable: a tracked parameter's
+/// gradient flows back through it in the original dtype).
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|t| t.cast(self.0))
+    }
+}
 
 struct NormVisitor<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,

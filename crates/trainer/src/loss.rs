@@ -7,7 +7,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use llava_weights::fastexp::{self, exp_shifted_sum};
 use llava_weights::flex::{flex_f32, from_f32};
 use rayon::prelude::*;
@@ -35,6 +35,8 @@ fn supervised_rows(labels: Tensor<impl Backend, 2, Int>) -> (Vec<i64>, Vec<i64>)
 /// Mean negative log-likelihood of `targets` under `logits` `[n, vocab]`.
 fn nll<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
     let n = targets.len();
+    // As Hugging Face's `logits.float()`: the loss is taken in f32 under mixed precision too.
+    let logits = logits.cast(DType::F32);
     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());
     log_softmax(logits, 1).gather(1, targets).sum().neg() / n as f64
 }
@@ -58,7 +60,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     match supervised(logits.clone().reshape([b * s, v]), labels) {
         Some((picked, targets)) => (nll(picked, targets.clone()), targets.len()),
         // No supervised token (e.g. a sample the mismatch rule masked): zero loss, no gradient.
-        None => (logits.sum() * 0.0, 0),
+        None => (logits.sum().cast(DType::F32) * 0.0, 0),
     }
 }
 
@@ -72,7 +74,7 @@ pub fn lm_head_loss<B: Backend>(llm: &LlamaModel<B>, hidden: Tensor<B, 3>, label
             let logits = llm.logits(picked.reshape([1, n, d])).reshape([n, llm.vocab_size()]);
             (nll(logits, targets), n)
         }
-        None => (hidden.sum() * 0.0, 0),
+        None => (hidden.sum().cast(DType::F32) * 0.0, 0),
     }
 }
 
@@ -88,6 +90,7 @@ pub fn lm_head_loss_train<B: AutodiffBackend>(llm: &LlamaModel<B>, hidden: Tenso
     };
     let n = targets.len();
     let logits = llm.logits(picked.reshape([1, n, d])).reshape([n, llm.vocab_size()]);
+    let logits = logits.cast(DType::F32);
     match cross_entropy_grad::<B::InnerBackend>(logits.clone().inner(), &targets) {
         Some((value, grad)) => {
             // Forward value `value`, gradient w.r.t. the logits `grad`: `s − detach(s)` is zero

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
@@ -205,9 +205,6 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
     B::seed(device, cfg.training.seed);
-    if cfg.training.bf16 {
-        tracing::warn!("training.bf16 is not implemented yet: this run computes in f32");
-    }
     if cfg.training.gradient_checkpointing {
         tracing::info!("gradient checkpointing: activations are recomputed in the backward pass (run with an Autodiff<_, BalancedCheckpointing> backend)");
     }
@@ -254,6 +251,14 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     let total_steps = optim.total_steps;
     let max_length = optim.max_length;
     let mut trainer = Trainer::new(model, cfg.stage, optim);
+    if cfg.training.bf16 {
+        if B::supports_dtype(device, DType::BF16) {
+            tracing::info!("bf16 mixed precision: f32 master weights, bf16 forward and backward");
+            trainer = trainer.with_compute_dtype(DType::BF16);
+        } else {
+            tracing::warn!("training.bf16: this backend has no bf16 arithmetic, the run computes in f32");
+        }
+    }
 
     // The sample order of the whole run, epoch after epoch, each shuffled with the seed; enough
     // epochs for every optimizer step (batches run across epoch boundaries).
@@ -334,7 +339,7 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         let tokens_per_s = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
         let evaluate = !val_batches.is_empty()
             && (trainer.step == stop_at || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
-        let val_loss = evaluate.then(|| validation_loss(&trainer.model.valid(), &val_batches, max_length));
+        let val_loss = evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
         metrics
             .write(&StepMetrics { step: trainer.step - 1, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, tokens_per_s, val_loss })
             .map_err(io(&metrics_path))?;

@@ -252,3 +252,67 @@ fn gradient_checkpointing_gives_the_same_step() {
     let max = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(max < 1e-6, "updated LLM weights differ by {max}");
 }
+
+/// The dtype of every float parameter of a module.
+fn dtypes<BB: Backend, M: burn::module::Module<BB>>(module: &M) -> Vec<burn::tensor::DType> {
+    struct Collect<BB: Backend>(Vec<burn::tensor::DType>, std::marker::PhantomData<BB>);
+    impl<BB: Backend> burn::module::ModuleVisitor<BB> for Collect<BB> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<BB, D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let mut c = Collect::<BB>(Vec::new(), Default::default());
+    module.visit(&mut c);
+    c.0
+}
+
+#[test]
+fn bf16_mixed_precision_keeps_f32_masters_and_follows_the_f32_step() {
+    use burn::tensor::DType::{BF16, F32};
+    let device = Default::default();
+    let base = model(&device);
+    let b = batch::<B>(&device, &[sample(7), sample(8)]);
+    for stage in [Stage::One, Stage::Two] {
+        let mut full = Trainer::new(base.clone(), stage, config(1e-3, 1));
+        let mut mixed = Trainer::new(base.clone(), stage, config(1e-3, 1)).with_compute_dtype(BF16);
+        let before = split(&mixed);
+        // Frozen towers are stored in bf16 once; what trains stays f32 (the master copy).
+        assert!(dtypes(&mixed.model.vision).iter().all(|&d| d == BF16), "{stage:?}: vision stored in bf16");
+        assert!(dtypes(&mixed.model.projector).iter().all(|&d| d == F32), "{stage:?}: projector master in f32");
+        let llm_dtype = if stage == Stage::One { BF16 } else { F32 };
+        assert!(dtypes(&mixed.model.llm).iter().all(|&d| d == llm_dtype), "{stage:?}: LLM in {llm_dtype:?}");
+        // The forward really runs in bf16.
+        let compute = mixed.compute_model();
+        assert!(dtypes(&compute.projector).iter().chain(&dtypes(&compute.llm)).all(|&d| d == BF16));
+
+        let (a, m) = (full.micro_step(&b).unwrap(), mixed.micro_step(&b).unwrap());
+        assert!((a.loss - m.loss).abs() < 0.02 * a.loss, "{stage:?}: loss f32 {} vs bf16 {}", a.loss, m.loss);
+        assert!((a.grad_norm - m.grad_norm).abs() < 0.05 * a.grad_norm, "{stage:?}: grad norm f32 {} vs bf16 {}", a.grad_norm, m.grad_norm);
+        let after = split(&mixed);
+        assert_eq!(before.0, after.0, "{stage:?}: the frozen vision tower is unchanged");
+        // The bf16 step moves the f32 masters the way the f32 step moves its weights.
+        let delta = |t: &Trainer<B>, from: &[Vec<f32>]| -> Vec<f32> {
+            split(t).1.iter().flatten().zip(from.iter().flatten()).map(|(x, y)| x - y).collect()
+        };
+        let start = split(&Trainer::new(base.clone(), stage, config(1e-3, 1))).1;
+        let (da, dm) = (delta(&full, &start), delta(&mixed, &start));
+        let dot: f32 = da.iter().zip(&dm).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cosine = dot / (norm(&da) * norm(&dm));
+        assert!(cosine > 0.9, "{stage:?}: projector updates point the same way (cosine {cosine})");
+        assert!(dtypes(&mixed.model.projector).iter().all(|&d| d == F32), "{stage:?}: masters stay f32 after the step");
+    }
+}
+
+#[test]
+fn bf16_mixed_precision_overfits_one_sample() {
+    let device = Default::default();
+    let mut trainer = Trainer::new(model(&device), Stage::Two, config(1e-2, 1)).with_compute_dtype(burn::tensor::DType::BF16);
+    let b = batch(&device, &[sample(4)]);
+    let first = trainer.micro_step(&b).unwrap().loss;
+    let mut last = first;
+    for _ in 0..80 {
+        last = trainer.micro_step(&b).unwrap().loss;
+    }
+    assert!(last < 0.1 && first > 2.0, "loss {first} → {last}");
+}

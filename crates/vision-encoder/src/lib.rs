@@ -229,6 +229,8 @@ pub struct ClipEmbeddings<B: Backend> {
 impl<B: Backend> ClipEmbeddings<B> {
     /// `[batch, 3, H, W]` → `[batch, 1 + patches, hidden]`.
     pub fn forward(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
+        // As Hugging Face: the pixels take the weights' dtype (bf16 under mixed precision).
+        let pixels = pixels.cast(self.patch_embedding.weight.dtype());
         let patches = self.patch_embedding.forward(pixels); // [b, d, gh, gw]
         let [b, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2); // [b, n, d]
