@@ -90,13 +90,13 @@ impl Sampler {
 
 /// Index of the largest value; the first one on ties, as `torch.argmax`.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
+    // What `for v: if v > values[best] { best = i }` gives: NaNs never win, unless first (then
+    // nothing beats it). The maximum comes from a vectorised pass, then its first position.
+    if values.first().is_none_or(|v| v.is_nan()) {
+        return 0;
     }
-    best as u32
+    let max = llava_weights::fastexp::max(values);
+    values.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// Generates continuations of a batch of prompts (token ids with `-200` where images go).
@@ -125,7 +125,9 @@ pub fn generate<B: Backend>(
 
     let mut valid = batch.valid.clone();
     let mut next_pos: Vec<i64> = batch.lengths.iter().map(|&l| l as i64).collect();
-    let mut cache = KvCache::new(model.llm.layers.len());
+    // Room for the prompt and every new token: the cache never grows while decoding.
+    let prompt_len = batch.embeds.dims()[1];
+    let mut cache = KvCache::with_capacity(model.llm.layers.len(), prompt_len + config.max_new_tokens);
     let mut all_embeds = batch.embeds.clone();
     let mut all_positions = batch.positions.clone();
     let mut logits = if config.use_cache { model.prefill(&batch, &mut cache) } else { last_logits(model, &all_embeds, &all_positions, &valid) };
@@ -192,6 +194,29 @@ mod tests {
     #[test]
     fn greedy_is_argmax_with_first_index_on_ties() {
         assert_eq!(draws(SamplingConfig::default(), &[0.1, 2.0, 2.0, -1.0], 5), vec![1; 5]);
+    }
+
+    #[test]
+    fn argmax_agrees_with_the_scalar_loop_on_long_rows() {
+        let scalar = |v: &[f32]| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32;
+        for len in [1usize, 15, 16, 17, 100, 32064] {
+            for at in [0, len / 3, len - 1] {
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 2.0).collect();
+                v[at] = 5.0;
+                assert_eq!(argmax(&v), at as u32, "len {len}, max at {at}");
+                // A tie later keeps the first; a NaN elsewhere never wins; a NaN first does.
+                v[len - 1] = 5.0;
+                assert_eq!(argmax(&v), scalar(&v));
+                if len > 2 {
+                    v[1] = f32::NAN;
+                    assert_eq!(argmax(&v), scalar(&v));
+                }
+                v[0] = f32::NAN;
+                assert_eq!(argmax(&v), 0);
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

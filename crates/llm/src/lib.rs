@@ -208,32 +208,83 @@ impl LlamaConfig {
     }
 }
 
-/// Keys and values of past positions, per layer: `[batch, past, kv_heads, head_dim]`.
+/// Keys and values of past positions, per layer, in buffers `[batch, capacity, kv_heads,
+/// head_dim]` of which the first [`KvCache::len`] positions are filled. A step writes its new
+/// keys and values after them (in place on the CPU backend) and attends to a view of the filled
+/// part, instead of concatenating the whole cache anew; a full buffer doubles.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<LayerCache<B>>>,
+    /// Positions the buffers are first made with (at least the prompt's).
+    reserve: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache<B: Backend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers hold `positions` (prompt and new tokens) before they first grow.
+    pub fn with_capacity(num_layers: usize, positions: usize) -> Self {
+        Self { layers: vec![None; num_layers], reserve: positions }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[1])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Positions the buffers hold before they grow.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(self.reserve, |l| l.keys.dims()[1])
+    }
+
     /// Keeps only the batch rows in `rows` (drop finished sequences from a batch).
     pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.clone().select(0, rows.clone());
-            *v = v.clone().select(0, rows.clone());
+        for layer in self.layers.iter_mut().flatten() {
+            layer.keys = layer.keys.clone().select(0, rows.clone());
+            layer.values = layer.values.clone().select(0, rows.clone());
         }
+    }
+
+    /// Appends layer `i`'s new keys and values `[batch, new, kv_heads, head_dim]` and returns
+    /// all of its keys and values so far (views of the buffers).
+    fn append(&mut self, i: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, h, d] = keys.dims();
+        let reserve = self.reserve;
+        let layer = self.layers[i].get_or_insert_with(|| {
+            let buffer = || Tensor::zeros([b, reserve.max(s), h, d], (&keys.device(), keys.dtype()));
+            LayerCache { keys: buffer(), values: buffer(), len: 0 }
+        });
+        let len = layer.len;
+        let capacity = layer.keys.dims()[1];
+        if len + s > capacity {
+            // Double (amortised O(1) per position); the filled part moves to the new buffers.
+            let grown = (2 * capacity).max(len + s);
+            let grow = |old: &Tensor<B, 4>| {
+                let fresh = Tensor::zeros([b, grown, h, d], (&old.device(), old.dtype()));
+                llava_weights::flex::assign_positions(fresh, 0, old.clone().slice([0..b, 0..len]))
+            };
+            layer.keys = grow(&layer.keys);
+            layer.values = grow(&layer.values);
+        }
+        let take = |t: &mut Tensor<B, 4>| std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &keys.device()));
+        let (k_buf, v_buf) = (take(&mut layer.keys), take(&mut layer.values));
+        layer.keys = llava_weights::flex::assign_positions(k_buf, len, keys);
+        layer.values = llava_weights::flex::assign_positions(v_buf, len, values);
+        layer.len = len + s;
+        (layer.keys.clone().slice([0..b, 0..len + s]), layer.values.clone().slice([0..b, 0..len + s]))
     }
 }
 
@@ -315,7 +366,7 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
         mask: Option<Tensor<B, 4, Bool>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let hd = self.head_dim;
@@ -324,12 +375,8 @@ impl<B: Backend> Attention<B> {
         let q = rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd]));
         let mut k = rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd]));
         let mut v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]);
-        if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.take() {
-                k = Tensor::cat(vec![past_k, k], 1);
-                v = Tensor::cat(vec![past_v, v], 1);
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((cache, layer)) = cache {
+            (k, v) = cache.append(layer, k, v);
         }
         // Without a mask: causal, aligned bottom-right, so also right for a cached decode step.
         let causal = mask.is_none();
@@ -408,7 +455,7 @@ impl<B: Backend> LlamaModel<B> {
         let rotary = Rotary::new(positions, head_dim, self.rope_theta);
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (c, i));
             let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, h.clone()), &rotary, mask.clone(), slot);
             h = h + a;
             h = h.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, h));
@@ -538,4 +585,71 @@ pub fn padded_causal_mask<B: Backend>(valid: &[Vec<bool>], new: usize, device: &
         }
     }
     Tensor::from_data(TensorData::new(mask, [b, 1, new, total]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn tiny(device: &<Flex as burn::tensor::backend::BackendTypes>::Device) -> LlamaModel<Flex> {
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            ..Default::default()
+        };
+        Flex::seed(device, 4);
+        config.init(device)
+    }
+
+    fn close(a: Tensor<Flex, 3>, b: Tensor<Flex, 3>, what: &str) {
+        let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+        }
+    }
+
+    /// Feeding a batch of sequences a few tokens at a time through the cache gives the logits of
+    /// the whole sequences at once, whether the buffers grow on the way or were reserved.
+    #[test]
+    fn cached_steps_equal_the_full_forward_with_growing_or_reserved_buffers() {
+        let device = Default::default();
+        let model = tiny(&device);
+        let ids: Vec<i64> = (0..3 * 11).map(|i| (i * 17 + 3) % 50).collect();
+        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [3, 11]), &device);
+        let full = model.forward_ids(ids.clone(), None);
+        for reserve in [0, 4, 11, 40] {
+            let mut cache = KvCache::with_capacity(2, reserve);
+            let mut pieces = Vec::new();
+            for (start, end) in [(0, 3), (3, 4), (4, 5), (5, 9), (9, 10), (10, 11)] {
+                pieces.push(model.forward_ids(ids.clone().slice([0..3, start..end]), Some(&mut cache)));
+                assert_eq!(cache.len(), end);
+                assert!(cache.capacity() >= end);
+            }
+            if reserve >= 11 {
+                assert_eq!(cache.capacity(), reserve, "a reserved cache does not grow");
+            }
+            close(Tensor::cat(pieces, 1), full.clone(), &format!("reserve {reserve}"));
+        }
+    }
+
+    /// A cloned cache is a snapshot: appending to one leaves the other as it was.
+    #[test]
+    fn a_cloned_cache_is_not_changed_by_appends_to_the_original() {
+        let device = Default::default();
+        let model = tiny(&device);
+        let ids = |v: Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
+        let mut cache = KvCache::with_capacity(2, 16);
+        model.forward_ids(ids(vec![1, 2, 3]), Some(&mut cache));
+        let mut snapshot = cache.clone();
+        model.forward_ids(ids(vec![4]), Some(&mut cache));
+        let from_snapshot = model.forward_ids(ids(vec![7]), Some(&mut snapshot));
+        let expected = model.forward_ids(ids(vec![1, 2, 3, 7]), None).slice([0..1, 3..4]);
+        close(from_snapshot, expected, "snapshot");
+    }
 }

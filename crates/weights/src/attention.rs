@@ -46,8 +46,11 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         }
         if let (Some(qf), Some(kf), Some(vf)) = (flex_f32(&q), flex_f32(&k), flex_f32(&v)) {
             let mask = mask.map(|m| MaskRows::new(m, &dims));
-            let (q, k, v) = (qf.to_contiguous(), kf.to_contiguous(), vf.to_contiguous());
-            let fwd = forward(&dims, &q, &k, &v, mask.as_ref(), false);
+            // K and V are read in place when only their batch axis is strided: a view of the
+            // first `sk` positions of a preallocated KV cache `[b, capacity, kv_heads, d]`.
+            let q = qf.to_contiguous();
+            let (k, v) = (BatchStrided::of(kf, &dims), BatchStrided::of(vf, &dims));
+            let fwd = forward(&dims, values(&q), k.rows(), v.rows(), k.batch_stride, v.batch_stride, mask.as_ref(), false);
             return into_tensor(flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d])).expect("Flex");
         }
     }
@@ -199,9 +202,39 @@ fn hidden(dims: &Dims, mask_row: Option<&[bool]>, i: usize, j: usize) -> bool {
     mask_row.is_some_and(|row| row[j]) || (dims.causal && j + dims.sq > i + dims.sk)
 }
 
-fn forward(dims: &Dims, q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: Option<&MaskRows>, keep_probs: bool) -> Forward {
+/// `[b, sk, kv_heads, d]` keys or values whose `[sk, kv_heads, d]` blocks are contiguous, batch
+/// `i` starting `i · batch_stride` elements after the first.
+struct BatchStrided {
+    tensor: FlexTensor,
+    batch_stride: usize,
+}
+
+impl BatchStrided {
+    fn of(t: FlexTensor, dims: &Dims) -> Self {
+        let block = dims.sk * dims.kv_heads * dims.d;
+        let shape = [dims.b, dims.sk, dims.kv_heads, dims.d];
+        let wanted = [block, dims.kv_heads * dims.d, dims.d, 1];
+        let strides = t.layout().strides();
+        // A stride of a length-1 axis is never used; the batch stride may exceed the block.
+        let fits = (0..4).all(|i| shape[i] == 1 || (strides[i] >= 0 && if i == 0 { strides[0] as usize >= block } else { strides[i] as usize == wanted[i] }));
+        if fits {
+            let batch_stride = if dims.b == 1 { block } else { strides[0] as usize };
+            return Self { tensor: t, batch_stride };
+        }
+        Self { tensor: t.to_contiguous(), batch_stride: block }
+    }
+    /// The storage from the first element on (the last batch's block ends within it).
+    fn rows(&self) -> &[f32] {
+        &self.tensor.storage::<f32>()[self.tensor.layout().start_offset()..]
+    }
+}
+
+/// `k` and `v` hold batch `i` at `i · k_batch` and `i · v_batch`; `q` is contiguous.
+#[allow(clippy::too_many_arguments)]
+fn forward(dims: &Dims, q: &[f32], k: &[f32], v: &[f32], k_batch: usize, v_batch: usize, mask: Option<&MaskRows>, keep_probs: bool) -> Forward {
     let Dims { b, sq, sk, h, kv_heads, d, scale, .. } = *dims;
-    let (q, k, v) = (values(q), values(k), values(v));
+    let block = sk * kv_heads * d;
+    assert!(k.len() >= (b - 1) * k_batch + block && v.len() >= (b - 1) * v_batch + block, "K/V storage too short");
     let mut out = vec![0f32; dims.q_len()];
     let out_ptr = SharedMut(out.as_mut_ptr());
     // Probabilities of every head when the backward pass needs them, else one scratch per task.
@@ -218,10 +251,10 @@ fn forward(dims: &Dims, q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: Op
                 scratch
             };
             let q_at = (bi * sq * h + head) * d;
-            let kv_at = (bi * sk * kv_heads + kv) * d;
+            let (k_at, v_at) = (bi * k_batch + kv * d, bi * v_batch + kv * d);
             unsafe {
                 // S = scale · Q_h · K_hᵀ
-                gemm_f32(sq, sk, d, p.as_mut_ptr(), sk, false, q[q_at..].as_ptr(), (h * d, 1), k[kv_at..].as_ptr(), (1, kv_heads * d), scale);
+                gemm_f32(sq, sk, d, p.as_mut_ptr(), sk, false, q[q_at..].as_ptr(), (h * d, 1), k[k_at..].as_ptr(), (1, kv_heads * d), scale);
             }
             for (i, row) in p.chunks_exact_mut(sk).enumerate() {
                 let mask_row = mask.map(|m| m.row(dims, bi, head, i));
@@ -229,7 +262,7 @@ fn forward(dims: &Dims, q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: Op
             }
             unsafe {
                 // O_h = P · V_h, written into the [b, sq, h, d] output.
-                gemm_f32(sq, d, sk, out_ptr.at(q_at), h * d, false, p.as_ptr(), (sk, 1), v[kv_at..].as_ptr(), (kv_heads * d, 1), 1.0);
+                gemm_f32(sq, d, sk, out_ptr.at(q_at), h * d, false, p.as_ptr(), (sk, 1), v[v_at..].as_ptr(), (kv_heads * d, 1), 1.0);
             }
         },
     );
@@ -340,12 +373,14 @@ fn autodiff_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B,
     let (qf, kf, vf) = (q.primitive.to_contiguous(), k.primitive.to_contiguous(), v.primitive.to_contiguous());
     let output = match AttentionBackward.prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let fwd = forward(&dims, &qf, &kf, &vf, mask.as_deref(), true);
+            let block = dims.kv_len() / dims.b;
+            let fwd = forward(&dims, values(&qf), values(&kf), values(&vf), block, block, mask.as_deref(), true);
             let out = flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d]);
             prep.finish(SavedForBackward { dims, q: qf, k: kf, v: vf, probs: Arc::new(fwd.probs) }, out)
         }
         OpsKind::UnTracked(prep) => {
-            let fwd = forward(&dims, &qf, &kf, &vf, mask.as_deref(), false);
+            let block = dims.kv_len() / dims.b;
+            let fwd = forward(&dims, values(&qf), values(&kf), values(&vf), block, block, mask.as_deref(), false);
             prep.finish(flex_tensor(fwd.out, [dims.b, dims.sq, dims.h, dims.d]))
         }
     };

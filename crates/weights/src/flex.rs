@@ -1,5 +1,6 @@
 //! Run-time access to the Flex CPU backend's storage from code generic over `B: Backend`: the
-//! one door of the CPU fast paths (`skinny`, `heads`, `fused`, and the trainer's AdamW and loss).
+//! one door of the CPU fast paths (`skinny`, `dense`, `attention`, `fused`, `norm`, and the
+//! trainer's AdamW and loss).
 //! On any other backend, and under autodiff, the tensor primitive is not a `FlexTensor` and
 //! these return `None`, so callers fall back to Burn's own operations.
 
@@ -58,4 +59,50 @@ pub(crate) fn values(t: &FlexTensor) -> &[f32] {
 /// A contiguous f32 Flex tensor holding `values` (row-major) with `shape`.
 pub(crate) fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+/// `buffer` `[b, capacity, …]` with positions `at .. at + s` of axis 1 replaced by `new`
+/// `[b, s, …]`: Burn's `slice_assign`, except that on Flex an f32 buffer nobody else holds is
+/// written in place (Flex's `slice_assign` copies the whole buffer first). A preallocated KV
+/// cache appends through this, so a decoding step copies only its new keys and values.
+pub fn assign_positions<B: Backend, const D: usize>(buffer: Tensor<B, D>, at: usize, new: Tensor<B, D>) -> Tensor<B, D> {
+    let (dims, new_dims) = (buffer.dims(), new.dims());
+    let s = new_dims[1];
+    let fits = D >= 2 && at + s <= dims[1] && (0..D).all(|i| i == 1 || dims[i] == new_dims[i]);
+    assert!(fits, "assign_positions: {new_dims:?} at position {at} does not fit in {dims:?}");
+    let prim: Box<dyn Any> = Box::new(buffer.into_primitive().tensor());
+    let buffer = match prim.downcast::<FlexTensor>() {
+        Ok(flex) => match write_in_place(*flex, at, &new) {
+            Ok(done) => return into_tensor(done).expect("Flex"),
+            Err(flex) => into_tensor(flex).expect("Flex"),
+        },
+        Err(prim) => Tensor::from_primitive(TensorPrimitive::Float(*prim.downcast::<B::FloatTensorPrimitive>().expect("B's primitive"))),
+    };
+    let ranges: [std::ops::Range<usize>; D] = std::array::from_fn(|i| if i == 1 { at..at + s } else { 0..dims[i] });
+    buffer.slice_assign(ranges, new)
+}
+
+/// The in-place write of [`assign_positions`]; gives the buffer back when it does not apply.
+fn write_in_place<B: Backend, const D: usize>(mut buffer: FlexTensor, at: usize, new: &Tensor<B, D>) -> Result<FlexTensor, FlexTensor> {
+    let Some(new) = flex_f32(new) else { return Err(buffer) };
+    let whole = buffer.is_contiguous() && buffer.layout().start_offset() == 0 && buffer.dtype() == DType::F32;
+    let shape = buffer.layout().shape().clone();
+    let (b, capacity) = (shape[0], shape[1]);
+    let row: usize = (2..D).map(|i| shape[i]).product();
+    let new = new.to_contiguous();
+    let src = values(&new);
+    let s = src.len() / (b * row).max(1);
+    if s == 0 {
+        return Ok(buffer);
+    }
+    match whole.then(|| buffer.try_storage_mut::<f32>()).flatten() {
+        Some(dst) if dst.len() == b * capacity * row => {
+            for (bi, src) in src.chunks_exact(s * row).enumerate() {
+                let start = (bi * capacity + at) * row;
+                dst[start..start + s * row].copy_from_slice(src);
+            }
+            Ok(buffer)
+        }
+        _ => Err(buffer),
+    }
 }
