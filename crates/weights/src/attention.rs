@@ -252,21 +252,105 @@ fn forward(dims: &Dims, q: &[f32], k: &[f32], v: &[f32], k_batch: usize, v_batch
             };
             let q_at = (bi * sq * h + head) * d;
             let (k_at, v_at) = (bi * k_batch + kv * d, bi * v_batch + kv * d);
-            unsafe {
-                // S = scale · Q_h · K_hᵀ
-                gemm_f32(sq, sk, d, p.as_mut_ptr(), sk, false, q[q_at..].as_ptr(), (h * d, 1), k[k_at..].as_ptr(), (1, kv_heads * d), scale);
+            let direct = sq <= DIRECT_MAX_QUERIES;
+            if direct {
+                // S = scale · Q_h · K_hᵀ as dot products: for a few queries (a decoding step)
+                // gemm's packing of K costs more than the products.
+                scores_direct(&q[q_at..], h * d, &k[k_at..], kv_heads * d, sq, sk, d, scale, p);
+            } else {
+                unsafe {
+                    // S = scale · Q_h · K_hᵀ
+                    gemm_f32(sq, sk, d, p.as_mut_ptr(), sk, false, q[q_at..].as_ptr(), (h * d, 1), k[k_at..].as_ptr(), (1, kv_heads * d), scale);
+                }
             }
             for (i, row) in p.chunks_exact_mut(sk).enumerate() {
                 let mask_row = mask.map(|m| m.row(dims, bi, head, i));
                 softmax_row(row, |j| hidden(dims, mask_row, i, j));
             }
-            unsafe {
-                // O_h = P · V_h, written into the [b, sq, h, d] output.
-                gemm_f32(sq, d, sk, out_ptr.at(q_at), h * d, false, p.as_ptr(), (sk, 1), v[v_at..].as_ptr(), (kv_heads * d, 1), 1.0);
+            if direct {
+                // O_h = P · V_h as a weighted sum of V's rows.
+                for (i, p_row) in p.chunks_exact(sk).enumerate() {
+                    // SAFETY: query i of this head: d elements no other task writes.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(q_at + i * h * d), d) };
+                    output_direct(p_row, &v[v_at..], kv_heads * d, d, out);
+                }
+            } else {
+                unsafe {
+                    // O_h = P · V_h, written into the [b, sq, h, d] output.
+                    gemm_f32(sq, d, sk, out_ptr.at(q_at), h * d, false, p.as_ptr(), (sk, 1), v[v_at..].as_ptr(), (kv_heads * d, 1), 1.0);
+                }
             }
         },
     );
     Forward { out, probs }
+}
+
+/// Query counts up to which the products are computed directly rather than with gemm.
+const DIRECT_MAX_QUERIES: usize = 4;
+
+/// `p[i·sk + j] = scale · q_i · k_j` (rows `q_stride` / `k_stride` apart).
+#[allow(clippy::too_many_arguments)]
+fn scores_direct(q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32, p: &mut [f32]) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn body(q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32, p: &mut [f32]) {
+        for i in 0..sq {
+            let qi = &q[i * q_stride..i * q_stride + d];
+            for (j, s) in p[i * sk..(i + 1) * sk].iter_mut().enumerate() {
+                *s = scale * dot(qi, &k[j * k_stride..j * k_stride + d]);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn avx512(q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32, p: &mut [f32]) {
+        body(q, q_stride, k, k_stride, sq, sk, d, scale, p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return unsafe { avx512(q, q_stride, k, k_stride, sq, sk, d, scale, p) };
+    }
+    body(q, q_stride, k, k_stride, sq, sk, d, scale, p)
+}
+
+/// `out = Σ_j p[j] · v_j` (rows of `v` `v_stride` apart).
+fn output_direct(p: &[f32], v: &[f32], v_stride: usize, d: usize, out: &mut [f32]) {
+    #[inline(always)]
+    fn body(p: &[f32], v: &[f32], v_stride: usize, d: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                for (o, &x) in out.iter_mut().zip(&v[j * v_stride..j * v_stride + d]) {
+                    *o += pj * x;
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn avx512(p: &[f32], v: &[f32], v_stride: usize, d: usize, out: &mut [f32]) {
+        body(p, v, v_stride, d, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return unsafe { avx512(p, v, v_stride, d, out) };
+    }
+    body(p, v, v_stride, d, out)
+}
+
+/// `Σ a·b` in sixteen lanes (one AVX-512 register).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// In-place softmax of one row of scores, hidden entries 0; a fully hidden row is all 0.
@@ -460,6 +544,32 @@ mod tests {
     #[test]
     fn decode_step_aligns_causality_bottom_right() {
         compare(1, 3, 10, 2, 1, 8, None, true);
+    }
+
+    #[test]
+    fn single_query_with_padding_and_odd_head_width_matches() {
+        // The direct (no gemm) path of decoding steps, with a remainder after 16 lanes.
+        compare(3, 1, 12, 4, 2, 20, Some(&[0, 5, 11]), false);
+        compare(2, 2, 7, 4, 4, 64, None, true);
+    }
+
+    #[test]
+    fn keys_and_values_read_in_place_from_a_larger_buffer() {
+        // A preallocated KV cache hands attention the first `sk` positions of `[b, capacity, …]`.
+        let device = Default::default();
+        Flex::seed(&device, 9);
+        let (b, sq, sk, capacity, h, kv_heads, d) = (3, 2, 6, 10, 4, 2, 16);
+        let q = Tensor::<Flex, 4>::random([b, sq, h, d], Distribution::Normal(0.0, 1.0), &device);
+        let k_buf = Tensor::<Flex, 4>::random([b, capacity, kv_heads, d], Distribution::Normal(0.0, 1.0), &device);
+        let v_buf = Tensor::<Flex, 4>::random([b, capacity, kv_heads, d], Distribution::Normal(0.0, 1.0), &device);
+        let (k, v) = (k_buf.slice([0..b, 0..sk]), v_buf.slice([0..b, 0..sk]));
+        assert!(!flex_f32(&k).unwrap().is_contiguous(), "the test needs a strided view");
+        let copy = |t: &Tensor<Flex, 4>| Tensor::<Flex, 4>::from_data(t.to_data(), &device);
+        for mask in [None, Some(padded_mask::<Flex>(b, sq, sk, &[0, 2, 5], &device))] {
+            let in_place = vec4(attention(q.clone(), k.clone(), v.clone(), mask.clone(), mask.is_none()));
+            let reference = vec4(fallback(q.clone(), copy(&k), copy(&v), mask.clone(), mask.is_none()));
+            close(&in_place, &reference, 1e-5, "strided K/V");
+        }
     }
 
     #[test]
