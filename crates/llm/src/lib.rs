@@ -264,7 +264,7 @@ impl<B: Backend> KvCache<B> {
         let [b, s, h, d] = keys.dims();
         let reserve = self.reserve;
         let layer = self.layers[i].get_or_insert_with(|| {
-            let buffer = || Tensor::zeros([b, reserve.max(s), h, d], (&keys.device(), keys.dtype()));
+            let buffer = || llava_weights::flex::zeros([b, reserve.max(s), h, d], &keys.device(), keys.dtype());
             LayerCache { keys: buffer(), values: buffer(), len: 0 }
         });
         let len = layer.len;
@@ -273,7 +273,7 @@ impl<B: Backend> KvCache<B> {
             // Double (amortised O(1) per position); the filled part moves to the new buffers.
             let grown = (2 * capacity).max(len + s);
             let grow = |old: &Tensor<B, 4>| {
-                let fresh = Tensor::zeros([b, grown, h, d], (&old.device(), old.dtype()));
+                let fresh = llava_weights::flex::zeros([b, grown, h, d], &old.device(), old.dtype());
                 llava_weights::flex::assign_positions(fresh, 0, old.clone().slice([0..b, 0..len]))
             };
             layer.keys = grow(&layer.keys);

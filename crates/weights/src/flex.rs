@@ -19,6 +19,24 @@ pub(crate) fn is_autodiff_flex<B: Backend>() -> bool {
     TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<AutodiffFlexTensor>()
 }
 
+/// Whether `B` is Flex itself (inference on the CPU).
+fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
+}
+
+/// `Tensor::zeros` in `dtype`, except that on Flex an f32 tensor is one zeroed allocation (Flex's
+/// `zeros` allocates bytes and copies them into an aligned buffer: for a KV cache that copy was
+/// a visible serial part of a CPU prefill).
+pub fn zeros<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device, dtype: DType) -> Tensor<B, D> {
+    if dtype == DType::F32 && is_flex::<B>() {
+        let n = shape.iter().product();
+        if let Some(t) = from_f32(vec![0f32; n], shape) {
+            return t;
+        }
+    }
+    Tensor::zeros(shape, (device, dtype))
+}
+
 /// `t`'s autodiff primitive; call only when [`is_autodiff_flex`] holds.
 pub(crate) fn autodiff_primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> AutodiffFlexTensor {
     let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
