@@ -17,8 +17,9 @@
 //! Mixed precision ([`Trainer::with_compute_dtype`], the reference's `--bf16`): trainable
 //! parameters stay f32 (the optimizer's master copy, as DeepSpeed keeps it) and are cast to bf16
 //! for each forward through Burn's differentiable cast, so their gradients arrive in f32; frozen
-//! towers, which need no master copy, are stored in bf16 once. Activations are bf16; RMSNorm
-//! statistics and the loss are f32, as in Hugging Face's LLaMA.
+//! towers are cast once and their bf16 copy reused (their f32 weights stay, so the saved model
+//! holds the checkpoint's exact values). Activations are bf16; RMSNorm statistics and the loss
+//! are f32, as in Hugging Face's LLaMA.
 
 pub mod adamw;
 pub mod checkpoint;
@@ -35,6 +36,8 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor};
 use llava::{Llava, PaddingSide};
+use llava_llm::LlamaModel;
+use llava_vision_encoder::ClipVisionModel;
 use serde::{Deserialize, Serialize};
 
 /// Which parameters train.
@@ -157,6 +160,8 @@ pub struct Trainer<B: AutodiffBackend> {
     accumulator: GradientsAccumulator<Llava<B>>,
     /// Mixed precision: the dtype the forward and backward run in; `None` = the parameters' own.
     compute_dtype: Option<DType>,
+    /// Under mixed precision, the frozen towers cast once: the vision tower, and in stage 1 the LLM.
+    frozen_compute: Option<(ClipVisionModel<B>, Option<LlamaModel<B>>)>,
     micro: usize,
     pending: (f64, usize, usize),
 }
@@ -178,19 +183,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: 0,
             accumulator: GradientsAccumulator::new(),
             compute_dtype: None,
+            frozen_compute: None,
             micro: 0,
             pending: (0.0, 0, 0),
         }
     }
 
     /// Mixed precision: forward and backward in `dtype` (bf16), trainable parameters kept in
-    /// f32 and cast for each forward, frozen towers stored in `dtype` from now on (they need no
-    /// master copy; at 7B this halves the frozen LLM of stage 1).
+    /// f32 and cast for each forward, frozen towers cast once here and that copy reused (their
+    /// f32 weights are kept too, for the saved model; memory: one more half-size copy of them).
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
-        self.model.vision = self.model.vision.map(&mut CastParams(dtype));
-        if self.stage == Stage::One {
-            self.model.llm = self.model.llm.map(&mut CastParams(dtype));
-        }
+        let vision = self.model.vision.clone().map(&mut CastParams(dtype));
+        let llm = (self.stage == Stage::One).then(|| self.model.llm.clone().map(&mut CastParams(dtype)));
+        self.frozen_compute = Some((vision, llm));
         self.compute_dtype = Some(dtype);
         self
     }
@@ -204,9 +209,18 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// parameters cast to the compute dtype, still connected to the f32 ones in the autodiff
     /// graph (the gradients are registered for those).
     pub fn compute_model(&self) -> Llava<B> {
-        match self.compute_dtype {
-            None => self.model.clone(),
-            Some(dtype) => self.model.clone().map(&mut CastParams(dtype)),
+        let Some(dtype) = self.compute_dtype else { return self.model.clone() };
+        let (frozen_vision, frozen_llm) = self.frozen_compute.clone().expect("set with the compute dtype");
+        let llm = match frozen_llm {
+            Some(llm) => llm,
+            None => self.model.llm.clone().map(&mut CastParams(dtype)),
+        };
+        Llava {
+            vision: frozen_vision,
+            projector: self.model.projector.clone().map(&mut CastParams(dtype)),
+            llm,
+            select_layer: self.model.select_layer,
+            select_feature: self.model.select_feature,
         }
     }
 
