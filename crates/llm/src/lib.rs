@@ -262,29 +262,24 @@ impl<B: Backend> KvCache<B> {
     /// all of its keys and values so far (views of the buffers).
     fn append(&mut self, i: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, h, d] = keys.dims();
-        let reserve = self.reserve;
-        let layer = self.layers[i].get_or_insert_with(|| {
-            let buffer = || llava_weights::flex::zeros([b, reserve.max(s), h, d], &keys.device(), keys.dtype());
-            LayerCache { keys: buffer(), values: buffer(), len: 0 }
-        });
-        let len = layer.len;
-        let capacity = layer.keys.dims()[1];
+        let (device, dtype) = (keys.device(), keys.dtype());
+        let buffer = |positions: usize| llava_weights::flex::zeros([b, positions, h, d], &device, dtype);
+        // Taken out of the cache, so that the buffers have no other holder and are written in place.
+        let LayerCache { keys: mut k_buf, values: mut v_buf, len } = self.layers[i]
+            .take()
+            .unwrap_or_else(|| LayerCache { keys: buffer(self.reserve.max(s)), values: buffer(self.reserve.max(s)), len: 0 });
+        let capacity = k_buf.dims()[1];
         if len + s > capacity {
             // Double (amortised O(1) per position); the filled part moves to the new buffers.
             let grown = (2 * capacity).max(len + s);
-            let grow = |old: &Tensor<B, 4>| {
-                let fresh = llava_weights::flex::zeros([b, grown, h, d], &old.device(), old.dtype());
-                llava_weights::flex::assign_positions(fresh, 0, old.clone().slice([0..b, 0..len]))
-            };
-            layer.keys = grow(&layer.keys);
-            layer.values = grow(&layer.values);
+            let grow = |old: Tensor<B, 4>| llava_weights::flex::assign_positions(buffer(grown), 0, old.slice([0..b, 0..len]));
+            (k_buf, v_buf) = (grow(k_buf), grow(v_buf));
         }
-        let take = |t: &mut Tensor<B, 4>| std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &keys.device()));
-        let (k_buf, v_buf) = (take(&mut layer.keys), take(&mut layer.values));
-        layer.keys = llava_weights::flex::assign_positions(k_buf, len, keys);
-        layer.values = llava_weights::flex::assign_positions(v_buf, len, values);
-        layer.len = len + s;
-        (layer.keys.clone().slice([0..b, 0..len + s]), layer.values.clone().slice([0..b, 0..len + s]))
+        let keys = llava_weights::flex::assign_positions(k_buf, len, keys);
+        let values = llava_weights::flex::assign_positions(v_buf, len, values);
+        let views = (keys.clone().slice([0..b, 0..len + s]), values.clone().slice([0..b, 0..len + s]));
+        self.layers[i] = Some(LayerCache { keys, values, len: len + s });
+        views
     }
 }
 
@@ -635,6 +630,26 @@ mod tests {
                 assert_eq!(cache.capacity(), reserve, "a reserved cache does not grow");
             }
             close(Tensor::cat(pieces, 1), full.clone(), &format!("reserve {reserve}"));
+        }
+    }
+
+    /// With room reserved, decoding steps write into the same buffers (no copy of the cache).
+    #[test]
+    fn reserved_buffers_are_written_in_place() {
+        let device = Default::default();
+        let model = tiny(&device);
+        let ids = |v: Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
+        let storage = |cache: &KvCache<Flex>| {
+            let layer = cache.layers[1].as_ref().unwrap();
+            let keys = llava_weights::flex::flex_f32(&layer.keys).unwrap();
+            keys.storage::<f32>().as_ptr() as usize
+        };
+        let mut cache = KvCache::with_capacity(2, 8);
+        model.forward_ids(ids(vec![1, 2, 3]), Some(&mut cache));
+        let first = storage(&cache);
+        for t in 4..8 {
+            model.forward_ids(ids(vec![t]), Some(&mut cache));
+            assert_eq!(storage(&cache), first, "step {t} copied the cache");
         }
     }
 
