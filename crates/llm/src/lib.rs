@@ -25,7 +25,7 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use llava_weights::fused::silu_mul;
+use llava_weights::fused::{add, silu_mul};
 use llava_weights::attention::attention;
 use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
@@ -452,8 +452,9 @@ impl<B: Backend> LlamaModel<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| (c, i));
             let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, h.clone()), &rotary, mask.clone(), slot);
-            h = h + a;
-            h = h.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, h));
+            h = add(h, a);
+            let m = layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, h.clone()));
+            h = add(h, m);
         }
         rms_norm(&self.norm, h)
     }

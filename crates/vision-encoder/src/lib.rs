@@ -30,7 +30,7 @@ use llava_weights::linear_tokens;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
-use llava_weights::fused::quick_gelu;
+use llava_weights::fused::{add, quick_gelu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
@@ -287,8 +287,10 @@ pub struct ClipEncoderLayer<B: Backend> {
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+        let a = self.self_attn.forward(self.layer_norm1.forward(x.clone()));
+        let x = add(x, a);
+        let m = self.mlp.forward(self.layer_norm2.forward(x.clone()));
+        add(x, m)
     }
 }
 

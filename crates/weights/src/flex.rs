@@ -124,3 +124,22 @@ fn write_in_place<B: Backend, const D: usize>(mut buffer: FlexTensor, at: usize,
         _ => Err(buffer),
     }
 }
+
+/// Runs `write` on `t`'s f32 values in place when `t` is a contiguous Flex f32 tensor whose
+/// storage nothing else holds, and returns it; otherwise gives `t` back untouched.
+pub(crate) fn with_unique_storage<B: Backend, const D: usize>(t: Tensor<B, D>, write: impl FnOnce(&mut [f32])) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let prim: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    let mut flex = match prim.downcast::<FlexTensor>() {
+        Ok(flex) => *flex,
+        Err(prim) => return Err(Tensor::from_primitive(TensorPrimitive::Float(*prim.downcast::<B::FloatTensorPrimitive>().expect("B's primitive")))),
+    };
+    let n = flex.layout().num_elements();
+    let whole = flex.is_contiguous() && flex.layout().start_offset() == 0 && flex.dtype() == DType::F32;
+    match whole.then(|| flex.try_storage_mut::<f32>()).flatten() {
+        Some(values) if values.len() == n => {
+            write(values);
+            Ok(into_tensor(flex).expect("Flex"))
+        }
+        _ => Err(into_tensor(flex).expect("Flex")),
+    }
+}

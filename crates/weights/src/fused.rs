@@ -38,6 +38,24 @@ pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
     }
 }
 
+/// `a + b` (same shapes), for residual connections: on Flex (inference) written into `a`'s storage
+/// when nothing else holds it, in one threaded pass (4× faster than Burn's add into a new buffer
+/// for a batch-8 prefill's `[8, 96, 512]`); otherwise, and under autodiff, Burn's add.
+pub fn add<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    let fits = a.dims() == b.dims() && a.dtype() == DType::F32;
+    let Some(bf) = flex_f32(&b).filter(|_| fits) else { return a + b };
+    let bf = bf.to_contiguous();
+    match crate::flex::with_unique_storage(a, |dst| {
+        par_chunks(dst, |at, d| {
+            let n = d.len();
+            d.iter_mut().zip(&values(&bf)[at..at + n]).for_each(|(d, s)| *d += s)
+        })
+    }) {
+        Ok(sum) => sum,
+        Err(a) => a + b,
+    }
+}
+
 /// `x · σ(1.702 x)`, OpenAI CLIP's `quick_gelu`: one threaded pass on Flex (Burn's
 /// `x * sigmoid(x * 1.702)` within float rounding), with its own backward under `Autodiff<Flex>`.
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -386,6 +404,26 @@ mod tests {
             for (p, q) in inference.iter().zip(&burn.0) {
                 assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "inference: {p} vs {q}");
             }
+        }
+    }
+
+    #[test]
+    fn residual_add_matches_burn_and_never_changes_a_shared_input() {
+        let device = Default::default();
+        Flex::seed(&device, 12);
+        for shape in [[3usize, 5], [40, 1000]] {
+            let a = Tensor::<Flex, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let b = Tensor::<Flex, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let expected = (a.clone() + b.clone()).into_data().to_vec::<f32>().unwrap();
+            // `a` is shared (a clone is alive): a new tensor, `a` unchanged.
+            let before = a.to_data().to_vec::<f32>().unwrap();
+            assert_eq!(add(a.clone(), b.clone()).into_data().to_vec::<f32>().unwrap(), expected);
+            assert_eq!(a.to_data().to_vec::<f32>().unwrap(), before, "a shared input was written");
+            // `a` held by no one else: written in place, same values.
+            let ptr = flex_f32(&a).unwrap().storage::<f32>().as_ptr() as usize;
+            let sum = add(a, b.clone());
+            assert_eq!(flex_f32(&sum).unwrap().storage::<f32>().as_ptr() as usize, ptr, "in place");
+            assert_eq!(sum.into_data().to_vec::<f32>().unwrap(), expected);
         }
     }
 
