@@ -18,7 +18,7 @@
 //! On other backends, and under autodiff with a checkpointing strategy, this is Burn's
 //! `attention` with the usual head swap.
 
-use crate::fastexp::exp_shifted_sum;
+use crate::fastexp::{dot, exp_shifted_sum};
 use crate::flex::{autodiff_primitive, flex_f32, flex_tensor, from_autodiff, into_tensor, is_autodiff_flex, values};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
@@ -337,20 +337,6 @@ fn output_direct(p: &[f32], v: &[f32], v_stride: usize, d: usize, out: &mut [f32
         return unsafe { avx512(p, v, v_stride, d, out) };
     }
     body(p, v, v_stride, d, out)
-}
-
-/// `Σ a·b` in sixteen lanes (one AVX-512 register).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// In-place softmax of one row of scores, hidden entries 0; a fully hidden row is all 0.

@@ -16,6 +16,7 @@
 //! Burn composes it from five element-wise operations and their backward, each a single-threaded
 //! pass that allocates; two norms per decoder layer made them a visible part of a CPU step.
 
+use crate::fastexp::dot;
 use crate::flex::{AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -72,19 +73,6 @@ fn forward_rows(x: &[f32], gamma: &[f32], epsilon: f32, out: &mut [f32], inv_rms
             }
         }
     });
-}
-
-/// `Σ a·b` with sixteen partial sums, so that the loop vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `dx` per row (when `dx` is given) and `dγ` summed over rows (when `want_dgamma`).
