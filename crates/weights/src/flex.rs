@@ -88,40 +88,19 @@ pub fn assign_positions<B: Backend, const D: usize>(buffer: Tensor<B, D>, at: us
     let s = new_dims[1];
     let fits = D >= 2 && at + s <= dims[1] && (0..D).all(|i| i == 1 || dims[i] == new_dims[i]);
     assert!(fits, "assign_positions: {new_dims:?} at position {at} does not fit in {dims:?}");
-    let prim: Box<dyn Any> = Box::new(buffer.into_primitive().tensor());
-    let buffer = match prim.downcast::<FlexTensor>() {
-        Ok(flex) => match write_in_place(*flex, at, &new) {
-            Ok(done) => return into_tensor(done).expect("Flex"),
-            Err(flex) => into_tensor(flex).expect("Flex"),
-        },
-        Err(prim) => Tensor::from_primitive(TensorPrimitive::Float(*prim.downcast::<B::FloatTensorPrimitive>().expect("B's primitive"))),
-    };
     let ranges: [std::ops::Range<usize>; D] = std::array::from_fn(|i| if i == 1 { at..at + s } else { 0..dims[i] });
-    buffer.slice_assign(ranges, new)
-}
-
-/// The in-place write of [`assign_positions`]; gives the buffer back when it does not apply.
-fn write_in_place<B: Backend, const D: usize>(mut buffer: FlexTensor, at: usize, new: &Tensor<B, D>) -> Result<FlexTensor, FlexTensor> {
-    let Some(new) = flex_f32(new) else { return Err(buffer) };
-    let whole = buffer.is_contiguous() && buffer.layout().start_offset() == 0 && buffer.dtype() == DType::F32;
-    let shape = buffer.layout().shape().clone();
-    let (b, capacity) = (shape[0], shape[1]);
-    let row: usize = (2..D).map(|i| shape[i]).product();
-    let new = new.to_contiguous();
-    let src = values(&new);
-    let s = src.len() / (b * row).max(1);
-    if s == 0 {
-        return Ok(buffer);
-    }
-    match whole.then(|| buffer.try_storage_mut::<f32>()).flatten() {
-        Some(dst) if dst.len() == b * capacity * row => {
-            for (bi, src) in src.chunks_exact(s * row).enumerate() {
-                let start = (bi * capacity + at) * row;
-                dst[start..start + s * row].copy_from_slice(src);
-            }
-            Ok(buffer)
+    let (Some(src), true) = (flex_f32(&new).map(|t| t.to_contiguous()), s > 0 && dims[2..].iter().all(|&d| d > 0)) else { return buffer.slice_assign(ranges, new) };
+    let (capacity, block) = (dims[1], s * dims[2..].iter().product::<usize>());
+    let row = block / s;
+    let written = with_unique_storage(buffer, |dst| {
+        for (bi, src) in values(&src).chunks_exact(block).enumerate() {
+            let start = (bi * capacity + at) * row;
+            dst[start..start + block].copy_from_slice(src);
         }
-        _ => Err(buffer),
+    });
+    match written {
+        Ok(buffer) => buffer,
+        Err(buffer) => buffer.slice_assign(ranges, new),
     }
 }
 
