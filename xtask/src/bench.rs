@@ -2,7 +2,7 @@
 //! forward+backward pass of the small LLaVA shape (bench/small-llava.json), on each CPU backend
 //! compiled in: Flex always, NdArray with `--features ndarray`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -32,9 +32,10 @@ pub struct SmallLlava {
     pub text_tokens: usize,
 }
 
-pub fn small_llava() -> Result<SmallLlava> {
-    let path = crate::demo::repo_root().join("bench/small-llava.json");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?;
+pub fn small_llava(root: &Path) -> Result<SmallLlava> {
+    let path = root.join("bench/small-llava.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?;
     let vision = ClipVisionConfig::from_hf_json(&json["vision"]).map_err(anyhow::Error::msg)?;
     let text = LlamaConfig::from_hf_json(&json["text"]).map_err(anyhow::Error::msg)?;
     let projector = ProjectorKind::parse(json["projector"].as_str().unwrap_or("")).context("projector")?;
@@ -108,14 +109,23 @@ fn bench_on<B: AutodiffBackend>(name: &str, device: &B::Device, shape: &SmallLla
     (forward, train)
 }
 
-pub fn bench_backends(args: BenchBackendsArgs) -> Result<()> {
-    let shape = small_llava()?;
+pub fn bench_backends(args: BenchBackendsArgs, root: &Path) -> Result<()> {
+    let shape = small_llava(root)?;
     let tokens = shape.batch * (shape.text_tokens + shape.config.image_tokens());
     #[allow(unused_mut)] // NdArray is pushed only with the `ndarray` feature.
-    let mut rows = vec![("flex", bench_on::<Autodiff<burn::backend::Flex>>("flex", &Default::default(), &shape, args.iters))];
+    let mut rows =
+        vec![("flex", bench_on::<Autodiff<burn::backend::Flex>>("flex", &Default::default(), &shape, args.iters))];
     #[cfg(feature = "ndarray")]
-    rows.push(("ndarray", bench_on::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default(), &shape, args.iters)));
-    println!("small LLaVA (bench/small-llava.json), batch {}, {} tokens per step, {} threads", shape.batch, tokens, rayon_threads());
+    rows.push((
+        "ndarray",
+        bench_on::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default(), &shape, args.iters),
+    ));
+    println!(
+        "small LLaVA (bench/small-llava.json), batch {}, {} tokens per step, {} threads",
+        shape.batch,
+        tokens,
+        rayon_threads()
+    );
     println!("{:<8} {:>12} {:>14} {:>12}", "backend", "forward ms", "fwd+bwd ms", "vs flex");
     let (base_f, base_t) = rows[0].1;
     for (name, (f, t)) in &rows {
@@ -149,7 +159,7 @@ pub struct BenchPipelineArgs {
 
 /// `bench-pipeline`: decode + preprocess + tokenize + mask, samples/s, ours vs the reference's
 /// Python pipeline on the same files in the same run.
-pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
+pub fn bench_pipeline(args: BenchPipelineArgs, root: &Path) -> Result<()> {
     use std::sync::Arc;
 
     use llava_data::conversation::conv_template;
@@ -157,7 +167,6 @@ pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
     use llava_data::image::ProcessorConfig;
     use llava_data::preprocess::PreprocessOptions;
 
-    let root = crate::demo::repo_root();
     let data = root.join("datasets/lcs558k-sample/blip_laion_cc_sbu_16.json");
     let images = root.join("datasets/lcs558k-sample/images");
     let tokenizer_path = root.join("datasets/tokenizers/llama/tokenizer.model");
@@ -177,7 +186,10 @@ pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
         tokens += s?.input_ids.len();
     }
     let ours = n as f64 / start.elapsed().as_secs_f64();
-    println!("input pipeline ({} template, {} LCS-558K samples with images, {} workers)", args.template, n, args.workers);
+    println!(
+        "input pipeline ({} template, {} LCS-558K samples with images, {} workers)",
+        args.template, n, args.workers
+    );
     println!("ours:      {ours:>8.1} samples/s ({tokens} tokens)");
 
     let python = if args.python.is_absolute() { args.python.clone() } else { root.join(&args.python) };
@@ -198,7 +210,9 @@ pub fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
             println!("reference: {theirs:>8.1} samples/s (llava-torch LazySupervisedDataset + DataLoader)");
             println!("ratio:     {:>8.2}x", ours / theirs);
         }
-        Ok(o) => println!("reference pipeline failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+        Ok(o) => {
+            println!("reference pipeline failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))
+        }
         Err(e) => println!("reference pipeline not run ({}: {e}); see scripts/bench/pipeline_ref.py", python.display()),
     }
     Ok(())
@@ -212,8 +226,7 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Runs `scripts/bench/small_llava_ref.py` and returns its JSON line (or why it did not run).
-fn reference(python: &std::path::Path, args: &[String]) -> Result<serde_json::Value, String> {
-    let root = crate::demo::repo_root();
+fn reference(root: &Path, python: &Path, args: &[String]) -> Result<serde_json::Value, String> {
     let python = if python.is_absolute() { python.to_path_buf() } else { root.join(python) };
     let out = std::process::Command::new(&python)
         .arg(root.join("scripts/bench/small_llava_ref.py"))
@@ -229,8 +242,8 @@ fn reference(python: &std::path::Path, args: &[String]) -> Result<serde_json::Va
 
 /// Runs this benchmark's measurement in a fresh process (`--only …`), so that each one's peak
 /// memory is its own, and returns its JSON line.
-fn ours_in_process(args: &[&str]) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(std::env::current_exe()?).args(args).output()?;
+fn ours_in_process(root: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe()?).arg("--root").arg(root).args(args).output()?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or(""))?)
 }
@@ -249,19 +262,21 @@ pub struct BenchTrainArgs {
 }
 
 /// One stage-1 or stage-2 step (forward, backward, AdamW) of the small LLaVA shape on Flex.
-fn train_step_seconds(stage: llava_trainer::Stage, iters: usize) -> Result<f64> {
+fn train_step_seconds(root: &Path, stage: llava_trainer::Stage, iters: usize) -> Result<f64> {
     use llava_trainer::{Batch, OptimConfig, Trainer};
     type B = Autodiff<burn::backend::Flex>;
     let device = Default::default();
-    let shape = small_llava()?;
+    let shape = small_llava(root)?;
     B::seed(&device, 0);
     let model = shape.config.init::<B>(&device);
     let prompts = bench_prompts(&shape);
     // Labels: the text tokens (BOS and the image are masked, as in the reference).
-    let labels: Vec<Vec<i64>> = prompts.iter().map(|p| p.iter().enumerate().map(|(i, &t)| if i < 2 { -100 } else { t }).collect()).collect();
+    let labels: Vec<Vec<i64>> =
+        prompts.iter().map(|p| p.iter().enumerate().map(|(i, &t)| if i < 2 { -100 } else { t }).collect()).collect();
     let s = shape.config.vision.image_size;
     let pixels = Tensor::<B, 4>::random([shape.batch, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
-    let optim = OptimConfig { learning_rate: 2e-5, warmup_ratio: 0.0, total_steps: 1_000_000, ..OptimConfig::default() };
+    let optim =
+        OptimConfig { learning_rate: 2e-5, warmup_ratio: 0.0, total_steps: 1_000_000, ..OptimConfig::default() };
     let mut trainer = Trainer::new(model, stage, optim);
     let batch = Batch { input_ids: prompts, labels, pixels: Some(pixels) };
     Ok(time(iters, || {
@@ -270,14 +285,14 @@ fn train_step_seconds(stage: llava_trainer::Stage, iters: usize) -> Result<f64> 
 }
 
 /// `bench-train`: a stage-1 and a stage-2 training step, ours vs PyTorch, same shape and threads.
-pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
+pub fn bench_train(args: BenchTrainArgs, root: &Path) -> Result<()> {
     use llava_trainer::Stage;
     if let Some(stage) = args.only {
-        let seconds = train_step_seconds(if stage == 1 { Stage::One } else { Stage::Two }, args.iters)?;
+        let seconds = train_step_seconds(root, if stage == 1 { Stage::One } else { Stage::Two }, args.iters)?;
         println!("{}", serde_json::json!({"step_s": seconds, "peak_rss_mb": peak_rss_mb()}));
         return Ok(());
     }
-    let shape = small_llava()?;
+    let shape = small_llava(root)?;
     let threads = rayon_threads();
     println!(
         "training step, small LLaVA (bench/small-llava.json): batch {}, {} tokens per sample ({} image), AdamW, {threads} threads",
@@ -285,10 +300,18 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
         shape.text_tokens + shape.config.image_tokens(),
         shape.config.image_tokens()
     );
-    println!("{:<8} {:>10} {:>10} {:>9} {:>12} {:>12}", "stage", "ours ms", "torch ms", "speed", "ours MiB", "torch MiB");
+    println!(
+        "{:<8} {:>10} {:>10} {:>9} {:>12} {:>12}",
+        "stage", "ours ms", "torch ms", "speed", "ours MiB", "torch MiB"
+    );
     for stage in [1u8, 2] {
-        let ours = ours_in_process(&["bench-train", "--only", &stage.to_string(), "--iters", &args.iters.to_string()])?;
-        let theirs = reference(&args.python, &["train".into(), stage.to_string(), args.iters.to_string(), threads.to_string()]);
+        let ours =
+            ours_in_process(root, &["bench-train", "--only", &stage.to_string(), "--iters", &args.iters.to_string()])?;
+        let theirs = reference(
+            root,
+            &args.python,
+            &["train".into(), stage.to_string(), args.iters.to_string(), threads.to_string()],
+        );
         let ours_s = ours["step_s"].as_f64().unwrap_or(f64::NAN);
         match theirs {
             Ok(t) => {
@@ -323,14 +346,14 @@ pub struct BenchGenerateArgs {
 }
 
 /// Prefill (1 new token) and full greedy generation times on Flex, random weights, EOS ignored.
-fn generate_seconds(batch: usize, iters: usize) -> Result<(f64, f64, usize, usize)> {
+fn generate_seconds(root: &Path, batch: usize, iters: usize) -> Result<(f64, f64, usize, usize)> {
     use llava::generate::{GenerationConfig, generate};
     type B = burn::backend::Flex;
     let device = Default::default();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::demo::repo_root().join("bench/small-llava.json"))?)?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("bench/small-llava.json"))?)?;
     let new_tokens = json["decode"]["new_tokens"].as_u64().unwrap_or(64) as usize;
     let prompt_text = json["decode"]["prompt_text_tokens"].as_u64().unwrap_or(32) as usize;
-    let mut shape = small_llava()?;
+    let mut shape = small_llava(root)?;
     shape.batch = batch;
     shape.text_tokens = prompt_text;
     B::seed(&device, 0);
@@ -349,17 +372,32 @@ fn generate_seconds(batch: usize, iters: usize) -> Result<(f64, f64, usize, usiz
 }
 
 /// `bench-generate`: prefill and decode tokens/s at batch 1 and 8, ours vs transformers' generate.
-pub fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+pub fn bench_generate(args: BenchGenerateArgs, root: &Path) -> Result<()> {
     if let Some(batch) = args.only {
-        let (prefill, total, new_tokens, prompt) = generate_seconds(batch, args.iters)?;
-        println!("{}", serde_json::json!({"prefill_s": prefill, "total_s": total, "new_tokens": new_tokens, "prompt_tokens": prompt, "peak_rss_mb": peak_rss_mb()}));
+        let (prefill, total, new_tokens, prompt) = generate_seconds(root, batch, args.iters)?;
+        println!(
+            "{}",
+            serde_json::json!({"prefill_s": prefill, "total_s": total, "new_tokens": new_tokens, "prompt_tokens": prompt, "peak_rss_mb": peak_rss_mb()})
+        );
         return Ok(());
     }
     let threads = rayon_threads();
     println!("greedy generation, small LLaVA (bench/small-llava.json), {threads} threads, random weights, EOS ignored");
-    println!("{:<6} {:>18} {:>18} {:>7} {:>18} {:>18} {:>7}", "batch", "ours prefill tok/s", "torch prefill tok/s", "ratio", "ours decode tok/s", "torch decode tok/s", "ratio");
+    println!(
+        "{:<6} {:>18} {:>18} {:>7} {:>18} {:>18} {:>7}",
+        "batch",
+        "ours prefill tok/s",
+        "torch prefill tok/s",
+        "ratio",
+        "ours decode tok/s",
+        "torch decode tok/s",
+        "ratio"
+    );
     for batch in [1usize, 8] {
-        let ours = ours_in_process(&["bench-generate", "--only", &batch.to_string(), "--iters", &args.iters.to_string()])?;
+        let ours = ours_in_process(
+            root,
+            &["bench-generate", "--only", &batch.to_string(), "--iters", &args.iters.to_string()],
+        )?;
         let rates = |v: &serde_json::Value| {
             let prefill = v["prefill_s"].as_f64().unwrap_or(f64::NAN);
             let total = v["total_s"].as_f64().unwrap_or(f64::NAN);
@@ -368,7 +406,11 @@ pub fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
             (batch as f64 * prompt / prefill, batch as f64 * (n - 1.0) / (total - prefill))
         };
         let (op, od) = rates(&ours);
-        match reference(&args.python, &["generate".into(), batch.to_string(), args.iters.to_string(), threads.to_string()]) {
+        match reference(
+            root,
+            &args.python,
+            &["generate".into(), batch.to_string(), args.iters.to_string(), threads.to_string()],
+        ) {
             Ok(t) => {
                 let (tp, td) = rates(&t);
                 println!("{batch:<6} {op:>18.0} {tp:>18.0} {:>6.2}x {od:>18.1} {td:>18.1} {:>6.2}x", op / tp, od / td);
@@ -376,6 +418,8 @@ pub fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
             Err(why) => println!("{batch:<6} {op:>18.0} {:>18} {:>7} {od:>18.1}   reference not run ({why})", "-", "-"),
         }
     }
-    println!("prefill tok/s = batch × prompt tokens / time to the first new token; decode tok/s = batch × (new − 1) / the rest");
+    println!(
+        "prefill tok/s = batch × prompt tokens / time to the first new token; decode tok/s = batch × (new − 1) / the rest"
+    );
     Ok(())
 }

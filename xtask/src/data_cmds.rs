@@ -11,14 +11,6 @@ use llava_data::image::{AspectMode, ProcessorConfig, load_and_preprocess};
 use llava_data::preprocess::PreprocessOptions;
 use safetensors::tensor::{Dtype, TensorView};
 
-pub fn parse_mode(s: &str) -> Result<AspectMode, String> {
-    match s {
-        "crop" | "square" => Ok(AspectMode::Crop),
-        "pad" => Ok(AspectMode::Pad),
-        other => Err(format!("unknown mode `{other}` (crop or pad)")),
-    }
-}
-
 /// Writes named tensors (f32 or i64) to a safetensors file.
 pub enum Out {
     F32(Vec<usize>, Vec<f32>),
@@ -29,8 +21,12 @@ pub fn write_safetensors(path: &Path, tensors: Vec<(&str, Out)>) -> Result<()> {
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, t)| match t {
-            Out::F32(shape, v) => (name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            Out::I64(shape, v) => (name.to_string(), Dtype::I64, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Out::F32(shape, v) => {
+                (name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            Out::I64(shape, v) => {
+                (name.to_string(), Dtype::I64, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
@@ -66,7 +62,7 @@ pub struct PreprocessImageArgs {
     /// preprocessor_config.json or its directory.
     #[arg(long)]
     pub processor: PathBuf,
-    #[arg(long, default_value = "crop", value_parser = parse_mode)]
+    #[arg(long, default_value = "crop")]
     pub mode: AspectMode,
     #[arg(long)]
     pub out: PathBuf,
@@ -97,7 +93,7 @@ pub struct InspectSampleArgs {
     /// preprocessor_config.json or its directory (default: CLIP at 224 px).
     #[arg(long)]
     pub processor: Option<PathBuf>,
-    #[arg(long, default_value = "crop", value_parser = parse_mode)]
+    #[arg(long, default_value = "crop")]
     pub mode: AspectMode,
     #[arg(long, default_value_t = 2048)]
     pub model_max_length: usize,
@@ -148,13 +144,21 @@ pub struct SqaConvertArgs {
 }
 
 pub fn sqa_convert(args: SqaConvertArgs) -> Result<()> {
-    use llava_data::scienceqa::{convert_split, load_problems, load_split};
+    use llava_eval::scienceqa::{convert_split, load_problems, load_split};
     let problems = load_problems(&args.problems)?;
     let pids = load_split(&args.splits, &args.split)?;
     let samples = convert_split(&problems, &pids, &args.format)?;
     let text = serde_json::to_string_pretty(&samples)?;
     let tmp = args.out.with_extension("json.partial");
-    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &args.out)).with_context(|| format!("writing {}", args.out.display()))?;
-    tracing::info!("{} samples of split {} in format {} → {}", samples.len(), args.split, args.format, args.out.display());
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &args.out))
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    tracing::info!(
+        "{} samples of split {} in format {} → {}",
+        samples.len(),
+        args.split,
+        args.format,
+        args.out.display()
+    );
     Ok(())
 }

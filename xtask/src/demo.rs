@@ -1,114 +1,129 @@
-//! `demo-model` and `demo`: a tiny randomly initialised LLaVA, written as a llava-hf checkpoint
-//! directory with the bundled LLaMA tokenizer, so every command can be tried on a fresh clone.
+//! The bundled demo's commands (`demo`, `demo-model`, `demo-data`, `demo-towers`, `demo-sqa`):
+//! argument parsing around `llava_demo`.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
+use anyhow::Result;
 use clap::Args;
-use llava::LlavaConfig;
-use llava::backend::Cpu;
-use llava::model::SelectFeature;
-use llava_data::image::AspectMode;
-use llava_llm::LlamaConfig;
-use llava_projector::ProjectorKind;
-use llava_vision_encoder::ClipVisionConfig;
-
-/// The repository root (xtask lives one level below it).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
-}
-
-/// A small LLaVA: CLIP-architecture tower (56 px, patch 14 → 16 image tokens) and a
-/// LLaMA-architecture decoder with the real 32,000-token LLaMA vocabulary.
-pub fn demo_config() -> LlavaConfig {
-    LlavaConfig {
-        vision: ClipVisionConfig {
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 3,
-            num_attention_heads: 4,
-            image_size: 56,
-            patch_size: 14,
-            ..Default::default()
-        },
-        text: LlamaConfig {
-            vocab_size: 32000,
-            hidden_size: 64,
-            intermediate_size: 172,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            max_position_embeddings: 512,
-            rms_norm_eps: 1e-5,
-            pad_token_id: Some(0),
-            ..Default::default()
-        },
-        projector: ProjectorKind::MlpGelu { depth: 2 },
-        select_layer: -2,
-        select_feature: SelectFeature::Patch,
-        image_aspect: AspectMode::Crop,
-        max_length: 512,
-    }
-}
+use llava::backend::BackendKind;
+use llava_demo::{DemoPaths, shapes::ShapesConfig};
+use llava_trainer::Stage;
 
 #[derive(Args, Debug)]
 pub struct DemoModelArgs {
-    /// Output directory.
-    #[arg(long, default_value = "runs/demo-model")]
-    pub out: PathBuf,
+    /// Output directory (default: runs/demo-model in the checkout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
 
-/// Writes the demo checkpoint (llava-hf layout, f32 safetensors, tokenizer.model).
-pub fn write_demo_model(out: &Path, seed: u64) -> Result<()> {
-    let device = Default::default();
-    Cpu::seed(&device, seed);
-    let config = demo_config();
-    let model = config.init::<Cpu>(&device);
-    let tokenizer_dir = repo_root().join("datasets/tokenizers/llama");
-    llava::save::save_model(&model, &config, out, &tokenizer_dir).with_context(|| format!("writing {}", out.display()))?;
-    tracing::info!("wrote a random demo LLaVA checkpoint to {}", out.display());
+/// Writes the random demo checkpoint (llava-hf layout, f32 safetensors, tokenizer.model).
+pub fn demo_model(args: DemoModelArgs, root: &Path) -> Result<()> {
+    let paths = DemoPaths::new(root);
+    let out = args.out.unwrap_or_else(|| paths.runs().join("demo-model"));
+    Ok(llava_demo::write_demo_model(&out, &paths.tokenizer(), args.seed)?)
+}
+
+#[derive(Args, Debug)]
+pub struct DemoDataArgs {
+    /// Output directory (default: datasets/demo-shapes in the checkout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = ShapesConfig::default().seed)]
+    pub seed: u64,
+}
+
+/// (Re)generates the demo's synthetic shapes dataset, deterministically from the seed.
+pub fn demo_data(args: DemoDataArgs, root: &Path) -> Result<()> {
+    let out = args.out.unwrap_or_else(|| DemoPaths::new(root).data());
+    Ok(llava_demo::write_demo_data(&out, args.seed)?)
+}
+
+#[derive(Args, Debug)]
+pub struct DemoTowersArgs {
+    /// Output directory: writes `clip/` (CLIPVisionModel) and `llm/` (LlamaForCausalLM +
+    /// tokenizer); default runs/demo-towers in the checkout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// The demo's towers, randomly initialised, as Hugging Face directories.
+pub fn demo_towers(args: DemoTowersArgs, root: &Path) -> Result<()> {
+    let paths = DemoPaths::new(root);
+    let out = args.out.unwrap_or_else(|| paths.runs().join("demo-towers"));
+    Ok(llava_demo::write_demo_towers(&out.join("clip"), &out.join("llm"), &paths.tokenizer(), args.seed)?)
+}
+
+#[derive(Args, Debug)]
+pub struct DemoSqaArgs {
+    /// The stage-2 model (default: the demo's, runs/demo-stage2/model in the checkout).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    pub backend: BackendKind,
+}
+
+/// Predicts and scores the demo's held-out questions, with real and with blank pictures.
+pub fn demo_sqa(args: DemoSqaArgs, root: &Path) -> Result<()> {
+    let paths = DemoPaths::new(root);
+    let model = args.model.clone().unwrap_or_else(|| paths.stage2_model());
+    let (results, chance) = llava::with_backend!(args.backend, demo_sqa_on(&paths, &model, &args))?;
+    for r in results {
+        let res = &r.result;
+        eprintln!("ScienceQA-style {} split, {}:", args.split, r.label);
+        let img = res.img_acc.map(|a| format!(", IMG-Accuracy: {a:.2}%")).unwrap_or_default();
+        eprintln!("Total: {}, Correct: {}, Accuracy: {:.2}%{img}", res.count, res.correct, res.acc);
+        println!("{}", llava_eval::score::format_table(res));
+        tracing::info!(
+            "held-out accuracy with {}: {:.2}% ({}/{}); chance {chance:.2}%",
+            r.label,
+            res.acc,
+            res.correct,
+            res.count
+        );
+    }
     Ok(())
 }
 
-pub fn demo_model(args: DemoModelArgs) -> Result<()> {
-    write_demo_model(&args.out, args.seed)
+fn demo_sqa_on<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    paths: &DemoPaths,
+    model: &Path,
+    args: &DemoSqaArgs,
+) -> Result<(Vec<llava_demo::DemoAccuracy>, f64)> {
+    Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, device)?)
 }
 
 /// The bundled demo end to end, with no arguments: stage 1 and stage 2 on the synthetic shapes
 /// dataset (`cargo xtask stage1`, `cargo xtask stage2`), the held-out ScienceQA-style evaluation
 /// with real and with blank pictures (`cargo xtask demo-sqa`), and one answer streamed by
 /// `generate` about a held-out picture.
-pub fn demo() -> Result<()> {
+pub fn demo(root: &Path) -> Result<()> {
     let demo_args = || crate::train_cmds::StageArgs {
         config: None,
         overrides: Vec::new(),
         resume: false,
         max_steps: None,
         run_dir: None,
-        backend: llava::backend::BackendKind::fastest(),
+        backend: BackendKind::fastest(),
     };
-    crate::train_cmds::stage(demo_args(), llava_trainer::Stage::One)?;
-    crate::train_cmds::stage(demo_args(), llava_trainer::Stage::Two)?;
-    crate::eval_cmds::demo_sqa(crate::eval_cmds::DemoSqaArgs {
-        model: PathBuf::from("runs/demo-stage2/model"),
-        split: "test".into(),
-        batch_size: 16,
-        backend: Default::default(),
-    })?;
-    let root = repo_root();
-    let questions = root.join(crate::train_cmds::DEMO_DATA).join("scienceqa/llava_test_CQM-A.json");
-    let first: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&questions)?)?;
-    let image = root.join(crate::train_cmds::DEMO_DATA).join("images").join(first[0]["image"].as_str().context("image")?);
-    let prompt = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, \
-                  and polite answers to the user's questions. USER: <image>\nDescribe the image briefly. ASSISTANT:";
+    crate::train_cmds::stage(demo_args(), Stage::One, root)?;
+    crate::train_cmds::stage(demo_args(), Stage::Two, root)?;
+    demo_sqa(DemoSqaArgs { model: None, split: "test".into(), batch_size: 16, backend: Default::default() }, root)?;
+    let paths = DemoPaths::new(root);
+    let (image, prompt) = llava_demo::describe_prompt(&paths)?;
     eprintln!("{}: \"Describe the image briefly.\"", image.display());
     crate::model_cmds::generate(crate::model_cmds::GenerateArgs {
-        model: crate::model_cmds::ModelArgs::for_dir(&root.join("runs/demo-stage2/model"), Default::default()),
+        model: crate::model_cmds::ModelArgs::for_dir(&paths.stage2_model(), Default::default()),
         image: Some(image),
-        prompt: prompt.into(),
+        prompt,
         max_new_tokens: 24,
         temperature: 0.0,
         top_p: 1.0,

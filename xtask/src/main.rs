@@ -9,12 +9,17 @@ mod eval_cmds;
 mod model_cmds;
 mod train_cmds;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "LLaVA in Rust: inference, training and evaluation commands")]
 struct Cli {
+    /// The project checkout (demo data, recipes, `runs/`); default: found from the working directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,11 +47,11 @@ enum Command {
     /// ScienceQA scoring: the reference's answer parsing and the paper's category table.
     SqaEval(eval_cmds::SqaEvalArgs),
     /// Predict and score the demo's held-out questions with the stage-2 model, with real and blank images.
-    DemoSqa(eval_cmds::DemoSqaArgs),
+    DemoSqa(demo::DemoSqaArgs),
     /// Regenerate the demo's synthetic shapes dataset (datasets/demo-shapes).
-    DemoData(train_cmds::DemoDataArgs),
+    DemoData(demo::DemoDataArgs),
     /// Write random CLIP-architecture and LLaMA-architecture towers as Hugging Face directories.
-    DemoTowers(train_cmds::DemoTowersArgs),
+    DemoTowers(demo::DemoTowersArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(data_cmds::TokenizeArgs),
     /// CLIP-preprocess one image into `pixel_values` [3, H, W].
@@ -63,45 +68,49 @@ enum Command {
     BenchBackends(bench::BenchBackendsArgs),
 }
 
-/// glibc returns every block above its mmap threshold to the kernel when it is freed, so each
-/// training or decoding step page-faults its big tensors in afresh (~7 % of a CPU step in
-/// `perf`); a high threshold keeps them in the heap for reuse (10–20 % faster CPU steps).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        // Keep freed memory instead of trimming the heap top after every large free (the next
-        // step's tensors would page-fault it back in, zeroed by the kernel).
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
+/// The checkout the demo and the benchmarks read from and write `runs/` into: `--root`, else
+/// `$LLAVA_ROOT`, else the nearest folder at or above the working directory that holds the demo's
+/// recipes, else the checkout this binary was built from (the xtask convention).
+fn checkout_root(given: Option<PathBuf>) -> PathBuf {
+    let holds_recipes = |d: &Path| d.join("configs/demo-stage1.toml").is_file();
+    given
+        .or_else(|| std::env::var_os("LLAVA_ROOT").map(PathBuf::from))
+        .or_else(|| {
+            std::env::current_dir()
+                .ok()
+                .and_then(|cwd| cwd.ancestors().find(|d| holds_recipes(d)).map(Path::to_path_buf))
+        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf())
 }
 
 fn main() -> Result<()> {
-    tune_allocator();
+    llava::tune_allocator();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let root = checkout_root(cli.root);
+    match cli.command {
         Command::Forward(args) => model_cmds::forward(args),
         Command::Generate(args) => model_cmds::generate(args),
-        Command::DemoModel(args) => demo::demo_model(args),
-        Command::Demo => demo::demo(),
-        Command::BenchBackends(args) => bench::bench_backends(args),
-        Command::BenchTrain(args) => bench::bench_train(args),
-        Command::BenchGenerate(args) => bench::bench_generate(args),
-        Command::BenchPipeline(args) => bench::bench_pipeline(args),
-        Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One),
-        Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two),
+        Command::DemoModel(args) => demo::demo_model(args, &root),
+        Command::Demo => demo::demo(&root),
+        Command::BenchBackends(args) => bench::bench_backends(args, &root),
+        Command::BenchTrain(args) => bench::bench_train(args, &root),
+        Command::BenchGenerate(args) => bench::bench_generate(args, &root),
+        Command::BenchPipeline(args) => bench::bench_pipeline(args, &root),
+        Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One, &root),
+        Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two, &root),
         Command::Chat(args) => eval_cmds::chat(args),
         Command::SqaPredict(args) => eval_cmds::sqa_predict(args),
         Command::SqaEval(args) => eval_cmds::sqa_eval(args).map(|_| ()),
-        Command::DemoSqa(args) => eval_cmds::demo_sqa(args),
-        Command::DemoData(args) => train_cmds::demo_data(args),
-        Command::DemoTowers(args) => train_cmds::demo_towers(args),
+        Command::DemoSqa(args) => demo::demo_sqa(args, &root),
+        Command::DemoData(args) => demo::demo_data(args, &root),
+        Command::DemoTowers(args) => demo::demo_towers(args, &root),
         Command::Tokenize(args) => data_cmds::tokenize(args),
         Command::PreprocessImage(args) => data_cmds::preprocess_image(args),
         Command::InspectSample(args) => data_cmds::inspect_sample(args),

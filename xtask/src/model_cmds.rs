@@ -11,9 +11,8 @@ use llava::backend::BackendKind;
 use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
 use llava::load::{LoadOptions, LoadedLlava, load_dir, load_parts};
 use llava::{PaddingSide, SelectFeature};
+use llava_checkpoint::{Exporter, SaveDtype};
 use llava_data::image::AspectMode;
-use llava_data::{DEFAULT_IMAGE_TOKEN, tokenizer_image_token};
-use llava_weights::{Exporter, SaveDtype};
 
 /// Where the model comes from.
 #[derive(Args, Debug, Clone)]
@@ -40,19 +39,11 @@ pub struct ModelArgs {
     #[arg(long)]
     pub hf_cache: Option<PathBuf>,
     /// Image aspect mode: crop (square) or pad; default from the checkpoint.
-    #[arg(long, value_parser = parse_aspect)]
+    #[arg(long)]
     pub image_aspect: Option<AspectMode>,
     /// cpu, wgpu or cuda (when compiled in).
     #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
-}
-
-fn parse_aspect(s: &str) -> Result<AspectMode, String> {
-    match s {
-        "crop" | "square" => Ok(AspectMode::Crop),
-        "pad" => Ok(AspectMode::Pad),
-        other => Err(format!("unknown image aspect `{other}` (crop or pad)")),
-    }
 }
 
 impl ModelArgs {
@@ -107,38 +98,6 @@ impl ModelArgs {
     }
 }
 
-/// The ids that end generation: the model config's EOS and the tokenizer's.
-pub fn eos_ids<B: Backend>(loaded: &LoadedLlava<B>) -> Vec<u32> {
-    let mut ids = loaded.config.text.eos_ids();
-    ids.extend(loaded.tokenizer.as_ref().and_then(|t| t.eos_id()));
-    ids
-}
-
-/// Prompt ids (BOS first, -200 at `<image>`) and the image tensor, checked against each other.
-fn prompt_and_image<B: Backend>(
-    loaded: &LoadedLlava<B>,
-    prompt: &str,
-    image: Option<&Path>,
-    device: &B::Device,
-) -> Result<(Vec<i64>, Option<burn::tensor::Tensor<B, 4>>)> {
-    let tokenizer = loaded.tokenizer.as_ref().context("the model directory has no tokenizer (tokenizer.model or tokenizer.json)")?;
-    let markers = prompt.matches(DEFAULT_IMAGE_TOKEN).count();
-    let pixels = match image {
-        Some(path) => {
-            if !loaded.has_vision {
-                bail!("--image given, but the {:?} checkpoint is a text-only model", loaded.layout);
-            }
-            if markers != 1 {
-                bail!("--image needs exactly one `<image>` in the prompt to mark where the image goes (found {markers})");
-            }
-            Some(llava::image_tensor::<B>(path, &loaded.processor, loaded.config.image_aspect, device)?)
-        }
-        None if markers > 0 => bail!("the prompt contains `<image>` but no --image was given"),
-        None => None,
-    };
-    Ok((tokenizer_image_token(tokenizer, prompt), pixels))
-}
-
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
     #[command(flatten)]
@@ -160,7 +119,7 @@ pub fn forward(args: ForwardArgs) -> Result<()> {
 
 fn forward_on<B: Backend>(device: &B::Device, args: &ForwardArgs) -> Result<()> {
     let loaded = args.model.load::<B>(device)?;
-    let (ids, pixels) = prompt_and_image(&loaded, &args.prompt, args.image.as_deref(), device)?;
+    let (ids, pixels) = loaded.prompt_inputs(&args.prompt, args.image.as_deref())?;
     let model = &loaded.model;
     let mut e = Exporter::new();
     let features = pixels.as_ref().map(|p| model.encode_images(p.clone()));
@@ -207,12 +166,12 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()> {
     let loaded = args.model.load::<B>(device)?;
-    let (ids, pixels) = prompt_and_image(&loaded, &args.prompt, args.image.as_deref(), device)?;
-    let tokenizer = loaded.tokenizer.as_ref().expect("checked in prompt_and_image");
+    let (ids, pixels) = loaded.prompt_inputs(&args.prompt, args.image.as_deref())?;
+    let tokenizer = loaded.tokenizer.as_ref().expect("checked by prompt_inputs");
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
-        eos_ids: eos_ids(&loaded),
+        eos_ids: loaded.eos_ids(),
         use_cache: true,
     };
     let prompt_len = ids.len();
@@ -236,6 +195,9 @@ fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()
     }
     println!();
     let secs = start.elapsed().as_secs_f64();
-    tracing::info!("{count} new tokens after a {prompt_len}-token prompt in {secs:.2}s ({:.1} tokens/s)", count as f64 / secs.max(1e-9));
+    tracing::info!(
+        "{count} new tokens after a {prompt_len}-token prompt in {secs:.2}s ({:.1} tokens/s)",
+        count as f64 / secs.max(1e-9)
+    );
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 
 use llava::generate::{GenerationConfig, generate};
 use llava::load::{LoadOptions, load_dir};
+use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
 use llava_data::image::AspectMode;
-use llava_weights::{Exporter, SaveDtype, WeightStore};
 
 type B = llava::backend::Cpu;
 
@@ -52,8 +52,15 @@ fn forward_writes_the_four_tensors() {
     let model = demo_model(tmp.path());
     let out = tmp.path().join("fwd.safetensors");
     ok(&xtask(&[
-        "forward", "--model", model.to_str().unwrap(), "--image", image().to_str().unwrap(),
-        "--prompt", PROMPT, "--out", out.to_str().unwrap(),
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image().to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--out",
+        out.to_str().unwrap(),
     ]));
     let store = WeightStore::open(&out).unwrap();
     let loaded = load_dir::<B>(&model, &LoadOptions::default(), &Default::default()).unwrap();
@@ -74,8 +81,17 @@ fn generate_prints_only_the_greedy_text() {
     let model = demo_model(tmp.path());
     let img = image();
     let args = [
-        "generate", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap(),
-        "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
     ];
     let first = xtask(&args);
     let stdout = ok(&first);
@@ -111,7 +127,13 @@ fn plain_llama_directory_generates_from_bos_alone() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("after a 1-token prompt"));
     // An image makes no sense for a text-only model.
     let out = xtask(&[
-        "generate", "--model", llm_dir.to_str().unwrap(), "--image", image().to_str().unwrap(), "--prompt", "<image>",
+        "generate",
+        "--model",
+        llm_dir.to_str().unwrap(),
+        "--image",
+        image().to_str().unwrap(),
+        "--prompt",
+        "<image>",
     ]);
     assert!(err(&out).contains("text-only"));
 }
@@ -132,12 +154,13 @@ fn bad_input_gives_clear_errors() {
     assert!(msg.contains("corrupt.jpg"), "{msg}");
 
     let msg = err(&xtask(&["generate", "--model", m, "--prompt", "<image> hi"]));
-    assert!(msg.contains("no --image"), "{msg}");
+    assert!(msg.contains("no image was given"), "{msg}");
 
     // A config that does not fit the weights: the error names the tensor and both shapes.
     let bad = tmp.path().join("bad-config");
     copy_dir(&model, &bad);
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bad.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bad.join("config.json")).unwrap()).unwrap();
     config["text_config"]["intermediate_size"] = 100.into();
     std::fs::write(bad.join("config.json"), config.to_string()).unwrap();
     let msg = err(&xtask(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]));
@@ -193,7 +216,8 @@ fn tokenize_prints_only_the_ids() {
     let tok = repo().join("datasets/tokenizers/llama/tokenizer.model");
     let out = ok(&xtask(&["tokenize", "--tokenizer", tok.to_str().unwrap(), "--text", "Hello world"]));
     assert_eq!(out, "[15043,3186]\n");
-    let out = ok(&xtask(&["tokenize", "--tokenizer", tok.parent().unwrap().to_str().unwrap(), "--text", "Hi</s>", "--bos"]));
+    let out =
+        ok(&xtask(&["tokenize", "--tokenizer", tok.parent().unwrap().to_str().unwrap(), "--text", "Hi</s>", "--bos"]));
     assert_eq!(out, "[1,6324,2]\n");
 }
 
@@ -204,9 +228,19 @@ fn inspect_sample_and_preprocess_image_write_the_reference_tensors() {
     let tok = repo().join("datasets/tokenizers/llama/tokenizer.model");
     let out = tmp.path().join("s.safetensors");
     ok(&xtask(&[
-        "inspect-sample", "--data", data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
-        "--image-folder", data.join("images").to_str().unwrap(), "--template", "plain",
-        "--tokenizer", tok.to_str().unwrap(), "--index", "3", "--out", out.to_str().unwrap(),
+        "inspect-sample",
+        "--data",
+        data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
+        "--image-folder",
+        data.join("images").to_str().unwrap(),
+        "--template",
+        "plain",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--index",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
     ]));
     let ids = read_i64(&out, "input_ids");
     let labels = read_i64(&out, "labels");
@@ -215,23 +249,39 @@ fn inspect_sample_and_preprocess_image_write_the_reference_tensors() {
     assert_eq!(&labels[2..], &ids[2..]);
 
     // The sample's pixels equal preprocess-image on the same file.
-    let records: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data.join("blip_laion_cc_sbu_16.json")).unwrap()).unwrap();
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("blip_laion_cc_sbu_16.json")).unwrap()).unwrap();
     let image = data.join("images").join(records[3]["image"].as_str().unwrap());
     let processor = tmp.path().join("preprocessor_config.json");
     std::fs::write(&processor, r#"{"size": 224, "crop_size": 224}"#).unwrap();
     let px = tmp.path().join("px.safetensors");
     ok(&xtask(&[
-        "preprocess-image", "--image", image.to_str().unwrap(), "--processor", tmp.path().to_str().unwrap(),
-        "--out", px.to_str().unwrap(),
+        "preprocess-image",
+        "--image",
+        image.to_str().unwrap(),
+        "--processor",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        px.to_str().unwrap(),
     ]));
     let a = WeightStore::open(&out).unwrap().read_f32("pixel_values", &[3, 224, 224]).unwrap();
     let b = WeightStore::open(&px).unwrap().read_f32("pixel_values", &[3, 224, 224]).unwrap();
     assert_eq!(a, b);
 
     let msg = err(&xtask(&[
-        "inspect-sample", "--data", data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
-        "--image-folder", data.join("images").to_str().unwrap(), "--template", "nope",
-        "--tokenizer", tok.to_str().unwrap(), "--index", "0", "--out", out.to_str().unwrap(),
+        "inspect-sample",
+        "--data",
+        data.join("blip_laion_cc_sbu_16.json").to_str().unwrap(),
+        "--image-folder",
+        data.join("images").to_str().unwrap(),
+        "--template",
+        "nope",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--index",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
     ]));
     assert!(msg.contains("unknown template `nope`") && msg.contains("llava_v1"), "{msg}");
 }
@@ -243,13 +293,23 @@ fn sqa_convert_writes_the_reference_file() {
     for format in ["QCM-LEA", "llava15"] {
         let out = tmp.path().join("out.json");
         ok(&xtask(&[
-            "sqa-convert", "--problems", sqa.join("problems.json").to_str().unwrap(),
-            "--splits", sqa.join("pid_splits.json").to_str().unwrap(), "--split", "test",
-            "--format", format, "--out", out.to_str().unwrap(),
+            "sqa-convert",
+            "--problems",
+            sqa.join("problems.json").to_str().unwrap(),
+            "--splits",
+            sqa.join("pid_splits.json").to_str().unwrap(),
+            "--split",
+            "test",
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
         ]));
         let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-        let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(sqa.join(format!("expected/llava_test_{format}.json"))).unwrap()).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(sqa.join(format!("expected/llava_test_{format}.json"))).unwrap(),
+        )
+        .unwrap();
         assert_eq!(ours, expected, "{format}");
     }
 }
@@ -259,7 +319,8 @@ fn sqa_convert_writes_the_reference_file() {
 fn recipe(dir: &Path, name: &str, stage: &str, template: &str, projector: Option<&Path>) -> PathBuf {
     let data = repo().join("datasets/lcs558k-sample");
     let towers = dir.join("towers");
-    let pretrained = projector.map(|p| format!("pretrained_projector = {:?}\n", p.to_str().unwrap())).unwrap_or_default();
+    let pretrained =
+        projector.map(|p| format!("pretrained_projector = {:?}\n", p.to_str().unwrap())).unwrap_or_default();
     let text = format!(
         "name = {name:?}\nstage = {stage:?}\n[model]\nvision_tower = {:?}\nllm = {:?}\nprojector_type = \"mlp2x_gelu\"\n{pretrained}\
          [data]\ndata_path = {:?}\nimage_folder = {:?}\ntemplate = {template:?}\n\
@@ -297,7 +358,14 @@ fn stage1_then_stage2_train_save_and_resume() {
     let s1 = recipe(t, "s1", "one", "plain", None);
     let run1 = t.join("run1");
     ok(&xtask(&["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1.to_str().unwrap()]));
-    for f in ["config.toml", "metrics.jsonl", "loss.png", "mm_projector.safetensors", "model/config.json", "checkpoints/checkpoint-4/state.json"] {
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "loss.png",
+        "mm_projector.safetensors",
+        "model/config.json",
+        "checkpoints/checkpoint-4/state.json",
+    ] {
         assert!(run1.join(f).exists(), "{f}");
     }
     assert!(!run1.join("checkpoints/checkpoint-2").exists(), "only the last 2 checkpoints are kept");
@@ -313,7 +381,10 @@ fn stage1_then_stage2_train_save_and_resume() {
     // Stage 1 leaves the towers untouched; the saved model is the llava-hf layout.
     let model1 = run1.join("model/model.safetensors");
     let tower_llm = t.join("towers/llm/model.safetensors");
-    assert_eq!(tensor(&model1, "language_model.model.layers.0.mlp.up_proj.weight"), tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight"));
+    assert_eq!(
+        tensor(&model1, "language_model.model.layers.0.mlp.up_proj.weight"),
+        tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight")
+    );
     assert_eq!(
         tensor(&model1, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
         tensor(&t.join("towers/clip/model.safetensors"), "vision_model.encoder.layers.0.mlp.fc1.weight")
@@ -324,10 +395,21 @@ fn stage1_then_stage2_train_save_and_resume() {
     let run2 = t.join("run2");
     let msg = err(&xtask(&["stage1", "--config", s2.to_str().unwrap()]));
     assert!(msg.contains("stage2"), "{msg}");
-    ok(&xtask(&["stage2", "--config", s2.to_str().unwrap(), "--run-dir", run2.to_str().unwrap(), "--set", "training.epochs=1"]));
+    ok(&xtask(&[
+        "stage2",
+        "--config",
+        s2.to_str().unwrap(),
+        "--run-dir",
+        run2.to_str().unwrap(),
+        "--set",
+        "training.epochs=1",
+    ]));
     assert_eq!(losses(&run2).len(), 2);
     let model2 = run2.join("model/model.safetensors");
-    assert_ne!(tensor(&model2, "language_model.model.layers.0.mlp.up_proj.weight"), tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight"));
+    assert_ne!(
+        tensor(&model2, "language_model.model.layers.0.mlp.up_proj.weight"),
+        tensor(&tower_llm, "model.layers.0.mlp.up_proj.weight")
+    );
     assert_eq!(
         tensor(&model2, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
         tensor(&t.join("towers/clip/model.safetensors"), "vision_model.encoder.layers.0.mlp.fc1.weight")
@@ -348,13 +430,27 @@ fn sqa_eval_scores_the_gpt3_cot_results_as_the_scienceqa_paper() {
     let out = tmp.path().join("result.json");
     let table = ok(&xtask(&[
         "sqa-eval",
-        "--problems", f.join("problems.json").to_str().unwrap(),
-        "--splits", f.join("pid_splits.json").to_str().unwrap(),
-        "--results", f.join("gpt3_cot_final_test_QCM-ALE_2_seed_3.json").to_str().unwrap(),
-        "--out", out.to_str().unwrap(),
+        "--problems",
+        f.join("problems.json").to_str().unwrap(),
+        "--splits",
+        f.join("pid_splits.json").to_str().unwrap(),
+        "--results",
+        f.join("gpt3_cot_final_test_QCM-ALE_2_seed_3.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]));
     // The ScienceQA paper's row for GPT-3 (CoT), Table 4.
-    let paper = [("NAT", 75.44), ("SOC", 70.87), ("LAN", 78.09), ("TXT", 74.68), ("IMG", 67.43), ("NO", 79.93), ("G1-6", 78.23), ("G7-12", 69.68), ("Avg", 75.17)];
+    let paper = [
+        ("NAT", 75.44),
+        ("SOC", 70.87),
+        ("LAN", 78.09),
+        ("TXT", 74.68),
+        ("IMG", 67.43),
+        ("NO", 79.93),
+        ("G1-6", 78.23),
+        ("G7-12", 69.68),
+        ("Avg", 75.17),
+    ];
     let result = read_json(&out);
     for (column, value) in paper {
         assert_eq!(result["categories"][column].as_f64(), Some(value), "{column}");
@@ -371,11 +467,16 @@ fn sqa_eval_parses_answers_as_the_reference_script() {
     let args = |fallback: &'static str, out: &Path| {
         xtask(&[
             "sqa-eval",
-            "--problems", f.join("problems.json").to_str().unwrap(),
-            "--splits", f.join("pid_splits.json").to_str().unwrap(),
-            "--answers", f.join("eval/answers.jsonl").to_str().unwrap(),
-            "--fallback", fallback,
-            "--out", out.to_str().unwrap(),
+            "--problems",
+            f.join("problems.json").to_str().unwrap(),
+            "--splits",
+            f.join("pid_splits.json").to_str().unwrap(),
+            "--answers",
+            f.join("eval/answers.jsonl").to_str().unwrap(),
+            "--fallback",
+            fallback,
+            "--out",
+            out.to_str().unwrap(),
         ])
     };
     ok(&args("wrong", &out));
@@ -426,13 +527,26 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     let (questions, images) = demo_questions(t);
     let predict_chunk = |out: &Path, batch: &str, chunk: [&str; 2]| {
         ok(&xtask(&[
-            "sqa-predict", "--model", model.to_str().unwrap(),
-            "--questions", questions.to_str().unwrap(),
-            "--image-folder", images.to_str().unwrap(),
-            "--out", out.to_str().unwrap(),
-            "--single-pred-prompt", "--template", "vicuna_v1",
-            "--batch-size", batch, "--max-new-tokens", "6",
-            "--num-chunks", chunk[0], "--chunk-idx", chunk[1],
+            "sqa-predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--questions",
+            questions.to_str().unwrap(),
+            "--image-folder",
+            images.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--single-pred-prompt",
+            "--template",
+            "vicuna_v1",
+            "--batch-size",
+            batch,
+            "--max-new-tokens",
+            "6",
+            "--num-chunks",
+            chunk[0],
+            "--chunk-idx",
+            chunk[1],
         ]))
     };
     let predict = |out: &Path, batch: &str| predict_chunk(out, batch, ["1", "0"]);
@@ -450,7 +564,11 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
         }
     }
     let prompt = a[0]["prompt"].as_str().unwrap();
-    assert!(prompt.starts_with("<image>\n") && prompt.ends_with("\nAnswer with the option's letter from the given choices directly."), "{prompt}");
+    assert!(
+        prompt.starts_with("<image>\n")
+            && prompt.ends_with("\nAnswer with the option's letter from the given choices directly."),
+        "{prompt}"
+    );
     assert!(!a[5]["prompt"].as_str().unwrap().contains("<image>"));
 
     // Killed after two answers and half a line: the resumed file equals the full one.
@@ -475,7 +593,21 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     for (x, y) in chunked.iter().zip(&b) {
         assert_eq!((&x["question_id"], &x["text"]), (&y["question_id"], &y["text"]));
     }
-    let bad = xtask(&["sqa-predict", "--model", model.to_str().unwrap(), "--questions", questions.to_str().unwrap(), "--image-folder", images.to_str().unwrap(), "--out", t.join("bad.jsonl").to_str().unwrap(), "--num-chunks", "2", "--chunk-idx", "2"]);
+    let bad = xtask(&[
+        "sqa-predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--questions",
+        questions.to_str().unwrap(),
+        "--image-folder",
+        images.to_str().unwrap(),
+        "--out",
+        t.join("bad.jsonl").to_str().unwrap(),
+        "--num-chunks",
+        "2",
+        "--chunk-idx",
+        "2",
+    ]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--chunk-idx 2"));
 }
 
@@ -485,7 +617,17 @@ fn chat_streams_replies_from_piped_turns_with_the_template() {
     let model = demo_model(tmp.path());
     let run = |input: &str| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["chat", "--model", model.to_str().unwrap(), "--image", image().to_str().unwrap(), "--temperature", "0", "--max-new-tokens", "5"])
+            .args([
+                "chat",
+                "--model",
+                model.to_str().unwrap(),
+                "--image",
+                image().to_str().unwrap(),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+            ])
             .env("NO_COLOR", "1")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -499,7 +641,17 @@ fn chat_streams_replies_from_piped_turns_with_the_template() {
     // The first reply is what `generate` gives for the templated prompt: the model directory is
     // named `model`, so the reference's rule picks llava_v0 ("###" separators, "###" stops).
     let prompt = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.###Human: <image>\nWhat is this?###Assistant:";
-    let generated = ok(&xtask(&["generate", "--model", model.to_str().unwrap(), "--image", image().to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "5"]));
+    let generated = ok(&xtask(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image().to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "5",
+    ]));
     let first = generated.strip_suffix('\n').unwrap().split("###").next().unwrap().to_string();
     // After /reset the same first turn (with the image again) gives the same greedy reply;
     // /exit ends the session before the last line.
@@ -518,10 +670,17 @@ fn the_no_argument_demo_runs_both_stages() {
     let set = |kv: String| kv;
     // The demo's recipes, shortened: 2 text-pretraining steps, 3 stage-1 steps, 2 stage-2 steps.
     let s1 = [
-        "stage1", "--run-dir", &path("s1"), "--max-steps", "3",
-        "--set", "text_pretrain.steps=2",
-        "--set", &set(format!("model.vision_tower={}", path("towers/clip"))),
-        "--set", &set(format!("model.llm={}", path("towers/llm"))),
+        "stage1",
+        "--run-dir",
+        &path("s1"),
+        "--max-steps",
+        "3",
+        "--set",
+        "text_pretrain.steps=2",
+        "--set",
+        &set(format!("model.vision_tower={}", path("towers/clip"))),
+        "--set",
+        &set(format!("model.llm={}", path("towers/llm"))),
     ];
     ok(&xtask(&s1));
     assert_eq!(losses(&t.join("s1")).len(), 3);
@@ -533,16 +692,27 @@ fn the_no_argument_demo_runs_both_stages() {
     );
     let s2 = |projector: String, run: String| {
         xtask(&[
-            "stage2", "--run-dir", &run, "--max-steps", "2",
-            "--set", "training.eval_steps=1",
-            "--set", &format!("model.vision_tower={}", path("towers/clip")),
-            "--set", &format!("model.llm={}", path("s1/llm")),
-            "--set", &format!("model.pretrained_projector={projector}"),
+            "stage2",
+            "--run-dir",
+            &run,
+            "--max-steps",
+            "2",
+            "--set",
+            "training.eval_steps=1",
+            "--set",
+            &format!("model.vision_tower={}", path("towers/clip")),
+            "--set",
+            &format!("model.llm={}", path("s1/llm")),
+            "--set",
+            &format!("model.pretrained_projector={projector}"),
         ])
     };
     ok(&s2(path("s1/mm_projector.safetensors"), path("s2")));
     let metrics = std::fs::read_to_string(t.join("s2/metrics.jsonl")).unwrap();
-    let val: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64().unwrap()).collect();
+    let val: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64().unwrap())
+        .collect();
     assert_eq!(val.len(), 2);
     assert!(val.iter().all(|v| v.is_finite() && *v > 0.0));
     let msg = err(&s2(path("missing.safetensors"), path("s2b")));

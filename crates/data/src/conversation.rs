@@ -42,8 +42,22 @@ const FEW_SHOT_A: &str = "Renewable energy sources are those that can be repleni
 
 /// The reference's `conv_templates` keys.
 pub const TEMPLATE_NAMES: &[&str] = &[
-    "default", "v0", "v1", "vicuna_v1", "llama_2", "mistral_instruct", "chatml_direct", "mistral_direct", "plain",
-    "v0_plain", "llava_v0", "v0_mmtag", "llava_v1", "v1_mmtag", "llava_llama_2", "mpt",
+    "default",
+    "v0",
+    "v1",
+    "vicuna_v1",
+    "llama_2",
+    "mistral_instruct",
+    "chatml_direct",
+    "mistral_direct",
+    "plain",
+    "v0_plain",
+    "llava_v0",
+    "v0_mmtag",
+    "llava_v1",
+    "v1_mmtag",
+    "llava_llama_2",
+    "mpt",
 ];
 
 fn conv(system: &str, roles: [&str; 2], style: SepStyle, sep: &str, sep2: Option<&str>, version: &str) -> Conversation {
@@ -65,10 +79,7 @@ pub fn conv_template(name: &str) -> Option<Conversation> {
     let c = match name {
         "default" | "v0" => {
             let mut c = conv(SYS_HUMAN, ["Human", "Assistant"], Single, "###", None, "Unknown");
-            c.messages = vec![
-                ("Human".into(), Some(FEW_SHOT_Q.into())),
-                ("Assistant".into(), Some(FEW_SHOT_A.into())),
-            ];
+            c.messages = vec![("Human".into(), Some(FEW_SHOT_Q.into())), ("Assistant".into(), Some(FEW_SHOT_A.into()))];
             c.offset = 2;
             c
         }

@@ -74,14 +74,20 @@ pub struct LlavaDataset {
 impl LlavaDataset {
     /// Reads and validates a LLaVA JSON file (a JSON array).
     pub fn open(path: &Path, image_folder: &Path, on_error: OnError) -> Result<Self, DatasetError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DatasetError::File { path: path.into(), reason: e.to_string() })?;
-        let values: Vec<serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| DatasetError::File { path: path.into(), reason: format!("not a JSON array of records: {e}") })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DatasetError::File { path: path.into(), reason: e.to_string() })?;
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| DatasetError::File {
+            path: path.into(),
+            reason: format!("not a JSON array of records: {e}"),
+        })?;
         let mut records = Vec::with_capacity(values.len());
         let mut source_index = Vec::with_capacity(values.len());
         let mut skipped = Vec::new();
         for (index, value) in values.into_iter().enumerate() {
-            let id = value.get("id").map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "?".into());
+            let id = value
+                .get("id")
+                .map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+                .unwrap_or_else(|| "?".into());
             let err = |reason: String| DatasetError::Record { path: path.into(), index, id: id.clone(), reason };
             let parsed = serde_json::from_value::<Record>(value).map_err(|e| err(e.to_string())).and_then(|r| {
                 validate(&r).map_err(err)?;
@@ -123,7 +129,12 @@ impl LlavaDataset {
     }
 
     fn record_error(&self, i: usize, reason: String) -> DatasetError {
-        DatasetError::Record { path: self.path.clone(), index: self.source_index[i], id: self.records[i].id_string(), reason }
+        DatasetError::Record {
+            path: self.path.clone(),
+            index: self.source_index[i],
+            id: self.records[i].id_string(),
+            reason,
+        }
     }
 }
 
@@ -168,7 +179,8 @@ impl LlavaDataset {
         let pixel_values = match &record.image {
             Some(image) => {
                 let path = self.image_folder.join(image);
-                let px = load_and_preprocess(&path, &config.processor, config.aspect).map_err(|e| self.record_error(i, e.to_string()))?;
+                let px = load_and_preprocess(&path, &config.processor, config.aspect)
+                    .map_err(|e| self.record_error(i, e.to_string()))?;
                 preprocess_multimodal(&mut turns, &config.template, &config.options);
                 Some(px)
             }
@@ -176,7 +188,13 @@ impl LlavaDataset {
         };
         let processed = preprocess(&turns, tokenizer, &config.template, record.image.is_some(), &config.options)
             .map_err(|e| self.record_error(i, e.to_string()))?;
-        Ok(Sample { index: i, id: record.id_string(), input_ids: processed.input_ids, labels: processed.labels, pixel_values })
+        Ok(Sample {
+            index: i,
+            id: record.id_string(),
+            input_ids: processed.input_ids,
+            labels: processed.labels,
+            pixel_values,
+        })
     }
 }
 
@@ -284,8 +302,15 @@ impl Prefetcher {
         }
         let credit_rx = Arc::new(std::sync::Mutex::new(credit_rx));
         for _ in 0..workers.max(1) {
-            let (dataset, tokenizer, config, order, cursor, tx, credit_rx) =
-                (dataset.clone(), tokenizer.clone(), config.clone(), order.clone(), cursor.clone(), tx.clone(), credit_rx.clone());
+            let (dataset, tokenizer, config, order, cursor, tx, credit_rx) = (
+                dataset.clone(),
+                tokenizer.clone(),
+                config.clone(),
+                order.clone(),
+                cursor.clone(),
+                tx.clone(),
+                credit_rx.clone(),
+            );
             std::thread::spawn(move || {
                 loop {
                     if credit_rx.lock().unwrap().recv().is_err() {
@@ -341,6 +366,7 @@ pub const BRIEF_INSTRUCTIONS: [&str; 11] = [
 pub fn brief_description_turns(caption: &str, rng: &mut StdRng) -> Vec<Turn> {
     use rand::Rng;
     let instruction = BRIEF_INSTRUCTIONS[rng.random_range(0..BRIEF_INSTRUCTIONS.len())];
-    let human = if rng.random_bool(0.5) { format!("{instruction}\n<image>") } else { format!("<image>\n{instruction}") };
+    let human =
+        if rng.random_bool(0.5) { format!("{instruction}\n<image>") } else { format!("<image>\n{instruction}") };
     vec![Turn { from: "human".into(), value: human }, Turn { from: "gpt".into(), value: caption.to_string() }]
 }

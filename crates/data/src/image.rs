@@ -32,6 +32,19 @@ pub enum AspectMode {
     Pad,
 }
 
+impl std::str::FromStr for AspectMode {
+    type Err = String;
+
+    /// The names LLaVA's configs and command lines use: `square` (or `crop`) and `pad`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "square" | "crop" => Ok(AspectMode::Crop),
+            "pad" => Ok(AspectMode::Pad),
+            other => Err(format!("unknown image aspect `{other}` (square/crop or pad)")),
+        }
+    }
+}
+
 /// The fields of `preprocessor_config.json` that matter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessorConfig {
@@ -157,7 +170,9 @@ pub fn to_rgb(img: DynamicImage) -> RgbImage {
             let v = (i.get_pixel(x, y).0[0] >> 8) as u8;
             image::Rgb([v, v, v])
         }),
-        DynamicImage::ImageRgb16(i) => RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(|v| (v >> 8) as u8))),
+        DynamicImage::ImageRgb16(i) => {
+            RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(|v| (v >> 8) as u8)))
+        }
         DynamicImage::ImageRgba16(i) => RgbImage::from_fn(w, h, |x, y| {
             let [r, g, b, _] = i.get_pixel(x, y).0;
             image::Rgb([r, g, b].map(|v| (v >> 8) as u8))
@@ -198,7 +213,11 @@ pub fn preprocess(img: &RgbImage, config: &ProcessorConfig, mode: AspectMode) ->
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nw, nh) = if config.do_resize {
         let s = config.shortest_edge;
-        if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) }
+        if w <= h {
+            (s, (s as f64 * h as f64 / w as f64) as usize)
+        } else {
+            ((s as f64 * w as f64 / h as f64) as usize, s)
+        }
     } else {
         (w, h)
     };

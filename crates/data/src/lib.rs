@@ -2,16 +2,14 @@
 //! (SentencePiece `tokenizer.model` and Hugging Face `tokenizer.json`), the reference's
 //! `tokenizer_image_token`, and CLIP image preprocessing.
 //!
-//! This crate knows nothing about Burn or the model; it produces plain `Vec`s.
+//! This crate knows nothing about Burn or the model, nor about any evaluation or demo: it
+//! produces plain `Vec`s (and must not depend on another crate of this workspace).
 
 pub mod conversation;
 pub mod dataset;
 pub mod image;
 pub mod preprocess;
-pub mod scienceqa;
 pub mod sentencepiece;
-pub mod shapes;
-pub mod sqa_score;
 pub mod tokenizer;
 
 pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError, tokenizer_image_token};

@@ -150,13 +150,19 @@ pub fn preprocess(
         _ if template.version.starts_with("v1") => {
             preprocess_rounds(turns, tokenizer, template, has_image, options, RoundRule::V1)
         }
-        _ if template.version == "mpt" => preprocess_rounds(turns, tokenizer, template, has_image, options, RoundRule::Mpt),
+        _ if template.version == "mpt" => {
+            preprocess_rounds(turns, tokenizer, template, has_image, options, RoundRule::Mpt)
+        }
         _ => preprocess_hash(turns, tokenizer, template, has_image, options),
     }
 }
 
 /// `preprocess_plain`: `<image>` + caption + `\n`; BOS and image masked.
-fn preprocess_plain(turns: &[Turn], tokenizer: &Tokenizer, template: &Conversation) -> Result<Processed, PreprocessError> {
+fn preprocess_plain(
+    turns: &[Turn],
+    tokenizer: &Tokenizer,
+    template: &Conversation,
+) -> Result<Processed, PreprocessError> {
     if turns.len() != 2 || !turns[0].value.contains(DEFAULT_IMAGE_TOKEN) {
         return Err(PreprocessError::PlainShape(turns.len()));
     }

@@ -295,9 +295,15 @@ impl SentencePiece {
     pub fn piece_bytes(&self, id: u32, keep_special: bool) -> Vec<u8> {
         let Some(p) = self.pieces.get(id as usize) else { return Vec::new() };
         match p.kind {
-            PieceKind::Byte => self.byte_ids.iter().position(|b| *b == Some(id)).map(|b| vec![b as u8]).unwrap_or_default(),
+            PieceKind::Byte => {
+                self.byte_ids.iter().position(|b| *b == Some(id)).map(|b| vec![b as u8]).unwrap_or_default()
+            }
             PieceKind::Control | PieceKind::Unknown | PieceKind::Unused => {
-                if keep_special { p.text.as_bytes().to_vec() } else { Vec::new() }
+                if keep_special {
+                    p.text.as_bytes().to_vec()
+                } else {
+                    Vec::new()
+                }
             }
             _ => p.text.replace('▁', " ").into_bytes(),
         }

@@ -67,12 +67,7 @@ impl Tokenizer {
     fn from_hf_json(path: &Path) -> Result<Self, TokenizerError> {
         let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| load_err(path, e))?;
         let id = |t: &str| tok.token_to_id(t);
-        let special_ids = tok
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
+        let special_ids = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let (bos, eos) = special_names(path.parent());
         Ok(Self {
             bos_id: bos.as_deref().and_then(id).or_else(|| id("<s>")),
@@ -183,7 +178,9 @@ impl Tokenizer {
     /// Size of the vocabulary including added tokens.
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
-            Inner::SentencePiece(sp) => sp.vocab_size().max(self.added.keys().next_back().map_or(0, |k| *k as usize + 1)),
+            Inner::SentencePiece(sp) => {
+                sp.vocab_size().max(self.added.keys().next_back().map_or(0, |k| *k as usize + 1))
+            }
             Inner::Hf(t) => t.get_vocab_size(true),
         }
     }
@@ -293,7 +290,10 @@ impl Tokenizer {
 
     /// `LlamaTokenizer.convert_tokens_to_string` (legacy).
     fn tokens_to_string(&self, sp: &SentencePiece, ids: &[u32]) -> String {
-        let is_special = |id: u32| self.special_ids.contains(&id) || sp.pieces.get(id as usize).is_some_and(|p| matches!(p.kind, PieceKind::Control | PieceKind::Unknown));
+        let is_special = |id: u32| {
+            self.special_ids.contains(&id)
+                || sp.pieces.get(id as usize).is_some_and(|p| matches!(p.kind, PieceKind::Control | PieceKind::Unknown))
+        };
         let mut out = String::new();
         let mut sub: Vec<(u32, bool)> = Vec::new(); // (id, strip its leading `▁`)
         let mut prev_special = false;
@@ -307,7 +307,8 @@ impl Tokenizer {
                 prev_special = true;
                 sub.clear();
             } else {
-                let starts_ws = sp.pieces.get(id as usize).is_some_and(|p| p.kind != PieceKind::Byte && p.text.starts_with('▁'));
+                let starts_ws =
+                    sp.pieces.get(id as usize).is_some_and(|p| p.kind != PieceKind::Byte && p.text.starts_with('▁'));
                 if prev_special && i == 1 && !starts_ws {
                     out.push(' ');
                 }

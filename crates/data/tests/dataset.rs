@@ -7,7 +7,8 @@ use std::sync::Arc;
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
 use llava_data::dataset::{
-    LlavaDataset, OnError, Prefetcher, SampleConfig, brief_description_turns, modality_length_grouped_indices, shuffled_indices,
+    LlavaDataset, OnError, Prefetcher, SampleConfig, brief_description_turns, modality_length_grouped_indices,
+    shuffled_indices,
 };
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_data::preprocess::PreprocessOptions;
@@ -60,7 +61,10 @@ fn bad_records_are_reported_with_file_index_and_id() {
     std::fs::write(&json, format!("[{good}, {bad_from}, {no_conv}, {missing_image}]")).unwrap();
 
     let err = LlavaDataset::open(&json, tmp.path(), OnError::Stop).unwrap_err().to_string();
-    assert!(err.contains("data.json") && err.contains("record 1") && err.contains("id b") && err.contains("robot"), "{err}");
+    assert!(
+        err.contains("data.json") && err.contains("record 1") && err.contains("id b") && err.contains("robot"),
+        "{err}"
+    );
 
     let ds = LlavaDataset::open(&json, tmp.path(), OnError::Skip).unwrap();
     assert_eq!(ds.len(), 2);
@@ -91,7 +95,8 @@ fn prefetcher_yields_in_order_what_sequential_processing_gives() {
 #[test]
 fn modality_grouping_keeps_full_megabatches_single_modality() {
     // 23 image samples and 13 text-only ones, varied lengths.
-    let lengths: Vec<i64> = (0..36).map(|i| if i % 3 == 2 && i < 39 && i != 35 { -(5 + i * 7 % 11) } else { 3 + i * 13 % 17 }).collect();
+    let lengths: Vec<i64> =
+        (0..36).map(|i| if i % 3 == 2 && i < 39 && i != 35 { -(5 + i * 7 % 11) } else { 3 + i * 13 % 17 }).collect();
     let (batch, world) = (2, 2);
     let order = modality_length_grouped_indices(&lengths, batch, world, 0);
     let mut sorted = order.clone();

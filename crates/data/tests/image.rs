@@ -23,9 +23,10 @@ fn pixels_match_clip_image_processor() {
             let jpeg = name.ends_with(".jpg");
             for (mode, mode_name) in [(AspectMode::Crop, "crop"), (AspectMode::Pad, "pad")] {
                 let ours = load_and_preprocess(&path, &config, mode).unwrap();
-                let expected = image::open(dir().join("expected").join(format!("{name}__{config_name}__{mode_name}.png")))
-                    .unwrap()
-                    .to_rgb8();
+                let expected =
+                    image::open(dir().join("expected").join(format!("{name}__{config_name}__{mode_name}.png")))
+                        .unwrap()
+                        .to_rgb8();
                 let (w, h) = expected.dimensions();
                 assert_eq!(ours.len(), (3 * w * h) as usize, "{name} {config_name} {mode_name}: shape");
                 let (mut max, mut sum) = (0f32, 0f64);
@@ -33,7 +34,9 @@ fn pixels_match_clip_image_processor() {
                     for y in 0..h {
                         for x in 0..w {
                             let v = ours[(c * h * w + y * w + x) as usize];
-                            let level = ((v * config.image_std[c as usize] + config.image_mean[c as usize]) * 255.0).round().clamp(0.0, 255.0);
+                            let level = ((v * config.image_std[c as usize] + config.image_mean[c as usize]) * 255.0)
+                                .round()
+                                .clamp(0.0, 255.0);
                             let d = (level - expected.get_pixel(x, y).0[c as usize] as f32).abs();
                             max = max.max(d);
                             sum += d as f64;

@@ -23,12 +23,16 @@ fn ids_and_labels_equal_the_reference_for_every_template() {
         let tokenizer = base.clone().with_legacy(case["legacy"].as_bool().unwrap());
         let sample = &samples[case["sample"].as_u64().unwrap() as usize];
         let has_image = sample.get("image").is_some();
-        let options = PreprocessOptions { model_max_length: case["max_length"].as_u64().unwrap() as usize, ..Default::default() };
+        let options =
+            PreprocessOptions { model_max_length: case["max_length"].as_u64().unwrap() as usize, ..Default::default() };
         let mut turns: Vec<Turn> = serde_json::from_value(sample["conversations"].clone()).unwrap();
         if has_image {
             preprocess_multimodal(&mut turns, &template, &options);
         }
-        let what = format!("template {template_name}, legacy {}, sample {} ({})", case["legacy"], case["sample"], sample["id"]);
+        let what = format!(
+            "template {template_name}, legacy {}, sample {} ({})",
+            case["legacy"], case["sample"], sample["id"]
+        );
         let result = preprocess(&turns, &tokenizer, &template, has_image, &options);
         if case.get("error").is_some() {
             assert!(result.is_err(), "{what}: the reference fails ({}), we did not", case["error"]);
@@ -41,8 +45,12 @@ fn ids_and_labels_equal_the_reference_for_every_template() {
         assert_eq!(result.labels, labels, "{what}: labels\n{}", result.prompt);
         assert_eq!(result.mismatch.is_some(), case["mismatch"].as_bool().unwrap(), "{what}: mismatch flag");
         mismatches += usize::from(result.mismatch.is_some());
-        truncated += usize::from(!has_image && ids.len() == options.model_max_length && options.model_max_length < 2048);
+        truncated +=
+            usize::from(!has_image && ids.len() == options.model_max_length && options.model_max_length < 2048);
         checked += 1;
     }
-    assert!(checked > 700 && mismatches > 0 && truncated > 0, "{checked} cases, {mismatches} mismatches, {truncated} truncated");
+    assert!(
+        checked > 700 && mismatches > 0 && truncated > 0,
+        "{checked} cases, {mismatches} mismatches, {truncated} truncated"
+    );
 }

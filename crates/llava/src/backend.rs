@@ -7,7 +7,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The CPU backend.
+/// The CPU backend (feature `flex`, on by default; `with_backend!` needs it).
+#[cfg(feature = "flex")]
 pub type Cpu = burn::backend::Flex;
 #[cfg(feature = "wgpu")]
 pub type Wgpu = burn::backend::Wgpu;
@@ -26,7 +27,7 @@ impl BackendKind {
     /// Whether this build includes the backend.
     pub fn compiled(self) -> bool {
         match self {
-            BackendKind::Cpu => true,
+            BackendKind::Cpu => cfg!(feature = "flex"),
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
         }

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use crate::model::{Llava, PaddingSide};
 
 /// How the next token is chosen.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingConfig {
     /// 0 = greedy (argmax).
     pub temperature: f32,
@@ -88,16 +88,7 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the first one on ties, as `torch.argmax`.
-pub fn argmax(values: &[f32]) -> u32 {
-    // What `for v: if v > values[best] { best = i }` gives: NaNs never win, unless first (then
-    // nothing beats it). The maximum comes from a vectorised pass, then its first position.
-    if values.first().is_none_or(|v| v.is_nan()) {
-        return 0;
-    }
-    let max = llava_weights::fastexp::max(values);
-    values.iter().position(|&v| v == max).unwrap_or(0) as u32
-}
+pub use llava_kernels::argmax;
 
 /// Generates continuations of a batch of prompts (token ids with `-200` where images go).
 ///
@@ -130,7 +121,11 @@ pub fn generate<B: Backend>(
     let mut cache = KvCache::with_capacity(model.llm.layers.len(), prompt_len + config.max_new_tokens);
     let mut all_embeds = batch.embeds.clone();
     let mut all_positions = batch.positions.clone();
-    let mut logits = if config.use_cache { model.prefill(&batch, &mut cache) } else { last_logits(model, &all_embeds, &all_positions, &valid) };
+    let mut logits = if config.use_cache {
+        model.prefill(&batch, &mut cache)
+    } else {
+        last_logits(model, &all_embeds, &all_positions, &valid)
+    };
 
     for _step in 0..config.max_new_tokens {
         let host = logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32 logits");
@@ -154,7 +149,10 @@ pub fn generate<B: Backend>(
             break;
         }
         // Feed the chosen tokens (finished rows keep decoding; their output is ignored).
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b, 1]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b, 1]),
+            &device,
+        );
         let embeds = model.llm.embed(ids);
         let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(next_pos.clone(), [b, 1]), &device);
         next_pos.iter_mut().for_each(|p| *p += 1);
@@ -173,7 +171,12 @@ pub fn generate<B: Backend>(
     out
 }
 
-fn last_logits<B: Backend>(model: &Llava<B>, embeds: &Tensor<B, 3>, positions: &Tensor<B, 2, Int>, valid: &[Vec<bool>]) -> Tensor<B, 2> {
+fn last_logits<B: Backend>(
+    model: &Llava<B>,
+    embeds: &Tensor<B, 3>,
+    positions: &Tensor<B, 2, Int>,
+    valid: &[Vec<bool>],
+) -> Tensor<B, 2> {
     let [b, len, _] = embeds.dims();
     let padded = valid.iter().any(|v| v.iter().any(|x| !x));
     let mask = padded.then(|| padded_causal_mask::<B>(valid, len, &embeds.device()));

@@ -14,13 +14,14 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use llava_checkpoint::{Loader, WeightStore};
 use llava_data::Tokenizer;
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_llm::{LlamaConfig, LlamaModel};
 use llava_projector::{Projector, ProjectorConfig, ProjectorKind, ProjectorNaming};
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-use llava_weights::{Loader, WeightStore};
 use serde::{Deserialize, Serialize};
 
 use crate::LlavaError;
@@ -42,7 +43,11 @@ pub struct LlavaConfig {
 
 impl LlavaConfig {
     pub fn projector_config(&self) -> ProjectorConfig {
-        ProjectorConfig { kind: self.projector, vision_hidden: self.vision.hidden_size, text_hidden: self.text.hidden_size }
+        ProjectorConfig {
+            kind: self.projector,
+            vision_hidden: self.vision.hidden_size,
+            text_hidden: self.text.hidden_size,
+        }
     }
 
     /// Image tokens per image after feature selection.
@@ -106,6 +111,38 @@ pub struct LoadedLlava<B: Backend> {
     pub has_vision: bool,
 }
 
+impl<B: Backend> LoadedLlava<B> {
+    /// The ids that end generation: the model config's EOS ids and the tokenizer's.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.text.eos_ids();
+        ids.extend(self.tokenizer.as_ref().and_then(|t| t.eos_id()));
+        ids
+    }
+
+    /// A raw prompt's ids (BOS first, -200 at `<image>`, as the reference's
+    /// `tokenizer_image_token`) and the image's pixels `[1, 3, H, W]`, checked against each
+    /// other: an image needs exactly one `<image>` in the prompt, and `<image>` needs an image.
+    pub fn prompt_inputs(
+        &self,
+        prompt: &str,
+        image: Option<&Path>,
+    ) -> Result<(Vec<i64>, Option<Tensor<B, 4>>), LlavaError> {
+        let tokenizer = self.tokenizer.as_ref().ok_or(LlavaError::NoTokenizer)?;
+        let markers = prompt.matches(llava_data::DEFAULT_IMAGE_TOKEN).count();
+        if image.is_some() && !self.has_vision {
+            return Err(LlavaError::NoVisionTower { layout: format!("{:?}", self.layout) });
+        }
+        if markers != usize::from(image.is_some()) {
+            return Err(LlavaError::ImageCount { markers, images: usize::from(image.is_some()) });
+        }
+        let device = self.model.llm.embed_tokens.weight.device();
+        let pixels = image
+            .map(|path| crate::image_tensor::<B>(path, &self.processor, self.config.image_aspect, &device))
+            .transpose()?;
+        Ok((llava_data::tokenizer_image_token(tokenizer, prompt), pixels))
+    }
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value, LlavaError> {
     let text = std::fs::read_to_string(path).map_err(|e| LlavaError::config(path, e))?;
     serde_json::from_str(&text).map_err(|e| LlavaError::config(path, e))
@@ -119,7 +156,10 @@ pub fn detect_layout(config: &serde_json::Value) -> Layout {
         .and_then(|a| a.as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    if config.get("mm_vision_tower").is_some() || archs.iter().any(|a| a.starts_with("LlavaLlama")) || model_type == "llava_llama" {
+    if config.get("mm_vision_tower").is_some()
+        || archs.iter().any(|a| a.starts_with("LlavaLlama"))
+        || model_type == "llava_llama"
+    {
         Layout::Original
     } else if model_type == "llava" || config.get("vision_config").is_some() {
         Layout::LlavaHf
@@ -129,7 +169,11 @@ pub fn detect_layout(config: &serde_json::Value) -> Layout {
 }
 
 /// Loads whatever `dir` holds.
-pub fn load_dir<B: Backend>(dir: &Path, options: &LoadOptions, device: &B::Device) -> Result<LoadedLlava<B>, LlavaError> {
+pub fn load_dir<B: Backend>(
+    dir: &Path,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let json = read_json(&config_path)?;
     let tokenizer = load_tokenizer_if_present(dir)?;
@@ -149,7 +193,8 @@ fn load_llava_hf<B: Backend>(
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
-    let vision = ClipVisionConfig::from_hf_json(json.get("vision_config").unwrap_or(&serde_json::Value::Null)).map_err(bad)?;
+    let vision =
+        ClipVisionConfig::from_hf_json(json.get("vision_config").unwrap_or(&serde_json::Value::Null)).map_err(bad)?;
     let text = LlamaConfig::from_hf_json(json.get("text_config").unwrap_or(&serde_json::json!({}))).map_err(bad)?;
     let act = json.get("projector_hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu");
     if act != "gelu" {
@@ -159,7 +204,8 @@ fn load_llava_hf<B: Backend>(
         None => -2,
         Some(v) => v.as_i64().ok_or_else(|| bad("vision_feature_layer must be one integer".into()))?,
     };
-    let select_feature = match json.get("vision_feature_select_strategy").and_then(|v| v.as_str()).unwrap_or("default") {
+    let select_feature = match json.get("vision_feature_select_strategy").and_then(|v| v.as_str()).unwrap_or("default")
+    {
         "default" => SelectFeature::Patch,
         "full" => SelectFeature::ClsPatch,
         other => return Err(bad(format!("unknown vision_feature_select_strategy `{other}`"))),
@@ -179,7 +225,11 @@ fn load_llava_hf<B: Backend>(
         select_layer,
         select_feature,
         image_aspect: options.image_aspect.unwrap_or(AspectMode::Crop),
-        max_length: json.get("text_config").and_then(|t| t.get("max_position_embeddings")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+        max_length: json
+            .get("text_config")
+            .and_then(|t| t.get("max_position_embeddings"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize,
     };
     config.validate().map_err(bad)?;
     let root = Loader::<B>::new(&store, device);
@@ -216,18 +266,22 @@ fn load_original<B: Backend>(
         Some(name) => ProjectorKind::parse(name).ok_or_else(|| bad(format!("unknown mm_projector_type `{name}`")))?,
     };
     if json.get("mm_use_im_start_end").and_then(|v| v.as_bool()) == Some(true) {
-        tracing::warn!("{}: mm_use_im_start_end is set; <im_start>/<im_end> tokens are not inserted by this implementation", config_path.display());
+        tracing::warn!(
+            "{}: mm_use_im_start_end is set; <im_start>/<im_end> tokens are not inserted by this implementation",
+            config_path.display()
+        );
     }
     let select_feature = match json.get("mm_vision_select_feature").and_then(|v| v.as_str()).unwrap_or("patch") {
         "patch" => SelectFeature::Patch,
         "cls_patch" => SelectFeature::ClsPatch,
         other => return Err(bad(format!("unknown mm_vision_select_feature `{other}`"))),
     };
-    let aspect = match json.get("image_aspect_ratio").and_then(|v| v.as_str()).unwrap_or("square") {
-        "pad" => AspectMode::Pad,
-        "square" | "crop" => AspectMode::Crop,
-        other => return Err(bad(format!("image_aspect_ratio `{other}` is not supported (square or pad)"))),
-    };
+    let aspect: AspectMode = json
+        .get("image_aspect_ratio")
+        .and_then(|v| v.as_str())
+        .unwrap_or("square")
+        .parse()
+        .map_err(|e| bad(format!("image_aspect_ratio: {e}")))?;
     let config = LlavaConfig {
         vision,
         projector,
@@ -312,7 +366,14 @@ fn load_text_only<B: Backend>(
         select_layer: -1,
         select_feature: SelectFeature::Patch,
     };
-    Ok(LoadedLlava { model, processor: ProcessorConfig::clip(14), config, tokenizer, layout: Layout::TextOnly, has_vision: false })
+    Ok(LoadedLlava {
+        model,
+        processor: ProcessorConfig::clip(14),
+        config,
+        tokenizer,
+        layout: Layout::TextOnly,
+        has_vision: false,
+    })
 }
 
 /// Loads separate parts: a CLIP directory, an LLM directory (with its tokenizer) and a projector
@@ -361,20 +422,35 @@ pub fn load_parts<B: Backend>(
 /// Where the projector is inside a standalone projector file (`mm_projector.bin` /
 /// `mm_projector.safetensors`: keys with or without `model.mm_projector.`, or llava-hf's
 /// `multi_modal_projector.linear_N.*`), and its architecture.
-fn detect_projector_file(store: &WeightStore, path: &Path) -> Result<(&'static str, ProjectorKind, ProjectorNaming), LlavaError> {
+fn detect_projector_file(
+    store: &WeightStore,
+    path: &Path,
+) -> Result<(&'static str, ProjectorKind, ProjectorNaming), LlavaError> {
     ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
         .into_iter()
         .find_map(|p| ProjectorConfig::detect(store, p).map(|(kind, naming)| (p, kind, naming)))
-        .ok_or_else(|| LlavaError::config(path, "no projector weights (expected mm_projector.* or multi_modal_projector.linear_N.*)"))
+        .ok_or_else(|| {
+            LlavaError::config(
+                path,
+                "no projector weights (expected mm_projector.* or multi_modal_projector.linear_N.*)",
+            )
+        })
 }
 
 /// Loads a standalone projector file (see [`detect_projector_file`]) for `config`; every tensor
 /// of the file must be consumed, and its architecture must be the configured one.
-pub fn load_projector_file<B: Backend>(path: &Path, config: &ProjectorConfig, device: &B::Device) -> Result<Projector<B>, LlavaError> {
+pub fn load_projector_file<B: Backend>(
+    path: &Path,
+    config: &ProjectorConfig,
+    device: &B::Device,
+) -> Result<Projector<B>, LlavaError> {
     let store = WeightStore::open(path)?;
     let (prefix, kind, naming) = detect_projector_file(&store, path)?;
     if kind != config.kind {
-        return Err(LlavaError::config(path, format!("holds a {} projector, the run is configured for {}", kind.name(), config.kind.name())));
+        return Err(LlavaError::config(
+            path,
+            format!("holds a {} projector, the run is configured for {}", kind.name(), config.kind.name()),
+        ));
     }
     let projector = Projector::load(config, naming, &Loader::new(&store, device).pp(prefix))?;
     store.ensure_all_used()?;
@@ -393,7 +469,11 @@ fn load_tokenizer_if_present(dir: &Path) -> Result<Option<Tokenizer>, LlavaError
 /// `preprocessor_config.json` from `dir` if present, else CLIP's at the tower's image size.
 fn processor_for(dir: &Path, config: &LlavaConfig) -> Result<ProcessorConfig, LlavaError> {
     let path = dir.join("preprocessor_config.json");
-    let processor = if path.is_file() { ProcessorConfig::from_path(&path)? } else { ProcessorConfig::clip(config.vision.image_size) };
+    let processor = if path.is_file() {
+        ProcessorConfig::from_path(&path)?
+    } else {
+        ProcessorConfig::clip(config.vision.image_size)
+    };
     if processor.crop_height != config.vision.image_size || processor.crop_width != config.vision.image_size {
         return Err(LlavaError::config(
             &path,

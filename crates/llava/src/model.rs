@@ -107,8 +107,7 @@ impl<B: Backend> Llava<B> {
         let device = self.llm.embed_tokens.weight.device();
         let hidden = self.llm.hidden_size();
         // Embed every text token of the batch in one call, then cut the pieces out.
-        let text_ids: Vec<i64> =
-            input_ids.iter().flatten().copied().filter(|&t| t != IMAGE_TOKEN_INDEX).collect();
+        let text_ids: Vec<i64> = input_ids.iter().flatten().copied().filter(|&t| t != IMAGE_TOKEN_INDEX).collect();
         let n_images = input_ids.iter().flatten().filter(|&&t| t == IMAGE_TOKEN_INDEX).count();
         let text_embeds = (!text_ids.is_empty()).then(|| {
             let n = text_ids.len();
@@ -141,7 +140,11 @@ impl<B: Backend> Llava<B> {
                 if t == IMAGE_TOKEN_INDEX {
                     flush(&mut run, &mut text_at, &mut pieces);
                     let f = image_features.as_ref().expect("image features");
-                    pieces.push(f.clone().slice([image_at..image_at + 1, 0..image_tokens, 0..hidden]).reshape([image_tokens, hidden]));
+                    pieces.push(
+                        f.clone()
+                            .slice([image_at..image_at + 1, 0..image_tokens, 0..hidden])
+                            .reshape([image_tokens, hidden]),
+                    );
                     image_at += 1;
                     lab.extend(std::iter::repeat_n(IGNORE_INDEX, image_tokens));
                 } else {
@@ -222,7 +225,8 @@ impl<B: Backend> Llava<B> {
     /// Runs the prompt through the decoder, filling `cache`; returns the logits of each row's
     /// last position `[batch, vocab]`.
     pub fn prefill(&self, batch: &SplicedBatch<B>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
-        let hidden = self.llm.forward_embeds(batch.embeds.clone(), batch.positions.clone(), batch.attention_mask(), Some(cache));
+        let hidden =
+            self.llm.forward_embeds(batch.embeds.clone(), batch.positions.clone(), batch.attention_mask(), Some(cache));
         let [b, len, d] = hidden.dims();
         let last = match batch.padding {
             PaddingSide::Left => hidden.slice([0..b, len - 1..len, 0..d]),

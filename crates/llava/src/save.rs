@@ -11,22 +11,23 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
+use llava_checkpoint::{Exporter, SaveDtype};
 use llava_projector::{ProjectorKind, ProjectorNaming};
-use llava_weights::{Exporter, SaveDtype};
 
+use crate::LlavaError;
 use crate::load::LlavaConfig;
 use crate::model::{Llava, SelectFeature};
-use crate::LlavaError;
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), LlavaError> {
     let text = serde_json::to_string_pretty(value).expect("json");
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| LlavaError::config(path, e))
+    llava_checkpoint::write_atomically(path, |w| w.write_all(text.as_bytes())).map_err(|e| LlavaError::config(path, e))
 }
 
 /// Copies the tokenizer files found in `from` into `to`.
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), LlavaError> {
-    for name in ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"] {
+    for name in
+        ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+    {
         let src = from.join(name);
         if src.is_file() {
             std::fs::copy(&src, to.join(name)).map_err(|e| LlavaError::config(&src, e))?;
@@ -45,7 +46,12 @@ pub fn save_projector<B: Backend>(model: &Llava<B>, path: &Path) -> Result<(), L
 }
 
 /// Writes the whole model into `dir` (see the module docs for the layout chosen).
-pub fn save_model<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path) -> Result<(), LlavaError> {
+pub fn save_model<B: Backend>(
+    model: &Llava<B>,
+    config: &LlavaConfig,
+    dir: &Path,
+    tokenizer_dir: &Path,
+) -> Result<(), LlavaError> {
     std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
     copy_tokenizer_files(tokenizer_dir, dir)?;
     match model.projector.kind {
@@ -54,7 +60,12 @@ pub fn save_model<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path
     }
 }
 
-fn save_llava_hf<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path) -> Result<(), LlavaError> {
+fn save_llava_hf<B: Backend>(
+    model: &Llava<B>,
+    config: &LlavaConfig,
+    dir: &Path,
+    tokenizer_dir: &Path,
+) -> Result<(), LlavaError> {
     // Hugging Face's Llava embeds `input_ids` before replacing image tokens, so the `<image>`
     // token needs an id inside the vocabulary: as llava-hf's conversion does, `<image>` becomes
     // the next added token and the embedding matrices grow (to a multiple of 64) with mean rows.
@@ -64,10 +75,8 @@ fn save_llava_hf<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path,
         None => {
             let id = tokenizer.vocab_size();
             let added = dir.join("added_tokens.json");
-            let mut map: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&added)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
+            let mut map: serde_json::Map<String, serde_json::Value> =
+                std::fs::read_to_string(&added).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
             map.insert("<image>".into(), id.into());
             write_json(&added, &serde_json::Value::Object(map))?;
             id
@@ -124,9 +133,20 @@ fn save_original<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path)
     obj.insert("mm_vision_select_layer".into(), config.select_layer.into());
     obj.insert(
         "mm_vision_select_feature".into(),
-        match config.select_feature { SelectFeature::Patch => "patch", SelectFeature::ClsPatch => "cls_patch" }.into(),
+        match config.select_feature {
+            SelectFeature::Patch => "patch",
+            SelectFeature::ClsPatch => "cls_patch",
+        }
+        .into(),
     );
-    obj.insert("image_aspect_ratio".into(), match config.image_aspect { llava_data::image::AspectMode::Pad => "pad", _ => "square" }.into());
+    obj.insert(
+        "image_aspect_ratio".into(),
+        match config.image_aspect {
+            llava_data::image::AspectMode::Pad => "pad",
+            _ => "square",
+        }
+        .into(),
+    );
     obj.insert("mm_use_im_start_end".into(), false.into());
     obj.insert("mm_use_im_patch_token".into(), false.into());
     obj.insert("tokenizer_model_max_length".into(), config.max_length.into());

@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 use llava::generate::{GenerationConfig, generate};
 use llava::load::{LoadOptions, load_dir};
 use llava::{Llava, PaddingSide};
-use llava_weights::{Exporter, SaveDtype, WeightStore};
+use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity").join(name)
@@ -28,7 +28,8 @@ struct Expected {
 impl Expected {
     fn open(dir: &Path) -> Self {
         let store = WeightStore::open(&dir.join("expected.safetensors")).unwrap();
-        let inputs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+        let inputs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
         let rows = serde_json::from_value(inputs["input_ids"].clone()).unwrap();
         Self { store, rows }
     }
@@ -64,7 +65,8 @@ fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, expected: &[f32]) -
 }
 
 fn check_model<B: Backend>(device: &B::Device, dir: &Path, tol: f32) {
-    let loaded = load_dir::<B>(dir, &LoadOptions::default(), device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let loaded =
+        load_dir::<B>(dir, &LoadOptions::default(), device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let model = &loaded.model;
     let exp = Expected::open(dir);
 
@@ -103,7 +105,8 @@ fn check_greedy<B: Backend>(model: &Llava<B>, exp: &Expected, pixels: Tensor<B, 
     let (shape, greedy) = exp.ints("greedy");
     let steps = shape[1];
     let expected: Vec<Vec<u32>> = greedy.chunks(steps).map(|c| c.iter().map(|&t| t as u32).collect()).collect();
-    let config = |use_cache| GenerationConfig { max_new_tokens: steps, eos_ids: vec![], use_cache, ..Default::default() };
+    let config =
+        |use_cache| GenerationConfig { max_new_tokens: steps, eos_ids: vec![], use_cache, ..Default::default() };
     // One row at a time, with and without the cache; images are consumed in order.
     let mut image_at = 0;
     for (row, prompt) in exp.rows.iter().enumerate() {
@@ -201,7 +204,8 @@ fn original_layout_finds_hub_tower_in_local_cache() {
             std::fs::copy(entry.path(), model_dir.join(entry.file_name())).unwrap();
         }
     }
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
     config["mm_vision_tower"] = "openai/clip-tiny-test".into();
     std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
 

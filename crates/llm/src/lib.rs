@@ -1,5 +1,7 @@
 //! The LLaMA / Vicuna decoder: RMSNorm, rotary position embeddings (Hugging Face's `rotate_half`
 //! convention), SwiGLU MLPs and grouped-query attention, with a KV cache for generation.
+//! Depends on `llava-checkpoint` (loading) and `llava-kernels` (layer operations) only; knows
+//! nothing of images, tokenizers or training.
 //!
 //! The model works on embeddings, not only on token ids, because LLaVA splices image features
 //! between token embeddings before the decoder runs: [`LlamaModel::embed`] gives the token
@@ -9,7 +11,7 @@
 //! ```no_run
 //! use burn::backend::Flex;
 //! use llava_llm::{KvCache, LlamaConfig, LlamaModel};
-//! use llava_weights::WeightStore;
+//! use llava_checkpoint::WeightStore;
 //!
 //! let dir = std::path::Path::new("vicuna-7b-v1.5");
 //! let config = LlamaConfig::from_hf_dir(dir)?;
@@ -25,13 +27,13 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use llava_weights::fused::{add, silu_mul};
-use llava_weights::attention::attention;
-use llava_weights::linear_tokens;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
-use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
+use llava_checkpoint::{Exporter, Loader, WeightStore, WeightsError};
+use llava_kernels::attention;
+use llava_kernels::linear_tokens;
+use llava_kernels::{add, silu_mul};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -263,20 +265,21 @@ impl<B: Backend> KvCache<B> {
     fn append(&mut self, i: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, h, d] = keys.dims();
         let (device, dtype) = (keys.device(), keys.dtype());
-        let buffer = |positions: usize| llava_weights::flex::zeros([b, positions, h, d], &device, dtype);
+        let buffer = |positions: usize| llava_kernels::kv::zeros([b, positions, h, d], &device, dtype);
         // Taken out of the cache, so that the buffers have no other holder and are written in place.
-        let LayerCache { keys: mut k_buf, values: mut v_buf, len } = self.layers[i]
-            .take()
-            .unwrap_or_else(|| LayerCache { keys: buffer(self.reserve.max(s)), values: buffer(self.reserve.max(s)), len: 0 });
+        let LayerCache { keys: mut k_buf, values: mut v_buf, len } = self.layers[i].take().unwrap_or_else(|| {
+            LayerCache { keys: buffer(self.reserve.max(s)), values: buffer(self.reserve.max(s)), len: 0 }
+        });
         let capacity = k_buf.dims()[1];
         if len + s > capacity {
             // Double (amortised O(1) per position); the filled part moves to the new buffers.
             let grown = (2 * capacity).max(len + s);
-            let grow = |old: Tensor<B, 4>| llava_weights::flex::assign_positions(buffer(grown), 0, old.slice([0..b, 0..len]));
+            let grow =
+                |old: Tensor<B, 4>| llava_kernels::kv::assign_positions(buffer(grown), 0, old.slice([0..b, 0..len]));
             (k_buf, v_buf) = (grow(k_buf), grow(v_buf));
         }
-        let keys = llava_weights::flex::assign_positions(k_buf, len, keys);
-        let values = llava_weights::flex::assign_positions(v_buf, len, values);
+        let keys = llava_kernels::kv::assign_positions(k_buf, len, keys);
+        let values = llava_kernels::kv::assign_positions(v_buf, len, values);
         let views = (keys.clone().slice([0..b, 0..len + s]), values.clone().slice([0..b, 0..len + s]));
         self.layers[i] = Some(LayerCache { keys, values, len: len + s });
         views
@@ -290,10 +293,6 @@ pub struct Rotary<B: Backend> {
     cos: Tensor<B, 4>,
     /// `sin` with its first half negated: `rotate_half(x) * sin = swap_halves(x) * signed_sin`.
     signed_sin: Tensor<B, 4>,
-    /// The tables repeated over `heads` (contiguous `[batch, seq, heads, head_dim]`), made once
-    /// per forward for each head count: element-wise products of same-shape contiguous tensors
-    /// take the CPU backend's vector path, a broadcast over the heads axis does not.
-    per_heads: std::cell::RefCell<Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>>,
 }
 
 impl<B: Backend> Rotary<B> {
@@ -303,44 +302,20 @@ impl<B: Backend> Rotary<B> {
         let device = positions.device();
         let [b, s] = positions.dims();
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
         let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device).reshape([1, 1, half]);
         let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, half]
         let (cos, sin) = (angles.clone().cos(), angles.sin());
         Self {
             cos: Tensor::cat(vec![cos.clone(), cos], 2).reshape([b, s, 1, head_dim]),
             signed_sin: Tensor::cat(vec![sin.clone().neg(), sin], 2).reshape([b, s, 1, head_dim]),
-            per_heads: Default::default(),
         }
-    }
-
-    fn tables(&self, heads: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let mut cache = self.per_heads.borrow_mut();
-        if let Some((_, cos, sin)) = cache.iter().find(|(h, _, _)| *h == heads) {
-            return (cos.clone(), sin.clone());
-        }
-        let cos = Tensor::cat(vec![self.cos.clone(); heads], 2);
-        let sin = Tensor::cat(vec![self.signed_sin.clone(); heads], 2);
-        cache.push((heads, cos.clone(), sin.clone()));
-        (cos, sin)
     }
 
     /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        // The CPU backend: one threaded pass over the [b, s, 1, d] tables (own backward).
-        if let Some(out) = llava_weights::fused::rope(&x, &self.cos, &self.signed_sin) {
-            return out;
-        }
-        let [b, s, h, d] = x.dims();
-        let (cos, signed_sin) = self.tables(h);
-        // Tables are made in f32; under mixed precision the activations are bf16.
-        let (cos, signed_sin) = (cos.cast(x.dtype()), signed_sin.cast(x.dtype()));
-        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
-        let swapped = Tensor::cat(vec![x2, x1], 3);
-        x * cos + swapped * signed_sin
+        llava_kernels::rope(x, &self.cos, &self.signed_sin)
     }
 }
 
@@ -389,7 +364,10 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_tokens(&self.down_proj, silu_mul(linear_tokens(&self.gate_proj, x.clone()), linear_tokens(&self.up_proj, x)))
+        linear_tokens(
+            &self.down_proj,
+            silu_mul(linear_tokens(&self.gate_proj, x.clone()), linear_tokens(&self.up_proj, x)),
+        )
     }
 }
 
@@ -404,7 +382,7 @@ pub struct DecoderLayer<B: Backend> {
 /// `LlamaRMSNorm` (statistics in f32 whatever the activations' dtype; one threaded pass with its
 /// own backward on the CPU backend).
 fn rms_norm<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    llava_weights::norm::rms_norm(x, norm.gamma.val(), norm.epsilon)
+    llava_kernels::rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 /// `LlamaForCausalLM`: the decoder stack plus the LM head.
@@ -477,9 +455,8 @@ impl<B: Backend> LlamaModel<B> {
         let [b, s] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let device = ids.device();
-        let positions = Tensor::<B, 1, Int>::arange(past as i64..(past + s) as i64, &device)
-            .reshape([1, s])
-            .expand([b, s]);
+        let positions =
+            Tensor::<B, 1, Int>::arange(past as i64..(past + s) as i64, &device).reshape([1, s]).expand([b, s]);
         let hidden = self.forward_embeds(self.embed(ids), positions, None, cache);
         self.logits(hidden)
     }
@@ -642,8 +619,7 @@ mod tests {
         let ids = |v: Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
         let storage = |cache: &KvCache<Flex>| {
             let layer = cache.layers[1].as_ref().unwrap();
-            let keys = llava_weights::flex::flex_f32(&layer.keys).unwrap();
-            keys.storage::<f32>().as_ptr() as usize
+            llava_kernels::kv::storage_address(&layer.keys).expect("Flex reports its storage")
         };
         let mut cache = KvCache::with_capacity(2, 8);
         model.forward_ids(ids(vec![1, 2, 3]), Some(&mut cache));

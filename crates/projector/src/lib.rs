@@ -1,4 +1,5 @@
 //! The multimodal projector W: vision features → LLM embedding space.
+//! Depends on `llava-checkpoint` and `llava-kernels` only; knows nothing of the towers around it.
 //!
 //! * `linear` — one `Linear(vision → text)` with bias (the LLaVA paper).
 //! * `mlp{N}x_gelu` — `N` linears with exact GELU between them (LLaVA-1.5 uses `mlp2x_gelu`).
@@ -22,7 +23,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
+use llava_checkpoint::{Exporter, Loader, WeightStore, WeightsError};
 use serde::{Deserialize, Serialize};
 
 /// Projector architecture, named as the reference's `mm_projector_type`.
@@ -31,7 +32,9 @@ use serde::{Deserialize, Serialize};
 pub enum ProjectorKind {
     Linear,
     /// `depth` linears with GELU between them.
-    MlpGelu { depth: usize },
+    MlpGelu {
+        depth: usize,
+    },
 }
 
 impl ProjectorKind {
@@ -99,8 +102,16 @@ impl ProjectorConfig {
                 let d_in = if i == 0 { self.vision_hidden } else { self.text_hidden };
                 let bound = 1.0 / (d_in as f64).sqrt();
                 let mut l = LinearConfig::new(d_in, self.text_hidden).init(device);
-                l.weight = Param::from_tensor(Tensor::random([d_in, self.text_hidden], Distribution::Uniform(-bound, bound), device));
-                l.bias = Some(Param::from_tensor(Tensor::random([self.text_hidden], Distribution::Uniform(-bound, bound), device)));
+                l.weight = Param::from_tensor(Tensor::random(
+                    [d_in, self.text_hidden],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                ));
+                l.bias = Some(Param::from_tensor(Tensor::random(
+                    [self.text_hidden],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                )));
                 l
             })
             .collect();
@@ -149,7 +160,7 @@ impl<B: Backend> Projector<B> {
             if i > 0 {
                 h = gelu(h);
             }
-            h = llava_weights::linear_tokens(layer, h);
+            h = llava_kernels::linear_tokens(layer, h);
         }
         h
     }

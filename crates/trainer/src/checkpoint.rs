@@ -38,7 +38,12 @@ fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
 }
 
 /// Writes `dir/checkpoint-{step}/` and removes all but the newest `keep` checkpoints.
-pub fn save<B: AutodiffBackend>(trainer: &Trainer<B>, dir: &Path, keep: usize, extra: serde_json::Value) -> Result<PathBuf, CheckpointError> {
+pub fn save<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    dir: &Path,
+    keep: usize,
+    extra: serde_json::Value,
+) -> Result<PathBuf, CheckpointError> {
     let final_dir = dir.join(format!("checkpoint-{}", trainer.step));
     let tmp = dir.join(format!("checkpoint-{}.partial", trainer.step));
     if tmp.exists() {
@@ -84,9 +89,13 @@ pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CheckpointError> {
 
 /// Restores a checkpoint into `trainer` (built from the same base weights and config): trainable
 /// weights and their ids, optimizer state, step. Returns the caller's `extra` state.
-pub fn load<B: AutodiffBackend>(trainer: &mut Trainer<B>, checkpoint: &Path) -> Result<serde_json::Value, CheckpointError> {
+pub fn load<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    checkpoint: &Path,
+) -> Result<serde_json::Value, CheckpointError> {
     let text = std::fs::read_to_string(checkpoint.join("state.json")).map_err(io(checkpoint))?;
-    let state: State = serde_json::from_str(&text).map_err(|e| CheckpointError::Io { path: checkpoint.join("state.json"), reason: e.to_string() })?;
+    let state: State = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::Io { path: checkpoint.join("state.json"), reason: e.to_string() })?;
     if state.stage != trainer.stage {
         return Err(CheckpointError::Stage { path: checkpoint.into(), found: state.stage, expected: trainer.stage });
     }
@@ -94,7 +103,8 @@ pub fn load<B: AutodiffBackend>(trainer: &mut Trainer<B>, checkpoint: &Path) -> 
     let device = trainer.model.llm.embed_tokens.weight.device();
     let rec = recorder();
     let model = &mut trainer.model;
-    model.projector = model.projector.clone().load_record(rec.load(checkpoint.join("projector"), &device).map_err(err)?);
+    model.projector =
+        model.projector.clone().load_record(rec.load(checkpoint.join("projector"), &device).map_err(err)?);
     if state.stage == Stage::Two {
         model.llm = model.llm.clone().load_record(rec.load(checkpoint.join("llm"), &device).map_err(err)?);
     }

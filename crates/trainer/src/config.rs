@@ -141,12 +141,34 @@ pub struct RunConfig {
 impl RunConfig {
     /// Reads a TOML file and applies `key=value` overrides (`training.learning_rate=1e-3`).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
-        let mut value: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let mut value: toml::Value =
+            toml::from_str(&text).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
         value.try_into().map_err(|e: toml::de::Error| ConfigError::File { path: path.into(), reason: e.to_string() })
+    }
+
+    /// Every relative path of the recipe (towers, projector, data, validation data, text
+    /// pretraining data) taken relative to `base` instead of the working directory: the demo's
+    /// recipes name paths inside the checkout, and its caller says where the checkout is.
+    pub fn rebase(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.model.vision_tower);
+        join(&mut self.model.llm);
+        self.model.pretrained_projector.iter_mut().for_each(join);
+        join(&mut self.data.data_path);
+        join(&mut self.data.image_folder);
+        self.data.val_data_path.iter_mut().for_each(join);
+        if let Some(t) = self.text_pretrain.as_mut() {
+            t.data_paths.iter_mut().for_each(join);
+        }
     }
 
     /// The resolved config as TOML (saved in the run directory).
@@ -189,9 +211,9 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), Co
     let parts: Vec<&str> = key.trim().split('.').collect();
     let mut node = root;
     for (i, part) in parts.iter().enumerate() {
-        let table = node
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::Override(assignment.into(), format!("`{}` is not a section", parts[..i].join("."))))?;
+        let table = node.as_table_mut().ok_or_else(|| {
+            ConfigError::Override(assignment.into(), format!("`{}` is not a section", parts[..i].join(".")))
+        })?;
         if i + 1 == parts.len() {
             if !table.contains_key(*part) && i == 0 {
                 return Err(ConfigError::Override(assignment.into(), format!("unknown section or field `{part}`")));
@@ -199,9 +221,9 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), Co
             table.insert(part.to_string(), value);
             return Ok(());
         }
-        node = table
-            .get_mut(*part)
-            .ok_or_else(|| ConfigError::Override(assignment.into(), format!("unknown section `{}`", parts[..=i].join("."))))?;
+        node = table.get_mut(*part).ok_or_else(|| {
+            ConfigError::Override(assignment.into(), format!("unknown section `{}`", parts[..=i].join(".")))
+        })?;
     }
     Ok(())
 }

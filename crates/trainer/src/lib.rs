@@ -1,4 +1,6 @@
 //! The two LLaVA training stages on Burn: what is frozen, the loss, the optimizer step.
+//! Depends on the composed model (`llava`), the data crate and the kernels; nothing but the
+//! demo and the command line depends on it, and it knows no evaluation.
 //!
 //! * **Stage 1** (feature alignment): vision tower and LLM frozen, only the projector W trains.
 //! * **Stage 2** (end-to-end fine-tuning): vision tower frozen, projector and LLM train.
@@ -29,9 +31,9 @@ pub mod metrics;
 pub mod run;
 pub mod schedule;
 
+use adamw::{AdamWParams, FusedAdamW};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use adamw::{AdamWParams, FusedAdamW};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor};
@@ -128,7 +130,11 @@ pub fn batch_loss_train<B: AutodiffBackend>(model: &Llava<B>, batch: &Batch<B>, 
 }
 
 /// The decoder's final hidden states, the spliced labels and the token count of a batch.
-fn batch_hidden<B: Backend>(model: &Llava<B>, batch: &Batch<B>, max_length: usize) -> (Tensor<B, 3>, Tensor<B, 2, Int>, usize) {
+fn batch_hidden<B: Backend>(
+    model: &Llava<B>,
+    batch: &Batch<B>,
+    max_length: usize,
+) -> (Tensor<B, 3>, Tensor<B, 2, Int>, usize) {
     let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
     let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);
     let labels = spliced.labels.clone().expect("labels were given");
@@ -233,7 +239,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
-        let BatchLoss { loss, supervised, tokens } = batch_loss_train(&self.compute_model(), batch, self.config.max_length);
+        let BatchLoss { loss, supervised, tokens } =
+            batch_loss_train(&self.compute_model(), batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
         let value = loss.clone().into_scalar().elem::<f64>() * self.config.gradient_accumulation_steps as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
@@ -334,4 +341,3 @@ pub fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamId, Vec<f
     module.visit(&mut c);
     c.0
 }
-

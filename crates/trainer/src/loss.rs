@@ -8,9 +8,6 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use llava_weights::fastexp::{self, exp_shifted_sum};
-use llava_weights::flex::{flex_f32, from_f32};
-use rayon::prelude::*;
 use llava_data::IGNORE_INDEX;
 use llava_llm::LlamaModel;
 
@@ -66,7 +63,11 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 
 /// The same loss from the decoder's final hidden states `[batch, seq, hidden]`: the LM head runs
 /// on the supervised positions only.
-pub fn lm_head_loss<B: Backend>(llm: &LlamaModel<B>, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, usize) {
+pub fn lm_head_loss<B: Backend>(
+    llm: &LlamaModel<B>,
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> (Tensor<B, 1>, usize) {
     let [b, s, d] = hidden.dims();
     match supervised(hidden.clone().reshape([b * s, d]), labels) {
         Some((picked, targets)) => {
@@ -81,9 +82,13 @@ pub fn lm_head_loss<B: Backend>(llm: &LlamaModel<B>, hidden: Tensor<B, 3>, label
 /// [`lm_head_loss`] for a training step: the same value and gradient, with the cross-entropy's
 /// gradient `(softmax − one-hot) / n` computed in one pass over the logits and attached to them,
 /// instead of Burn differentiating log-softmax and gather op by op (about ten passes over the
-/// `[n, 32k]` logits, each allocating). Applies where the logits are Flex f32 tensors; elsewhere
-/// it is [`lm_head_loss`].
-pub fn lm_head_loss_train<B: AutodiffBackend>(llm: &LlamaModel<B>, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, usize) {
+/// `[n, 32k]` logits, each allocating): [`llava_kernels::cross_entropy_with_grad`], one pass on
+/// the CPU backend.
+pub fn lm_head_loss_train<B: AutodiffBackend>(
+    llm: &LlamaModel<B>,
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> (Tensor<B, 1>, usize) {
     let [b, s, d] = hidden.dims();
     let Some((picked, targets)) = supervised(hidden.clone().reshape([b * s, d]), labels.clone()) else {
         return lm_head_loss(llm, hidden, labels);
@@ -91,45 +96,11 @@ pub fn lm_head_loss_train<B: AutodiffBackend>(llm: &LlamaModel<B>, hidden: Tenso
     let n = targets.len();
     let logits = llm.logits(picked.reshape([1, n, d])).reshape([n, llm.vocab_size()]);
     let logits = logits.cast(DType::F32);
-    match cross_entropy_grad::<B::InnerBackend>(logits.clone().inner(), &targets) {
-        Some((value, grad)) => {
-            // Forward value `value`, gradient w.r.t. the logits `grad`: `s − detach(s)` is zero
-            // but carries the gradient of `s = Σ logits ⊙ grad`.
-            let s = (logits * Tensor::from_inner(grad)).sum();
-            (s.clone() - s.detach() + value, n)
-        }
-        None => (nll(logits, targets), n),
-    }
-}
-
-/// Mean cross-entropy of `targets` under `logits` `[n, vocab]` and its gradient w.r.t. the
-/// logits, on Flex f32 tensors; `None` elsewhere.
-fn cross_entropy_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Option<(f64, Tensor<B, 2>)> {
-    let [n, vocab] = logits.dims();
-    let flex = flex_f32(&logits)?.to_contiguous();
-    let values = flex.as_slice::<f32>()?;
-    let mut grad = vec![0f32; n * vocab];
-    let total = cross_entropy_rows(values, vocab, targets, &mut grad);
-    Some((total / n as f64, from_f32(grad, [n, vocab])?))
-}
-
-/// Per row: `lse − x[target]` (summed over rows, returned) and `(softmax − one-hot) / n` into
-/// `grad`. One (vectorised) exponential per logit. Not generic, so compiled once, optimised, in this crate.
-fn cross_entropy_rows(logits: &[f32], vocab: usize, targets: &[i64], grad: &mut [f32]) -> f64 {
-    let scale = 1.0 / targets.len() as f32;
-    grad.par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .zip(targets.par_iter())
-        .map(|((g, x), &t)| {
-            let max = fastexp::max(x);
-            g.copy_from_slice(x);
-            let sum = exp_shifted_sum(g, max);
-            let factor = scale / sum;
-            g.iter_mut().for_each(|g| *g *= factor);
-            g[t as usize] -= scale;
-            (max + sum.ln() - x[t as usize]) as f64
-        })
-        .sum()
+    let (value, grad) = llava_kernels::cross_entropy_with_grad(logits.clone().inner(), &targets);
+    // Forward value `value`, gradient w.r.t. the logits `grad`: `s − detach(s)` is zero but
+    // carries the gradient of `s = Σ logits ⊙ grad`.
+    let s = (logits * Tensor::from_inner(grad)).sum();
+    (s.clone() - s.detach() + Tensor::from_inner(value), n)
 }
 
 #[cfg(test)]
@@ -145,14 +116,25 @@ mod tests {
     fn the_fused_training_loss_has_the_value_and_gradients_of_the_op_by_op_loss() {
         let device = Default::default();
         <B as Backend>::seed(&device, 3);
-        let config = LlamaConfig { vocab_size: 50, hidden_size: 16, intermediate_size: 24, num_hidden_layers: 1, num_attention_heads: 2, ..Default::default() };
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            ..Default::default()
+        };
         let llm = config.init::<B>(&device);
         let hidden = Tensor::<B, 3>::random([2, 6, 16], Distribution::Normal(0.0, 3.0), &device).require_grad();
         // Row 0 supervises positions 2..6, row 1 only position 4 (IGNORE_INDEX elsewhere).
         let labels = [-100i64, -100, 7, 49, 0, 3, -100, -100, -100, -100, 12, -100];
         let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels.to_vec(), [2, 6]), &device);
         let run = |fused: bool| {
-            let (loss, n) = if fused { lm_head_loss_train(&llm, hidden.clone(), labels.clone()) } else { lm_head_loss(&llm, hidden.clone(), labels.clone()) };
+            let (loss, n) = if fused {
+                lm_head_loss_train(&llm, hidden.clone(), labels.clone())
+            } else {
+                lm_head_loss(&llm, hidden.clone(), labels.clone())
+            };
             let grads = loss.backward();
             let head = llm.lm_head.as_ref().unwrap().weight.grad(&grads).unwrap();
             (loss.into_scalar(), n, hidden.grad(&grads).unwrap(), head)
@@ -161,7 +143,9 @@ mod tests {
         let (value, n, grad_hidden, grad_head) = run(false);
         assert_eq!((fused_n, n), (5, 5));
         assert!((fused_value - value).abs() < 1e-5 * value.abs(), "{fused_value} vs {value}");
-        let diff = |a: Tensor<Flex, 2>, b: Tensor<Flex, 2>| (a - b.clone()).abs().max().into_scalar() / b.abs().max().into_scalar();
+        let diff = |a: Tensor<Flex, 2>, b: Tensor<Flex, 2>| {
+            (a - b.clone()).abs().max().into_scalar() / b.abs().max().into_scalar()
+        };
         assert!(diff(fused_head, grad_head) < 1e-5);
         let (fh, gh) = (fused_hidden.reshape([12, 16]), grad_hidden.reshape([12, 16]));
         assert!(diff(fh, gh) < 1e-5);

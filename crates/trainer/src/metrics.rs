@@ -48,13 +48,22 @@ pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
     let text = std::fs::read_to_string(path)?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))))
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+        })
         .collect()
 }
 
 /// Draws `(step, loss)` (and an optional second series, e.g. validation loss) as a line chart
 /// with axes and tick marks, `width × height` pixels, and writes it as PNG.
-pub fn plot_loss_curve(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], width: u32, height: u32) -> image::ImageResult<()> {
+pub fn plot_loss_curve(
+    path: &Path,
+    train: &[(f64, f64)],
+    val: &[(f64, f64)],
+    width: u32,
+    height: u32,
+) -> image::ImageResult<()> {
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     let (left, right, top, bottom) = (40.0, width as f64 - 10.0, 10.0, height as f64 - 30.0);
     let all: Vec<&(f64, f64)> = train.iter().chain(val).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
@@ -62,7 +71,9 @@ pub fn plot_loss_curve(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], wi
     let (y0, y1) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let (y0, y1) = if all.is_empty() { (0.0, 1.0) } else { (y0.min(0.0), if y1 > y0 { y1 } else { y0 + 1.0 }) };
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
-    let map = |p: &(f64, f64)| (left + (p.0 - x0) / (x1 - x0) * (right - left), bottom - (p.1 - y0) / (y1 - y0) * (bottom - top));
+    let map = |p: &(f64, f64)| {
+        (left + (p.0 - x0) / (x1 - x0) * (right - left), bottom - (p.1 - y0) / (y1 - y0) * (bottom - top))
+    };
     let black = Rgb([0, 0, 0]);
     line(&mut img, (left, bottom), (right, bottom), black);
     line(&mut img, (left, bottom), (left, top), black);
@@ -125,7 +136,10 @@ impl Progress {
     /// Shows `step` (1-based, completed) with the step's numbers.
     pub fn update(&mut self, step: usize, loss: f64, lr: f64, tokens_per_s: f64) {
         let eta = format_duration(self.eta(step));
-        let text = format!("{} {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s ETA {eta}", self.label, self.total);
+        let text = format!(
+            "{} {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s ETA {eta}",
+            self.label, self.total
+        );
         if self.tty {
             let width = 30;
             let filled = (step * width / self.total.max(1)).min(width);
@@ -149,5 +163,11 @@ impl Progress {
 /// `95` → `1m35s`.
 pub fn format_duration(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{s}s") }
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
 }

@@ -13,15 +13,17 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
+use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
-use llava_data::dataset::{LlavaDataset, OnError, Prefetcher, Record, Sample, SampleConfig, modality_length_grouped_indices, shuffled_indices};
+use llava_data::dataset::{
+    LlavaDataset, OnError, Prefetcher, Record, Sample, SampleConfig, modality_length_grouped_indices, shuffled_indices,
+};
 use llava_data::image::{AspectMode, ProcessorConfig};
 use llava_data::preprocess::PreprocessOptions;
 use llava_llm::{LlamaConfig, LlamaModel};
 use llava_projector::ProjectorKind;
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-use llava_weights::{Exporter, SaveDtype, WeightStore};
 
 use crate::config::{RunConfig, TextPretrainConfig};
 use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics};
@@ -38,7 +40,7 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Weights(#[from] llava_weights::WeightsError),
+    Weights(#[from] llava_checkpoint::WeightsError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("the loss became {loss} at step {step}; the last checkpoint is kept in {dir}")]
@@ -74,16 +76,16 @@ pub struct RunSummary {
 
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
 /// or from the stage-1 file (stage 2).
-pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
+pub fn build_model<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    device: &B::Device,
+) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(&cfg.model.vision_tower)?;
     let text = LlamaConfig::from_hf_dir(&cfg.model.llm)?;
     let kind = ProjectorKind::parse(&cfg.model.projector_type)
         .ok_or_else(|| LlavaError::config("model.projector_type", format!("unknown `{}`", cfg.model.projector_type)))?;
-    let aspect = match cfg.data.image_aspect_ratio.as_str() {
-        "pad" => AspectMode::Pad,
-        "square" | "crop" => AspectMode::Crop,
-        other => return Err(LlavaError::config("data.image_aspect_ratio", format!("unknown `{other}`"))),
-    };
+    let aspect: AspectMode =
+        cfg.data.image_aspect_ratio.parse().map_err(|e| LlavaError::config("data.image_aspect_ratio", e))?;
     let config = LlavaConfig {
         vision,
         text,
@@ -102,7 +104,9 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
     llm_store.ensure_all_used()?;
     let projector = match (&cfg.stage, &cfg.model.pretrained_projector) {
         (_, Some(path)) => llava::load::load_projector_file(path, &config.projector_config(), device)?,
-        (Stage::Two, None) => return Err(LlavaError::config("model.pretrained_projector", "stage 2 needs the stage-1 projector")),
+        (Stage::Two, None) => {
+            return Err(LlavaError::config("model.pretrained_projector", "stage 2 needs the stage-1 projector"));
+        }
         (Stage::One, None) => config.projector_config().init(device),
     };
     let processor = match cfg.model.vision_tower.join("preprocessor_config.json") {
@@ -110,7 +114,13 @@ pub fn build_model<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> R
         _ => ProcessorConfig::clip(config.vision.image_size),
     };
     let tokenizer = Tokenizer::from_path(&cfg.model.llm)?;
-    let model = Llava { vision: vision_model, projector, llm, select_layer: config.select_layer, select_feature: config.select_feature };
+    let model = Llava {
+        vision: vision_model,
+        projector,
+        llm,
+        select_layer: config.select_layer,
+        select_feature: config.select_feature,
+    };
     Ok((model, config, processor, tokenizer))
 }
 
@@ -146,11 +156,18 @@ pub fn validation_loss<B: Backend>(model: &Llava<B>, batches: &[Batch<B>], max_l
 /// the `plain` template trains on: caption + `\n`).
 fn record_texts(path: &Path) -> Result<Vec<String>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let records: Vec<Record> =
-        serde_json::from_str(&text).map_err(|e| TrainError::Config(format!("{}: not a LLaVA JSON array: {e}", path.display())))?;
+    let records: Vec<Record> = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: not a LLaVA JSON array: {e}", path.display())))?;
     Ok(records
         .iter()
-        .map(|r| r.conversations.iter().map(|t| t.value.replace("<image>", "").trim().to_string()).filter(|t| !t.is_empty()).map(|t| t + "\n").collect())
+        .map(|r| {
+            r.conversations
+                .iter()
+                .map(|t| t.value.replace("<image>", "").trim().to_string())
+                .filter(|t| !t.is_empty())
+                .map(|t| t + "\n")
+                .collect()
+        })
         .collect())
 }
 
@@ -178,14 +195,24 @@ fn pretrain_text<B: AutodiffBackend>(
     let mut trainer = Trainer::new(model, Stage::Two, optim);
     let order = shuffled_indices(sequences.len(), seed);
     let mut next = order.iter().cycle();
-    tracing::info!("text pretraining of the LLM: {} sequences, {} steps of {}", sequences.len(), pt.steps, pt.batch_size);
+    tracing::info!(
+        "text pretraining of the LLM: {} sequences, {} steps of {}",
+        sequences.len(),
+        pt.steps,
+        pt.batch_size
+    );
     let mut progress = Progress::new("text pretraining", 0, pt.steps);
     while trainer.step < pt.steps {
         let rows: Vec<Vec<i64>> = (0..pt.batch_size).map(|_| sequences[*next.next().expect("cycle")].clone()).collect();
         let batch = Batch::<B> { labels: rows.clone(), input_ids: rows, pixels: None };
         let start = Instant::now();
         let report = trainer.micro_step(&batch).expect("no accumulation");
-        progress.update(trainer.step, report.loss, report.lr, report.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9));
+        progress.update(
+            trainer.step,
+            report.loss,
+            report.lr,
+            report.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        );
     }
     progress.finish();
     std::fs::create_dir_all(out).map_err(io(out))?;
@@ -198,33 +225,64 @@ fn pretrain_text<B: AutodiffBackend>(
     Ok(trainer.model)
 }
 
+/// [`run`] on the inference backend `B`, with the autodiff strategy the recipe asks for:
+/// gradient checkpointing (`training.gradient_checkpointing`) is Burn's
+/// `Autodiff<B, BalancedCheckpointing>`, which recomputes memory-bound operations (element-wise,
+/// activations) in the backward pass instead of keeping them from the forward pass.
+pub fn run_on<B: Backend>(cfg: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary, TrainError> {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    if cfg.training.gradient_checkpointing {
+        run::<Autodiff<B, BalancedCheckpointing>>(cfg, options, device)
+    } else {
+        run::<Autodiff<B>>(cfg, options, device)
+    }
+}
+
 /// Runs (or resumes) a training stage.
-pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary, TrainError> {
+pub fn run<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let ckpt_dir = run_dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
     B::seed(device, cfg.training.seed);
     if cfg.training.gradient_checkpointing {
-        tracing::info!("gradient checkpointing: activations are recomputed in the backward pass (run with an Autodiff<_, BalancedCheckpointing> backend)");
+        tracing::info!(
+            "gradient checkpointing: activations are recomputed in the backward pass (run with an Autodiff<_, BalancedCheckpointing> backend)"
+        );
     }
 
     let (mut model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;
     // Optional LLM text pretraining (stage 1 of the demo): done once, reused on resume.
     let pretrained_llm = run_dir.join("llm");
     match &cfg.text_pretrain {
-        Some(_) if cfg.stage == Stage::Two => return Err(TrainError::Config("text_pretrain: only stage 1 pretrains the LLM".into())),
+        Some(_) if cfg.stage == Stage::Two => {
+            return Err(TrainError::Config("text_pretrain: only stage 1 pretrains the LLM".into()));
+        }
         Some(_) if options.resume && pretrained_llm.join("model.safetensors").is_file() => {
             let store = WeightStore::open(&pretrained_llm)?;
             model.llm = LlamaModel::load_hf(&llava_config.text, &store, device).map_err(LlavaError::from)?;
             tracing::info!("resumed with the text-pretrained LLM of {}", pretrained_llm.display());
         }
         Some(pt) => {
-            model = pretrain_text(model, pt, &llava_config.text, &tokenizer, &cfg.model.llm, cfg.training.seed, &pretrained_llm)?;
+            model = pretrain_text(
+                model,
+                pt,
+                &llava_config.text,
+                &tokenizer,
+                &cfg.model.llm,
+                cfg.training.seed,
+                &pretrained_llm,
+            )?;
         }
         None => {}
     }
-    let template = conv_template(&cfg.data.template).ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
+    let template = conv_template(&cfg.data.template)
+        .ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
     let dataset = Arc::new(LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?);
     if dataset.is_empty() {
         return Err(TrainError::Config(format!("{}: no usable records", cfg.data.data_path.display())));
@@ -241,7 +299,8 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     let val_batches: Vec<Batch<B::InnerBackend>> = match &cfg.data.val_data_path {
         Some(path) => {
             let val = LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?;
-            let samples: Vec<Sample> = (0..val.len()).filter_map(|i| val.sample(i, &tokenizer, &sample_config).ok()).collect();
+            let samples: Vec<Sample> =
+                (0..val.len()).filter_map(|i| val.sample(i, &tokenizer, &sample_config).ok()).collect();
             samples.chunks(micro.max(1)).map(|c| to_batch(c, image_shape, device)).collect()
         }
         None => Vec::new(),
@@ -285,7 +344,8 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     }
     // Metrics past the resumed step belong to the killed run's future: drop them.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: Vec<StepMetrics> = read_metrics(&metrics_path).unwrap_or_default().into_iter().filter(|m| m.step < trainer.step).collect();
+    let kept: Vec<StepMetrics> =
+        read_metrics(&metrics_path).unwrap_or_default().into_iter().filter(|m| m.step < trainer.step).collect();
     let mut text = String::new();
     for m in &kept {
         text += &serde_json::to_string(m).expect("json");
@@ -297,7 +357,13 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
     let stop_at = options.max_steps.map_or(total_steps, |m| m.min(total_steps));
     tracing::info!(
         "{}: stage {:?}, {} samples, {} steps of {} × {} micro-batches, lr {}",
-        cfg.name, cfg.stage, dataset.len(), total_steps, accumulation, micro, cfg.training.learning_rate
+        cfg.name,
+        cfg.stage,
+        dataset.len(),
+        total_steps,
+        accumulation,
+        micro,
+        cfg.training.learning_rate
     );
     let mut loader = Prefetcher::new(
         dataset.clone(),
@@ -338,10 +404,18 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         last_loss = report.loss;
         let tokens_per_s = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
         let evaluate = !val_batches.is_empty()
-            && (trainer.step == stop_at || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
+            && (trainer.step == stop_at
+                || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
         let val_loss = evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
         metrics
-            .write(&StepMetrics { step: trainer.step - 1, loss: report.loss, lr: report.lr, grad_norm: report.grad_norm, tokens_per_s, val_loss })
+            .write(&StepMetrics {
+                step: trainer.step - 1,
+                loss: report.loss,
+                lr: report.lr,
+                grad_norm: report.grad_norm,
+                tokens_per_s,
+                val_loss,
+            })
             .map_err(io(&metrics_path))?;
         progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
         if let Some(v) = val_loss {
@@ -349,7 +423,12 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
             tracing::info!("step {}: validation loss {v:.4}", trainer.step);
         }
         if trainer.step % cfg.checkpoint.save_steps.max(1) == 0 || trainer.step == stop_at {
-            let saved = checkpoint::save(&trainer, &ckpt_dir, cfg.checkpoint.keep, serde_json::json!({ "position": position }))?;
+            let saved = checkpoint::save(
+                &trainer,
+                &ckpt_dir,
+                cfg.checkpoint.keep,
+                serde_json::json!({ "position": position }),
+            )?;
             tracing::debug!("checkpoint {}", saved.display());
         }
     }
@@ -367,5 +446,12 @@ pub fn run<B: AutodiffBackend>(cfg: &RunConfig, options: &RunOptions, device: &B
         tracing::warn!("{skipped} samples were skipped (see the warnings above)");
     }
     let final_val_loss = all.iter().rev().find_map(|m| m.val_loss);
-    Ok(RunSummary { run_dir, steps: trainer.step, first_loss, last_loss, skipped_samples: skipped + dataset.skipped.len(), final_val_loss })
+    Ok(RunSummary {
+        run_dir,
+        steps: trainer.step,
+        first_loss,
+        last_loss,
+        skipped_samples: skipped + dataset.skipped.len(),
+        final_val_loss,
+    })
 }

@@ -23,7 +23,11 @@ fn recipes_have_the_reference_hyperparameters() {
     ];
     for (name, stage, lr, global, epochs, template, projector) in expected {
         let c = RunConfig::load(&configs().join(format!("{name}.toml")), &[]).unwrap();
-        assert_eq!((c.stage, c.training.learning_rate, c.training.global_batch_size, c.training.epochs), (stage, lr, global, epochs), "{name}");
+        assert_eq!(
+            (c.stage, c.training.learning_rate, c.training.global_batch_size, c.training.epochs),
+            (stage, lr, global, epochs),
+            "{name}"
+        );
         assert_eq!((c.data.template.as_str(), c.model.projector_type.as_str()), (template, projector), "{name}");
         assert_eq!((c.training.warmup_ratio, c.training.weight_decay, c.model.select_layer), (0.03, 0.0, -2), "{name}");
         assert_eq!(c.training.model_max_length, 2048, "{name}");
@@ -40,8 +44,15 @@ fn recipes_have_the_reference_hyperparameters() {
 #[test]
 fn every_field_can_be_overridden_and_the_resolved_config_round_trips() {
     let path = configs().join("llava-v1.5-7b-stage2.toml");
-    let c = RunConfig::load(&path, &["training.learning_rate=1e-4".into(), "data.template=llava_llama_2".into(), "name=my-run".into()]).unwrap();
-    assert_eq!((c.training.learning_rate, c.data.template.as_str(), c.name.as_str()), (1e-4, "llava_llama_2", "my-run"));
+    let c = RunConfig::load(
+        &path,
+        &["training.learning_rate=1e-4".into(), "data.template=llava_llama_2".into(), "name=my-run".into()],
+    )
+    .unwrap();
+    assert_eq!(
+        (c.training.learning_rate, c.data.template.as_str(), c.name.as_str()),
+        (1e-4, "llava_llama_2", "my-run")
+    );
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("resolved.toml"), c.to_toml()).unwrap();
     assert_eq!(RunConfig::load(&tmp.path().join("resolved.toml"), &[]).unwrap(), c);
@@ -56,7 +67,14 @@ fn metrics_are_appended_and_the_loss_curve_is_drawn() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("metrics.jsonl");
     let lines: Vec<StepMetrics> = (0..5)
-        .map(|s| StepMetrics { step: s, loss: 3.0 - s as f64 * 0.5, lr: 1e-3, grad_norm: 1.0, tokens_per_s: 100.0, val_loss: None })
+        .map(|s| StepMetrics {
+            step: s,
+            loss: 3.0 - s as f64 * 0.5,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_s: 100.0,
+            val_loss: None,
+        })
         .collect();
     for chunk in lines.chunks(3) {
         // A second writer (a resumed run) appends to the same file.

@@ -21,7 +21,8 @@ fn fixtures() -> PathBuf {
 
 #[test]
 fn schedule_matches_hf_cosine_with_warmup() {
-    let runs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("schedule.json")).unwrap()).unwrap();
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("schedule.json")).unwrap()).unwrap();
     for run in runs.as_array().unwrap() {
         let total = run["total"].as_u64().unwrap() as usize;
         let warmup = schedule::warmup_steps(total, 0.03);
@@ -41,17 +42,24 @@ fn st_labels(bytes: &[u8]) -> Vec<i64> {
 
 #[test]
 fn loss_matches_torch_cross_entropy_with_ignore_index() {
-    let store = llava_weights::WeightStore::open(&fixtures().join("loss.safetensors")).unwrap();
+    let store = llava_checkpoint::WeightStore::open(&fixtures().join("loss.safetensors")).unwrap();
     let logits = store.read_f32("logits", &[2, 7, 11]).unwrap();
     let expected = store.read_f32("loss", &[1]).unwrap()[0];
     let bytes = std::fs::read(fixtures().join("loss.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let labels: Vec<i64> = st.tensor("labels").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let labels: Vec<i64> = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let device = Default::default();
     let logits = Tensor::<llava::backend::Cpu, 3>::from_data(TensorData::new(logits, [2, 7, 11]), &device);
     let labels = Tensor::<llava::backend::Cpu, 2, Int>::from_data(TensorData::new(labels, [2, 7]), &device);
     let (loss, n) = causal_lm_loss(logits, labels);
-    let shifted_valid = (0..2).flat_map(|r| (1..7).map(move |j| r * 7 + j)).filter(|&i| st_labels(&bytes)[i] != -100).count();
+    let shifted_valid =
+        (0..2).flat_map(|r| (1..7).map(move |j| r * 7 + j)).filter(|&i| st_labels(&bytes)[i] != -100).count();
     assert_eq!(n, shifted_valid, "supervised tokens");
     let loss: f32 = loss.into_scalar();
     assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
@@ -117,7 +125,13 @@ fn split(trainer: &Trainer<B>) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) 
 }
 
 fn config(lr: f64, accumulation: usize) -> OptimConfig {
-    OptimConfig { learning_rate: lr, warmup_ratio: 0.0, gradient_accumulation_steps: accumulation, total_steps: 100, ..Default::default() }
+    OptimConfig {
+        learning_rate: lr,
+        warmup_ratio: 0.0,
+        gradient_accumulation_steps: accumulation,
+        total_steps: 100,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -149,11 +163,19 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
         let pixels = pixels.clone();
         let mut trainer = Trainer::new(base.clone(), Stage::Two, config(1e-3, accumulation));
         let report = if accumulation == 1 {
-            trainer.micro_step(&Batch { input_ids: rows.iter().map(|r| r.0.clone()).collect(), labels: rows.iter().map(|r| r.1.clone()).collect(), pixels: Some(pixels) })
+            trainer.micro_step(&Batch {
+                input_ids: rows.iter().map(|r| r.0.clone()).collect(),
+                labels: rows.iter().map(|r| r.1.clone()).collect(),
+                pixels: Some(pixels),
+            })
         } else {
             let mut last = None;
             for (k, r) in rows.iter().enumerate() {
-                last = trainer.micro_step(&Batch { input_ids: vec![r.0.clone()], labels: vec![r.1.clone()], pixels: Some(pixels.clone().slice([k..k + 1])) });
+                last = trainer.micro_step(&Batch {
+                    input_ids: vec![r.0.clone()],
+                    labels: vec![r.1.clone()],
+                    pixels: Some(pixels.clone().slice([k..k + 1])),
+                });
             }
             last
         };
@@ -162,8 +184,19 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     let (one, p1) = run(1);
     let (two, p2) = run(2);
     assert!((one.loss - two.loss).abs() < 1e-5, "{} vs {}", one.loss, two.loss);
-    assert!((one.grad_norm - two.grad_norm).abs() < 1e-4 * one.grad_norm.max(1.0), "{} vs {}", one.grad_norm, two.grad_norm);
-    let max = p1.1.iter().chain(&p1.2).flatten().zip(p2.1.iter().chain(&p2.2).flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(
+        (one.grad_norm - two.grad_norm).abs() < 1e-4 * one.grad_norm.max(1.0),
+        "{} vs {}",
+        one.grad_norm,
+        two.grad_norm
+    );
+    let max =
+        p1.1.iter()
+            .chain(&p1.2)
+            .flatten()
+            .zip(p2.1.iter().chain(&p2.2).flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
     assert!(max < 1e-5, "parameters differ by {max}");
 }
 
@@ -202,7 +235,8 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
         for b in &batches[..3] {
             first.micro_step(b).unwrap();
         }
-        let saved = llava_trainer::checkpoint::save(&first, tmp.path(), 2, serde_json::json!({"next_batch": 3})).unwrap();
+        let saved =
+            llava_trainer::checkpoint::save(&first, tmp.path(), 2, serde_json::json!({"next_batch": 3})).unwrap();
         drop(first); // the run is "killed"
 
         let mut resumed = Trainer::new(base.clone(), stage, cfg);
@@ -210,8 +244,10 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
         assert_eq!(extra["next_batch"], 3);
         let rest: Vec<f64> = batches[3..].iter().map(|b| resumed.micro_step(b).unwrap().loss).collect();
         assert_eq!(rest, full[3..].to_vec(), "{stage:?}: the resumed loss curve equals the uninterrupted one");
-        assert_eq!(param_values(&resumed.model).into_iter().map(|p| p.1).collect::<Vec<_>>(),
-                   param_values(&straight.model).into_iter().map(|p| p.1).collect::<Vec<_>>());
+        assert_eq!(
+            param_values(&resumed.model).into_iter().map(|p| p.1).collect::<Vec<_>>(),
+            param_values(&straight.model).into_iter().map(|p| p.1).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -240,13 +276,17 @@ fn gradient_checkpointing_gives_the_same_step() {
     let base = model(&device);
     let rows = [sample(5), sample(6)];
     let pixels = Tensor::<B, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
-    let batch_of = |p: Tensor<llava::backend::Cpu, 4>| (rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), p);
+    let batch_of = |p: Tensor<llava::backend::Cpu, 4>| {
+        (rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), p)
+    };
     let (ids, labels, inner_pixels) = batch_of(pixels.clone().inner());
 
     let mut plain = Trainer::new(base.clone(), Stage::Two, config(1e-2, 1));
     let a = plain.micro_step(&Batch { input_ids: ids.clone(), labels: labels.clone(), pixels: Some(pixels) }).unwrap();
     let mut checkpointed = Trainer::new(llava::Llava::<Ckpt>::from_inner(base.valid()), Stage::Two, config(1e-2, 1));
-    let b = checkpointed.micro_step(&Batch { input_ids: ids, labels, pixels: Some(Tensor::from_inner(inner_pixels)) }).unwrap();
+    let b = checkpointed
+        .micro_step(&Batch { input_ids: ids, labels, pixels: Some(Tensor::from_inner(inner_pixels)) })
+        .unwrap();
     assert!((a.loss - b.loss).abs() < 1e-6 && (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm, "{a:?} vs {b:?}");
     let flat = |v: Vec<(burn::module::ParamId, Vec<f32>)>| v.into_iter().flat_map(|(_, x)| x).collect::<Vec<f32>>();
     let (pa, pb) = (flat(param_values(&plain.model.llm)), flat(param_values(&checkpointed.model.llm)));
@@ -285,7 +325,12 @@ fn bf16_mixed_precision_keeps_f32_masters_and_follows_the_f32_step() {
 
         let (a, m) = (full.micro_step(&b).unwrap(), mixed.micro_step(&b).unwrap());
         assert!((a.loss - m.loss).abs() < 0.02 * a.loss, "{stage:?}: loss f32 {} vs bf16 {}", a.loss, m.loss);
-        assert!((a.grad_norm - m.grad_norm).abs() < 0.05 * a.grad_norm, "{stage:?}: grad norm f32 {} vs bf16 {}", a.grad_norm, m.grad_norm);
+        assert!(
+            (a.grad_norm - m.grad_norm).abs() < 0.05 * a.grad_norm,
+            "{stage:?}: grad norm f32 {} vs bf16 {}",
+            a.grad_norm,
+            m.grad_norm
+        );
         let after = split(&mixed);
         assert_eq!(before.0, after.0, "{stage:?}: the frozen vision tower is unchanged");
         // The bf16 step moves the f32 masters the way the f32 step moves its weights.
@@ -307,7 +352,8 @@ fn bf16_mixed_precision_keeps_f32_masters_and_follows_the_f32_step() {
 
 #[test]
 fn bf16_mixed_precision_overfits_one_sample() {
-    let trainer = Trainer::new(model(&Default::default()), Stage::Two, config(1e-2, 1)).with_compute_dtype(burn::tensor::DType::BF16);
+    let trainer = Trainer::new(model(&Default::default()), Stage::Two, config(1e-2, 1))
+        .with_compute_dtype(burn::tensor::DType::BF16);
     let (first, last) = overfit(trainer);
     assert!(last < 0.1 && first > 2.0, "loss {first} → {last}");
 }

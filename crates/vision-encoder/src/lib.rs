@@ -1,4 +1,6 @@
 //! The CLIP vision transformer (ViT) that LLaVA uses as its image encoder.
+//! Depends on `llava-checkpoint` (loading) and `llava-kernels` (layer operations) only; knows
+//! nothing of the projector, the LLM, the data pipeline or training.
 //!
 //! Any size from a Hugging Face config (ViT-L/14 at 224 or 336 px, or a tiny test model):
 //! a patch-embedding convolution, a learned class token and position embeddings, a pre-LayerNorm,
@@ -11,7 +13,7 @@
 //! ```no_run
 //! use burn::backend::Flex;
 //! use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-//! use llava_weights::WeightStore;
+//! use llava_checkpoint::WeightStore;
 //!
 //! let dir = std::path::Path::new("clip-vit-large-patch14");
 //! let config = ClipVisionConfig::from_hf_dir(dir)?;
@@ -25,15 +27,15 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use llava_weights::attention::attention;
-use llava_weights::linear_tokens;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
-use llava_weights::fused::{add, quick_gelu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use llava_weights::{Exporter, Loader, WeightStore, WeightsError};
+use llava_checkpoint::{Exporter, Loader, WeightStore, WeightsError};
+use llava_kernels::attention;
+use llava_kernels::linear_tokens;
+use llava_kernels::{add, quick_gelu};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,18 +106,12 @@ impl ClipVisionConfig {
     /// or a `CLIPVisionConfig`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, VisionError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| VisionError::Config {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| VisionError::Config {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_hf_json(json.get("vision_config").unwrap_or(&json)).map_err(|reason| VisionError::Config {
-            path: path.display().to_string(),
-            reason,
-        })
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| VisionError::Config { path: path.display().to_string(), reason: e.to_string() })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| VisionError::Config { path: path.display().to_string(), reason: e.to_string() })?;
+        Self::from_hf_json(json.get("vision_config").unwrap_or(&json))
+            .map_err(|reason| VisionError::Config { path: path.display().to_string(), reason })
     }
 
     /// Parses a `CLIPVisionConfig` JSON object (missing fields take Hugging Face's defaults).
@@ -176,7 +172,8 @@ impl ClipVisionConfig {
             .with_stride([self.patch_size, self.patch_size])
             .with_bias(false)
             .init(device);
-        patch_embedding.weight = Param::from_tensor(normal(vec![d, self.num_channels, self.patch_size, self.patch_size]).reshape([
+        patch_embedding.weight =
+            Param::from_tensor(normal(vec![d, self.num_channels, self.patch_size, self.patch_size]).reshape([
                 d,
                 self.num_channels,
                 self.patch_size,
@@ -186,7 +183,9 @@ impl ClipVisionConfig {
             embeddings: ClipEmbeddings {
                 patch_embedding,
                 class_embedding: Param::from_tensor(normal(vec![d]).reshape([d])),
-                position_embedding: Param::from_tensor(normal(vec![self.num_patches() + 1, d]).reshape([self.num_patches() + 1, d])),
+                position_embedding: Param::from_tensor(
+                    normal(vec![self.num_patches() + 1, d]).reshape([self.num_patches() + 1, d]),
+                ),
             },
             pre_layrnorm: ln(),
             layers: (0..self.num_hidden_layers)
@@ -309,8 +308,9 @@ impl<B: Backend> ClipVisionModel<B> {
     /// index (`-2` = output of the second-to-last layer; `0` = the pre-layernormed embeddings).
     /// Layers after the selected one are not run. Returns `[batch, 1 + patches, hidden]`.
     pub fn hidden_state(&self, pixels: Tensor<B, 4>, select_layer: i64) -> Tensor<B, 3> {
-        let index = hidden_state_index(self.layers.len(), select_layer)
-            .unwrap_or_else(|| panic!("select_layer {select_layer} is out of range for {} hidden states", self.layers.len() + 1));
+        let index = hidden_state_index(self.layers.len(), select_layer).unwrap_or_else(|| {
+            panic!("select_layer {select_layer} is out of range for {} hidden states", self.layers.len() + 1)
+        });
         let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixels));
         for layer in &self.layers[..index] {
             h = layer.forward(h);

@@ -1,0 +1,427 @@
+//! The checkpoint index: which tensors exist, where their bytes are, and which have been used.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::pickle::{self, TorchTensor};
+use crate::{Result, WeightsError, io_err};
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F16,
+    BF16,
+    F32,
+    F64,
+    /// Integer or boolean buffers (e.g. CLIP's `position_ids`): indexed, never loaded as weights.
+    Other(&'static str),
+}
+
+impl StoredDtype {
+    fn size(self) -> usize {
+        match self {
+            StoredDtype::F16 | StoredDtype::BF16 => 2,
+            StoredDtype::F32 => 4,
+            StoredDtype::F64 => 8,
+            StoredDtype::Other(_) => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F16 => "F16",
+            StoredDtype::BF16 => "BF16",
+            StoredDtype::F32 => "F32",
+            StoredDtype::F64 => "F64",
+            StoredDtype::Other(n) => n,
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub shape: Vec<usize>,
+    pub dtype: StoredDtype,
+    file: usize,
+    location: Location,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    /// Absolute byte offset of a contiguous tensor in a safetensors file.
+    Safetensors { offset: u64 },
+    /// A storage entry inside a PyTorch zip archive, with the view's offset and strides (elements).
+    Torch { entry: String, offset: usize, stride: Vec<usize> },
+}
+
+/// Names that are buffers rather than weights: loaders never ask for them, so they are not
+/// reported as unused.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("position_ids") || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// An index of all tensors of a (possibly sharded) checkpoint.
+#[derive(Debug)]
+pub struct WeightStore {
+    files: Vec<PathBuf>,
+    tensors: BTreeMap<String, TensorInfo>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl WeightStore {
+    /// Opens a checkpoint file, a shard index (`*.index.json`) or a directory holding one.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = resolve_files(path)?;
+        Self::open_files(&files)
+    }
+
+    /// Indexes the given checkpoint files (safetensors or PyTorch `.bin`) as one checkpoint.
+    pub fn open_files(files: &[PathBuf]) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        for (file_index, path) in files.iter().enumerate() {
+            let entries = if is_safetensors(path) {
+                index_safetensors(path, file_index)?
+            } else {
+                index_torch(path, file_index)?
+            };
+            for (name, info) in entries {
+                if tensors.contains_key(&name) {
+                    tracing::warn!("tensor `{name}` appears in more than one shard; keeping the first");
+                    continue;
+                }
+                tensors.insert(name, info);
+            }
+        }
+        tracing::debug!("indexed {} tensors from {} file(s)", tensors.len(), files.len());
+        Ok(Self { files: files.to_vec(), tensors, used: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// The checkpoint files this store reads.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Whether any tensor name starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.tensors.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))
+    }
+
+    /// Reads a tensor as f32, checking its shape, and marks it used.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing { name: name.to_string(), hint: self.missing_hint(name) })?;
+        let path = &self.files[info.file];
+        if info.shape != expected {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+                path: path.clone(),
+            });
+        }
+        if let StoredDtype::Other(dtype) = info.dtype {
+            return Err(WeightsError::Dtype { name: name.to_string(), dtype: dtype.to_string(), path: path.clone() });
+        }
+        let numel: usize = info.shape.iter().product();
+        let values = match &info.location {
+            Location::Safetensors { offset } => {
+                let mut bytes = vec![0u8; numel * info.dtype.size()];
+                let mut file = File::open(path).map_err(io_err(path))?;
+                file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
+                file.read_exact(&mut bytes).map_err(io_err(path))?;
+                decode(&bytes, info.dtype)
+            }
+            Location::Torch { entry, offset, stride } => {
+                let storage = pickle::read_entry(path, entry)?;
+                let all = decode(&storage, info.dtype);
+                gather_strided(&all, *offset, &info.shape, stride).ok_or_else(|| WeightsError::Format {
+                    path: path.clone(),
+                    reason: format!("tensor `{name}` points outside its storage `{entry}`"),
+                })?
+            }
+        };
+        self.used.lock().unwrap().insert(name.to_string());
+        Ok(values)
+    }
+
+    /// Tensors that no loader asked for (buffers such as `position_ids` excluded).
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap();
+        self.tensors.keys().filter(|k| !used.contains(*k) && !is_buffer(k)).cloned().collect()
+    }
+
+    /// Marks tensors as deliberately ignored (e.g. CLIP's text tower when only vision is used).
+    pub fn ignore_prefix(&self, prefix: &str) {
+        let mut used = self.used.lock().unwrap();
+        for name in self.tensors.keys().filter(|k| k.starts_with(prefix)) {
+            used.insert(name.clone());
+        }
+    }
+
+    /// Errors with the list of unused tensors, if there are any.
+    pub fn ensure_all_used(&self) -> Result<()> {
+        let unused = self.unused();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let mut names = unused.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+        if unused.len() > 20 {
+            names.push_str(&format!(" … and {} more", unused.len() - 20));
+        }
+        Err(WeightsError::Unused { names })
+    }
+
+    fn missing_hint(&self, name: &str) -> String {
+        // Point at the closest existing name sharing the longest prefix: a renamed layout is the
+        // usual cause.
+        let parent = name.rsplit_once('.').map_or("", |(p, _)| p);
+        let siblings: Vec<&str> = self
+            .tensors
+            .keys()
+            .filter(|k| !parent.is_empty() && k.starts_with(parent))
+            .take(4)
+            .map(String::as_str)
+            .collect();
+        let files = self.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        if siblings.is_empty() {
+            format!(" (files: {files})")
+        } else {
+            format!(" (nearby: {}; files: {files})", siblings.join(", "))
+        }
+    }
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// Turns a user-given path into the list of checkpoint files.
+fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        if path.to_string_lossy().ends_with(".index.json") {
+            return shards_from_index(path);
+        }
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(WeightsError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
+    }
+    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+        let p = path.join(index);
+        if p.is_file() {
+            return shards_from_index(&p);
+        }
+    }
+    for single in ["model.safetensors", "pytorch_model.bin"] {
+        let p = path.join(single);
+        if p.is_file() {
+            return Ok(vec![p]);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io_err(path))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_safetensors(p))
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(WeightsError::NotFound { path: path.to_path_buf() });
+    }
+    Ok(found)
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(io_err(index))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| WeightsError::Format { path: index.to_path_buf(), reason: e.to_string() })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| WeightsError::Format {
+        path: index.to_path_buf(),
+        reason: "missing object field `weight_map`".into(),
+    })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let shards: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+    for f in &files {
+        if !f.is_file() {
+            return Err(WeightsError::Format {
+                path: index.to_path_buf(),
+                reason: format!("shard {} listed in weight_map does not exist", f.display()),
+            });
+        }
+    }
+    Ok(files)
+}
+
+fn index_safetensors(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
+    let format_err = |reason: String| WeightsError::Format { path: path.to_path_buf(), reason };
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    let mut len_bytes = [0u8; 8];
+    f.read_exact(&mut len_bytes)
+        .map_err(|_| format_err("file is shorter than the 8-byte safetensors header length".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        return Err(format_err(format!("header length {header_len} does not fit a {file_len}-byte file")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format_err(format!("header is not JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, entry) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = entry["dtype"].as_str().unwrap_or("");
+        let dtype = match dtype {
+            "F16" => StoredDtype::F16,
+            "BF16" => StoredDtype::BF16,
+            "F32" => StoredDtype::F32,
+            "F64" => StoredDtype::F64,
+            "I64" => StoredDtype::Other("I64"),
+            "I32" => StoredDtype::Other("I32"),
+            "I8" => StoredDtype::Other("I8"),
+            "U8" => StoredDtype::Other("U8"),
+            "BOOL" => StoredDtype::Other("BOOL"),
+            other => return Err(format_err(format!("tensor `{name}` has unknown dtype `{other}`"))),
+        };
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| format_err(format!("tensor `{name}` has no shape")))?;
+        let offsets = entry["data_offsets"]
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+            .ok_or_else(|| format_err(format!("tensor `{name}` has no data_offsets")))?;
+        if data_start + offsets.1 > file_len {
+            return Err(format_err(format!(
+                "tensor `{name}` ends at byte {} but the file has {file_len} bytes (truncated download?)",
+                data_start + offsets.1
+            )));
+        }
+        let numel: usize = shape.iter().product();
+        if dtype.size() > 0 && (offsets.1 - offsets.0) as usize != numel * dtype.size() {
+            return Err(format_err(format!("tensor `{name}`: byte range does not match shape {shape:?}")));
+        }
+        out.push((
+            name,
+            TensorInfo { shape, dtype, file, location: Location::Safetensors { offset: data_start + offsets.0 } },
+        ));
+    }
+    Ok(out)
+}
+
+fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
+    let tensors: Vec<(String, TorchTensor)> = pickle::read_state_dict(path)?;
+    Ok(tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let dtype = match t.dtype.as_str() {
+                "HalfStorage" => StoredDtype::F16,
+                "BFloat16Storage" => StoredDtype::BF16,
+                "FloatStorage" => StoredDtype::F32,
+                "DoubleStorage" => StoredDtype::F64,
+                "LongStorage" => StoredDtype::Other("I64"),
+                "IntStorage" => StoredDtype::Other("I32"),
+                "BoolStorage" => StoredDtype::Other("BOOL"),
+                _ => StoredDtype::Other("unknown torch storage"),
+            };
+            let info = TensorInfo {
+                shape: t.shape,
+                dtype,
+                file,
+                location: Location::Torch { entry: t.entry, offset: t.offset, stride: t.stride },
+            };
+            (name, info)
+        })
+        .collect())
+}
+
+fn decode(bytes: &[u8], dtype: StoredDtype) -> Vec<f32> {
+    match dtype {
+        StoredDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        StoredDtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StoredDtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StoredDtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        StoredDtype::Other(_) => Vec::new(),
+    }
+}
+
+/// Copies a strided view out of a flat storage (PyTorch views are usually contiguous, but not
+/// always: a transposed tensor saved as-is keeps its strides).
+fn gather_strided(storage: &[f32], offset: usize, shape: &[usize], stride: &[usize]) -> Option<Vec<f32>> {
+    let numel: usize = shape.iter().product();
+    if numel == 0 {
+        return Some(Vec::new());
+    }
+    let last = offset + shape.iter().zip(stride).map(|(d, s)| (d - 1) * s).sum::<usize>();
+    if last >= storage.len() {
+        return None;
+    }
+    let contiguous = {
+        let mut expect = 1;
+        let mut ok = true;
+        for (d, s) in shape.iter().zip(stride).rev() {
+            if *d != 1 && *s != expect {
+                ok = false;
+            }
+            expect *= d;
+        }
+        ok
+    };
+    if contiguous {
+        return Some(storage[offset..offset + numel].to_vec());
+    }
+    let mut out = Vec::with_capacity(numel);
+    let mut index = vec![0usize; shape.len()];
+    for _ in 0..numel {
+        let pos = offset + index.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        out.push(storage[pos]);
+        for axis in (0..shape.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < shape[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_gather_transposes() {
+        // storage holds a 2x3 row-major matrix; the view is its 3x2 transpose.
+        let storage = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let t = gather_strided(&storage, 0, &[3, 2], &[1, 3]).unwrap();
+        assert_eq!(t, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert!(gather_strided(&storage, 1, &[3, 2], &[1, 3]).is_none());
+    }
+}

@@ -1,0 +1,277 @@
+//! A CPU kernel for linear layers on a few rows: `x [m, k] · W [k, n]` with `m ≤ 16`.
+//!
+//! Why: at decode time every linear layer sees one token per sequence (m = batch size). A
+//! general gemm packs the whole weight matrix into panels before multiplying and its register
+//! tile is 64 rows tall, so for m = 1..16 it spends most of its time copying and on masked
+//! lanes; for m = 1 it falls back to a single-threaded matrix-vector loop. Here the weight is
+//! streamed once, straight from its row-major storage, in panels of up to 512 columns (long
+//! sequential runs per row, prefetched), each panel in 32-column strips whose sums for up to 8
+//! rows stay in registers; the panels are shared among the rayon threads. Decoding is then
+//! bound by reading the weights, as it should be.
+//!
+//! It applies only where the tensors are Burn's `Flex` CPU backend in f32 without autodiff
+//! (inference); everything else takes Burn's own `matmul`. Each output element is one
+//! sequential sum over `k`, independent of `m` and of the thread split, so a row's result does
+//! not depend on which other rows share the batch.
+
+use crate::cpu::flex::{flex_f32, from_f32};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use rayon::prelude::*;
+
+/// Largest row count handled here; above it a gemm's packing pays off.
+pub const MAX_ROWS: usize = 16;
+/// Widest panel: a 2 KiB run of each weight row (and, in the portable loop, 8 rows of sums in
+/// 16 KiB of L1).
+const PANEL: usize = 512;
+
+/// `x [m, k] · w [k, n] (+ bias [n])` on Flex f32 tensors with `m ≤ MAX_ROWS`; `None` (inputs
+/// untouched) when the backend, dtype, shape or weight layout does not fit.
+pub(crate) fn skinny_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    let [m, k] = x.dims();
+    let [wk, n] = w.dims();
+    if m == 0 || m > MAX_ROWS || wk != k || n < 16 {
+        return None;
+    }
+    let w_flex = flex_f32(w)?;
+    // The weight is used in place: a strided (e.g. transposed) one is left to Burn.
+    let weights = w_flex.as_slice::<f32>().filter(|s| s.len() == k * n && w_flex.layout().start_offset() == 0)?;
+    let x_contig = flex_f32(x)?.to_contiguous();
+    let rows = x_contig.as_slice::<f32>()?;
+    let bias_values = match bias {
+        Some(b) => Some(flex_f32(b)?.to_contiguous().as_slice::<f32>()?.to_vec()),
+        None => None,
+    };
+    let mut out = vec![0f32; m * n];
+    matmul_rows(rows, weights, &mut out, m, k, n);
+    if let Some(bias) = bias_values {
+        for row in out.chunks_mut(n) {
+            row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
+        }
+    }
+    from_f32(out, [m, n])
+}
+
+/// Output pointer shared by the threads; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out [m, n] = x [m, k] · w [k, n]`, all row-major and contiguous.
+pub fn matmul_rows(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n);
+    // At least two panels per thread where the width allows, so that narrow layers use every core.
+    let width = (n / (2 * rayon::current_num_threads()) / 32 * 32).clamp(32, PANEL);
+    let panels = n.div_ceil(width);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |panel: usize| {
+        let (c0, c1) = (panel * width, ((panel + 1) * width).min(n));
+        // SAFETY: columns [c0, c1) of `out` are written by this panel only.
+        unsafe { column_panel(x, w, ptr, m, k, n, c0, c1) };
+    };
+    if k * n >= 1 << 16 && panels > 1 {
+        (0..panels).into_par_iter().for_each(run);
+    } else {
+        (0..panels).for_each(run);
+    }
+}
+
+/// Columns `[c0, c1)` of every row, eight rows at a time.
+///
+/// # Safety
+/// `out` must point to `m × n` floats, and no other thread may write these columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_panel(x: &[f32], w: &[f32], out: OutPtr, m: usize, k: usize, n: usize, c0: usize, c1: usize) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(8);
+        let x_rows = &x[i0 * k..(i0 + rows) * k];
+        let out_rows = unsafe { out.0.add(i0 * n) };
+        unsafe {
+            match rows {
+                1 => panel_dispatch::<1>(x_rows, w, out_rows, k, n, c0, c1),
+                2 => panel_dispatch::<2>(x_rows, w, out_rows, k, n, c0, c1),
+                3 => panel_dispatch::<3>(x_rows, w, out_rows, k, n, c0, c1),
+                4 => panel_dispatch::<4>(x_rows, w, out_rows, k, n, c0, c1),
+                5 => panel_dispatch::<5>(x_rows, w, out_rows, k, n, c0, c1),
+                6 => panel_dispatch::<6>(x_rows, w, out_rows, k, n, c0, c1),
+                7 => panel_dispatch::<7>(x_rows, w, out_rows, k, n, c0, c1),
+                _ => panel_dispatch::<8>(x_rows, w, out_rows, k, n, c0, c1),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+#[inline(always)]
+unsafe fn panel_dispatch<const M: usize>(
+    x: &[f32],
+    w: &[f32],
+    out: *mut f32,
+    k: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return unsafe { panel_avx512::<M>(x, w, out, k, n, c0, c1) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return unsafe { panel_avx2::<M>(x, w, out, k, n, c0, c1) };
+    }
+    unsafe { panel_portable::<M>(x, w, out, k, n, c0, c1) }
+}
+
+/// The portable loop compiled for 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn panel_avx2<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize) {
+    unsafe { panel_portable::<M>(x, w, out, k, n, c0, c1) }
+}
+
+/// One panel in 32-column strips, each strip's `M × 32` sums held in registers over all of `k`.
+/// The first strip prefetches the panel's whole row segments (2 KiB each) a few rows ahead, so
+/// the weight comes from memory in long sequential runs and the other strips find it in L2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 12;
+    let wp = w.as_ptr();
+    let xp = x.as_ptr();
+    let strips = (c1 - c0) / 32;
+    let lines = (c1 - c0).div_ceil(16);
+    for strip in 0..strips {
+        let j0 = c0 + 32 * strip;
+        let mut lo = [_mm512_setzero_ps(); M];
+        let mut hi = [_mm512_setzero_ps(); M];
+        for kk in 0..k {
+            let row = unsafe { wp.add(kk * n + j0) };
+            if strip == 0 && kk + AHEAD < k {
+                let ahead = unsafe { wp.add((kk + AHEAD) * n + c0) };
+                for line in 0..lines {
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * line) as *const i8) };
+                }
+            }
+            let w_lo = unsafe { _mm512_loadu_ps(row) };
+            let w_hi = unsafe { _mm512_loadu_ps(row.add(16)) };
+            for i in 0..M {
+                let xv = _mm512_set1_ps(unsafe { *xp.add(i * k + kk) });
+                lo[i] = _mm512_fmadd_ps(xv, w_lo, lo[i]);
+                hi[i] = _mm512_fmadd_ps(xv, w_hi, hi[i]);
+            }
+        }
+        for i in 0..M {
+            unsafe {
+                _mm512_storeu_ps(out.add(i * n + j0), lo[i]);
+                _mm512_storeu_ps(out.add(i * n + j0 + 16), hi[i]);
+            }
+        }
+    }
+    // Columns past the last whole strip (only in the last panel of a ragged width).
+    for j in c0 + 32 * strips..c1 {
+        for i in 0..M {
+            let sum = (0..k).fold(0f32, |a, kk| unsafe { (*xp.add(i * k + kk)).mul_add(*wp.add(kk * n + j), a) });
+            unsafe { *out.add(i * n + j) = sum };
+        }
+    }
+}
+
+/// Same panel without explicit SIMD (the compiler vectorises it for the baseline target).
+#[inline(always)]
+unsafe fn panel_portable<const M: usize>(
+    x: &[f32],
+    w: &[f32],
+    out: *mut f32,
+    k: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+) {
+    let width = c1 - c0;
+    let mut acc = [[0f32; PANEL]; M];
+    for kk in 0..k {
+        let row = &w[kk * n + c0..kk * n + c1];
+        for i in 0..M {
+            let xv = x[i * k + kk];
+            for (a, wv) in acc[i][..width].iter_mut().zip(row) {
+                *a += xv * wv;
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * n + c0), width) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|kk| x[i * k + kk] as f64 * w[kk * n + j] as f64).sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_double_precision_product_for_every_row_count_and_ragged_widths() {
+        for (m, k, n) in [(1, 7, 32), (3, 64, 100), (8, 33, 64), (9, 16, 96), (16, 40, 37)] {
+            let x = values(m * k, 1);
+            let w = values(k * n, 2);
+            let mut out = vec![0f32; m * n];
+            matmul_rows(&x, &w, &mut out, m, k, n);
+            for (got, want) in out.iter().zip(reference(&x, &w, m, k, n)) {
+                assert!((*got as f64 - want).abs() < 1e-4, "m={m} k={k} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        let (k, n) = (300, 4096); // large enough to be split among threads
+        let x = values(5 * k, 3);
+        let w = values(k * n, 4);
+        let mut batch = vec![0f32; 5 * n];
+        matmul_rows(&x, &w, &mut batch, 5, k, n);
+        let mut alone = vec![0f32; n];
+        matmul_rows(&x[2 * k..3 * k], &w, &mut alone, 1, k, n);
+        assert_eq!(&batch[2 * n..3 * n], &alone[..]);
+    }
+
+    #[test]
+    fn flex_tensors_take_the_kernel_and_agree_with_burns_matmul() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let x = Tensor::<B, 2>::from_data(TensorData::new(values(4 * 48, 5), [4, 48]), &device);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(values(48 * 70, 6), [48, 70]), &device);
+        let bias = Tensor::<B, 1>::from_data(TensorData::new(values(70, 7), [70]), &device);
+        let fast = skinny_linear(&x, &w, Some(&bias)).expect("Flex f32 takes the kernel");
+        let slow = x.clone().matmul(w.clone()) + bias.unsqueeze();
+        let diff = (fast - slow).abs().max().into_scalar();
+        assert!(diff < 1e-5, "max difference {diff}");
+        // A transposed (non-contiguous) weight, or too many rows, is left to Burn.
+        let wt = Tensor::<B, 2>::from_data(TensorData::new(values(70 * 48, 6), [70, 48]), &device).transpose();
+        assert!(skinny_linear(&x, &wt, None).is_none());
+        let tall = Tensor::<B, 2>::from_data(TensorData::new(values(17 * 48, 8), [17, 48]), &device);
+        assert!(skinny_linear(&tall, &w, None).is_none());
+    }
+}

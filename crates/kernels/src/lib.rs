@@ -1,0 +1,55 @@
+//! The compute kernels of the LLaVA crates: one backend-generic function per layer operation
+//! (linear layers on token sequences, attention, RMSNorm, SwiGLU, `quick_gelu`, RoPE, residual
+//! adds, KV-cache writes, the training loss's cross-entropy, the AdamW update, greedy argmax).
+//!
+//! Model code calls these and never sees a backend: each runs Burn's operations (its
+//! `reference`) on any backend, and with the `flex` feature (on by default) a kernel of ours
+//! where the tensors are the Flex CPU backend's (and, with its own backward pass, under
+//! `Autodiff<Flex>`), found by a run-time downcast that is private to this crate. Every kernel
+//! is tested against its reference.
+//!
+//! This crate must not depend on any other crate of the workspace; only it depends on Flex,
+//! gemm and burn-autodiff's internals.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::tensor::Tensor;
+//!
+//! let device = Default::default();
+//! let x = Tensor::<Flex, 2>::from_floats([[1.0, -2.0, 3.0, 0.5]], &device);
+//! let gamma = Tensor::<Flex, 1>::ones([4], &device);
+//! let y = llava_kernels::rms_norm(x.clone(), gamma.clone(), 1e-6);
+//! let expected = llava_kernels::norm::reference(x, gamma, 1e-6);
+//! assert!((y - expected).abs().max().into_scalar() < 1e-6);
+//! ```
+
+pub mod activation;
+pub mod adamw;
+pub mod attention;
+#[cfg(feature = "flex")]
+mod cpu;
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+mod fastexp;
+pub mod kv;
+pub mod linear;
+pub mod loss;
+pub mod norm;
+
+pub use activation::{add, quick_gelu, rope, silu_mul};
+pub use adamw::{AdamWParams, adamw_step};
+pub use attention::attention;
+pub use linear::linear_tokens;
+pub use loss::cross_entropy_with_grad;
+pub use norm::rms_norm;
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`. What
+/// `for v: if v > values[best] { best = i }` gives: NaNs never win, unless first (then nothing
+/// beats it). The maximum comes from a vectorised pass (AVX-512/AVX2 where the CPU has it), then
+/// its first position.
+pub fn argmax(values: &[f32]) -> u32 {
+    if values.first().is_none_or(|v| v.is_nan()) {
+        return 0;
+    }
+    let max = fastexp::max(values);
+    values.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
