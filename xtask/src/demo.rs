@@ -93,10 +93,7 @@ pub fn demo_sqa(args: DemoSqaArgs, root: &Path) -> Result<()> {
 }
 
 fn demo_sqa_on<B: burn::tensor::backend::Backend>(
-    device: &B::Device,
-    paths: &DemoPaths,
-    model: &Path,
-    args: &DemoSqaArgs,
+    device: &B::Device, paths: &DemoPaths, model: &Path, args: &DemoSqaArgs,
 ) -> Result<(Vec<llava_demo::DemoAccuracy>, f64)> {
     Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, device)?)
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::chat::{ChatSession, choose_template};
-use llava::generate::{GenerationConfig, SamplingConfig};
+use llava::generate::SamplingConfig;
 use llava_eval::predict::{ImageSource, PredictOptions, ScienceRunner, predict_to_file, read_questions};
 use llava_eval::scienceqa::{load_problems, load_split};
 use llava_eval::score::{Fallback, SqaResult, format_table, read_answers, read_results, score_answers, score_results};
@@ -62,7 +62,6 @@ pub fn sqa_predict(args: SqaPredictArgs) -> Result<()> {
 fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Result<()> {
     let questions = read_questions(&args.questions)?;
     let loaded = args.model.load::<B>(device)?;
-    let tokenizer = loaded.tokenizer.as_ref().context("the model directory has no tokenizer")?;
     let (template_name, template) = choose_template(args.template.as_deref(), args.model.model.as_deref())?;
     let model_id = args
         .model
@@ -71,22 +70,10 @@ fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Resu
         .and_then(|m| m.file_name())
         .map_or("llava".into(), |n| n.to_string_lossy().to_string());
     tracing::info!("{} questions, template {template_name}, batch {}", questions.len(), args.batch_size);
-    let runner = ScienceRunner {
-        model: &loaded.model,
-        tokenizer,
-        processor: &loaded.processor,
-        aspect: loaded.config.image_aspect,
-        template: &template,
-        image_folder: args.image_folder.clone(),
-        images: if args.blank_images { ImageSource::Blank } else { ImageSource::File },
-        single_pred_prompt: args.single_pred_prompt,
-        generation: GenerationConfig {
-            max_new_tokens: args.max_new_tokens,
-            sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
-            eos_ids: loaded.eos_ids(),
-            use_cache: true,
-        },
-    };
+    let mut runner = ScienceRunner::new(&loaded, &template, args.image_folder.clone(), args.max_new_tokens)?;
+    runner.images = if args.blank_images { ImageSource::Blank } else { ImageSource::File };
+    runner.single_pred_prompt = args.single_pred_prompt;
+    runner.generation.sampling = SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let options = PredictOptions {
         batch_size: args.batch_size,
         num_chunks: args.num_chunks,

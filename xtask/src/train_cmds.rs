@@ -70,11 +70,7 @@ fn recipe_on<B: Backend>(device: &B::Device, cfg: &RunConfig, options: &RunOptio
 }
 
 fn demo_on<B: Backend>(
-    device: &B::Device,
-    root: &Path,
-    stage: Stage,
-    overrides: &[String],
-    options: &RunOptions,
+    device: &B::Device, root: &Path, stage: Stage, overrides: &[String], options: &RunOptions,
 ) -> Result<RunSummary> {
     Ok(llava_demo::run_stage::<B>(&llava_demo::DemoPaths::new(root), stage, overrides, options, device)?)
 }

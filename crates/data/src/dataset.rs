@@ -284,12 +284,8 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     pub fn new(
-        dataset: Arc<LlavaDataset>,
-        tokenizer: Arc<Tokenizer>,
-        config: Arc<SampleConfig>,
-        order: Vec<usize>,
-        workers: usize,
-        prefetch: usize,
+        dataset: Arc<LlavaDataset>, tokenizer: Arc<Tokenizer>, config: Arc<SampleConfig>, order: Vec<usize>,
+        workers: usize, prefetch: usize,
     ) -> Self {
         let total = order.len();
         let order = Arc::new(order);

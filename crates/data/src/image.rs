@@ -325,13 +325,7 @@ pub fn resize_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize
 /// keeps): each output pixel depends only on its own filter support, so the window equals the
 /// same window of the full resize. Returns `xs.len() × ys.len()` packed RGB.
 pub fn resize_bicubic_window(
-    src: &[u8],
-    w: usize,
-    h: usize,
-    out_w: usize,
-    out_h: usize,
-    xs: std::ops::Range<usize>,
-    ys: std::ops::Range<usize>,
+    src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, xs: std::ops::Range<usize>, ys: std::ops::Range<usize>,
 ) -> Vec<u8> {
     // Sums fit in i32 by construction (PIL's PRECISION_BITS leaves 2 bits of headroom).
     let half = 1i32 << (PRECISION_BITS - 1);

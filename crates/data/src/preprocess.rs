@@ -135,11 +135,7 @@ fn render(turns: &[Turn], template: &Conversation) -> Result<String, PreprocessE
 /// Preprocesses one sample's turns (after [`preprocess_multimodal`]) for `template`, dispatching
 /// as the reference's `preprocess` does.
 pub fn preprocess(
-    turns: &[Turn],
-    tokenizer: &Tokenizer,
-    template: &Conversation,
-    has_image: bool,
-    options: &PreprocessOptions,
+    turns: &[Turn], tokenizer: &Tokenizer, template: &Conversation, has_image: bool, options: &PreprocessOptions,
 ) -> Result<Processed, PreprocessError> {
     if turns.is_empty() {
         return Err(PreprocessError::Empty);
@@ -159,9 +155,7 @@ pub fn preprocess(
 
 /// `preprocess_plain`: `<image>` + caption + `\n`; BOS and image masked.
 fn preprocess_plain(
-    turns: &[Turn],
-    tokenizer: &Tokenizer,
-    template: &Conversation,
+    turns: &[Turn], tokenizer: &Tokenizer, template: &Conversation,
 ) -> Result<Processed, PreprocessError> {
     if turns.len() != 2 || !turns[0].value.contains(DEFAULT_IMAGE_TOKEN) {
         return Err(PreprocessError::PlainShape(turns.len()));
@@ -184,11 +178,7 @@ enum RoundRule {
 /// `preprocess_v1`, `preprocess_llama_2` and `preprocess_mpt`: split the string into rounds,
 /// mask each round's instruction by token counts, then apply the mismatch rule.
 fn preprocess_rounds(
-    turns: &[Turn],
-    tokenizer: &Tokenizer,
-    template: &Conversation,
-    has_image: bool,
-    options: &PreprocessOptions,
+    turns: &[Turn], tokenizer: &Tokenizer, template: &Conversation, has_image: bool, options: &PreprocessOptions,
     rule: RoundRule,
 ) -> Result<Processed, PreprocessError> {
     let prompt = render(turns, template)?;
@@ -269,11 +259,7 @@ fn fill(labels: &mut [i64], start: i64, end: i64) {
 /// The default path (paper-era v0 and `--version v0` at v1.0.1): `"### Role: text\n"` turns after
 /// `system + "\n\n"`, masks from per-piece token counts (each counted with its own BOS).
 fn preprocess_hash(
-    turns: &[Turn],
-    tokenizer: &Tokenizer,
-    template: &Conversation,
-    has_image: bool,
-    options: &PreprocessOptions,
+    turns: &[Turn], tokenizer: &Tokenizer, template: &Conversation, has_image: bool, options: &PreprocessOptions,
 ) -> Result<Processed, PreprocessError> {
     let header = format!("{}\n\n", template.system);
     let mut pieces = Vec::with_capacity(turns.len());

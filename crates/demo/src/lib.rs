@@ -213,11 +213,7 @@ pub fn stage_config(paths: &DemoPaths, stage: Stage, overrides: &[String]) -> Re
 /// One stage of the demo on backend `B` (run directory `runs/<name>` of the checkout unless
 /// `options` names one).
 pub fn run_stage<B: Backend>(
-    paths: &DemoPaths,
-    stage: Stage,
-    overrides: &[String],
-    options: &RunOptions,
-    device: &B::Device,
+    paths: &DemoPaths, stage: Stage, overrides: &[String], options: &RunOptions, device: &B::Device,
 ) -> Result<RunSummary, DemoError> {
     let cfg = stage_config(paths, stage, overrides)?;
     let options = RunOptions {
@@ -240,11 +236,7 @@ pub struct DemoAccuracy {
 /// pictures, once with blank ones. Answers and result files go to `eval/` beside the model.
 /// Returns both results and the chance level (a uniform guess's expected accuracy, in %).
 pub fn demo_sqa<B: Backend>(
-    paths: &DemoPaths,
-    model_dir: &Path,
-    split: &str,
-    batch_size: usize,
-    device: &B::Device,
+    paths: &DemoPaths, model_dir: &Path, split: &str, batch_size: usize, device: &B::Device,
 ) -> Result<(Vec<DemoAccuracy>, f64), DemoError> {
     if !model_dir.join("config.json").is_file() {
         return Err(DemoError::Missing(format!(
@@ -256,7 +248,6 @@ pub fn demo_sqa<B: Backend>(
     let out_dir = model_dir.parent().unwrap_or(Path::new(".")).join("eval");
     std::fs::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let loaded = llava::load::load_dir::<B>(model_dir, &LoadOptions::default(), device)?;
-    let tokenizer = loaded.tokenizer.as_ref().ok_or(LlavaError::NoTokenizer)?;
     let (_, template) = llava::chat::choose_template(Some("vicuna_v1"), None)?;
     let problems = load_problems(&data.join("scienceqa/problems.json")).map_err(EvalError::from)?;
     let pids = load_split(&data.join("scienceqa/pid_splits.json"), split).map_err(EvalError::from)?;
@@ -266,21 +257,9 @@ pub fn demo_sqa<B: Backend>(
         let suffix = if blank { "-blank" } else { "" };
         let answers = out_dir.join(format!("answers-{split}{suffix}.jsonl"));
         let _ = std::fs::remove_file(&answers);
-        let runner = ScienceRunner {
-            model: &loaded.model,
-            tokenizer,
-            processor: &loaded.processor,
-            aspect: loaded.config.image_aspect,
-            template: &template,
-            image_folder: data.join("images"),
-            images: if blank { ImageSource::Blank } else { ImageSource::File },
-            single_pred_prompt: true,
-            generation: llava::generate::GenerationConfig {
-                max_new_tokens: 8,
-                eos_ids: loaded.eos_ids(),
-                ..Default::default()
-            },
-        };
+        let mut runner = ScienceRunner::new(&loaded, &template, data.join("images"), 8)?;
+        runner.images = if blank { ImageSource::Blank } else { ImageSource::File };
+        runner.single_pred_prompt = true;
         let options = PredictOptions { batch_size, num_chunks: 1, chunk_idx: 0, model_id: "demo-stage2".into() };
         predict_to_file(&runner, questions.clone(), &answers, &options, |done, all| {
             tracing::info!("{label}: {done}/{all} answered")

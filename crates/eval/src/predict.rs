@@ -88,7 +88,26 @@ pub struct ScienceRunner<'a, B: Backend> {
     pub generation: GenerationConfig,
 }
 
-impl<B: Backend> ScienceRunner<'_, B> {
+impl<'a, B: Backend> ScienceRunner<'a, B> {
+    /// A runner for a loaded model (its processor, aspect mode and EOS ids), reading images from
+    /// `image_folder`, with the reference's defaults: real images, no single-prediction
+    /// instruction, greedy decoding up to `max_new_tokens`. Fails when the model has no tokenizer.
+    pub fn new(
+        loaded: &'a llava::LoadedLlava<B>, template: &'a Conversation, image_folder: PathBuf, max_new_tokens: usize,
+    ) -> Result<Self, LlavaError> {
+        Ok(Self {
+            model: &loaded.model,
+            tokenizer: loaded.tokenizer.as_ref().ok_or(LlavaError::NoTokenizer)?,
+            processor: &loaded.processor,
+            aspect: loaded.config.image_aspect,
+            template,
+            image_folder,
+            images: ImageSource::File,
+            single_pred_prompt: false,
+            generation: GenerationConfig { max_new_tokens, eos_ids: loaded.eos_ids(), ..Default::default() },
+        })
+    }
+
     fn pixels(&self, question: &Question) -> Result<Option<Vec<f32>>, LlavaError> {
         let Some(image) = &question.image else { return Ok(None) };
         Ok(Some(match self.images {
@@ -176,10 +195,7 @@ pub struct PredictOptions {
 /// an existing file is resumed (its complete lines kept, those questions skipped); `progress`
 /// gets (answered, to answer) after each batch. Returns the number answered now.
 pub fn predict_to_file<B: Backend>(
-    runner: &ScienceRunner<'_, B>,
-    questions: Vec<Question>,
-    out: &Path,
-    options: &PredictOptions,
+    runner: &ScienceRunner<'_, B>, questions: Vec<Question>, out: &Path, options: &PredictOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<usize, EvalError> {
     if options.num_chunks == 0 || options.chunk_idx >= options.num_chunks {

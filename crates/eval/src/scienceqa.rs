@@ -210,9 +210,7 @@ pub fn llava15_sample(pid: &str, problem: &Problem) -> Result<serde_json::Value,
 
 /// Converts a split: `format` is a reference format (`QCM-LEA`, `CQM-A`, …) or `llava15`.
 pub fn convert_split(
-    problems: &HashMap<String, Problem>,
-    pids: &[String],
-    format: &str,
+    problems: &HashMap<String, Problem>, pids: &[String], format: &str,
 ) -> Result<Vec<serde_json::Value>, SqaError> {
     pids.iter()
         .map(|pid| {

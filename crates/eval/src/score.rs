@@ -122,9 +122,7 @@ fn round2(x: f64) -> f64 {
 
 /// Accuracy per category over `pids` for chosen indices `results`.
 pub fn category_table(
-    problems: &HashMap<String, Problem>,
-    pids: &[String],
-    results: &BTreeMap<String, i64>,
+    problems: &HashMap<String, Problem>, pids: &[String], results: &BTreeMap<String, i64>,
 ) -> BTreeMap<String, f64> {
     let mut table = BTreeMap::new();
     for category in CATEGORIES {
@@ -155,10 +153,7 @@ pub struct AnswerLine {
 /// Scores answers against the problems of a split, as `eval_science_qa.py`: a missing answer is
 /// `FAILED`; each answer is parsed and mapped to an index with `fallback`.
 pub fn score_answers(
-    problems: &HashMap<String, Problem>,
-    pids: &[String],
-    answers: &HashMap<String, AnswerLine>,
-    fallback: Fallback,
+    problems: &HashMap<String, Problem>, pids: &[String], answers: &HashMap<String, AnswerLine>, fallback: Fallback,
     seed: u64,
 ) -> SqaResult {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -193,9 +188,7 @@ pub fn score_answers(
 
 /// Re-scores an existing result file (`results`: pid → chosen index) over `pids`.
 pub fn score_results(
-    problems: &HashMap<String, Problem>,
-    pids: &[String],
-    results: &BTreeMap<String, i64>,
+    problems: &HashMap<String, Problem>, pids: &[String], results: &BTreeMap<String, i64>,
 ) -> SqaResult {
     let kept: BTreeMap<String, i64> = pids.iter().filter_map(|p| results.get(p).map(|&r| (p.clone(), r))).collect();
     let correct = pids

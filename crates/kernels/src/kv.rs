@@ -26,9 +26,7 @@ pub fn zeros<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device, 
 /// # Panics
 /// When `new` does not fit `buffer` at `at` (a caller's bug, not an input's).
 pub fn assign_positions<B: Backend, const D: usize>(
-    buffer: Tensor<B, D>,
-    at: usize,
-    new: Tensor<B, D>,
+    buffer: Tensor<B, D>, at: usize, new: Tensor<B, D>,
 ) -> Tensor<B, D> {
     let (dims, new_dims) = (buffer.dims(), new.dims());
     let s = new_dims[1];

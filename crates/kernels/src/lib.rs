@@ -19,7 +19,7 @@
 //! let x = Tensor::<Flex, 2>::from_floats([[1.0, -2.0, 3.0, 0.5]], &device);
 //! let gamma = Tensor::<Flex, 1>::ones([4], &device);
 //! let y = llava_kernels::rms_norm(x.clone(), gamma.clone(), 1e-6);
-//! let expected = llava_kernels::norm::reference(x, gamma, 1e-6);
+//! let expected = llava_kernels::reference::rms_norm(x, gamma, 1e-6);
 //! assert!((y - expected).abs().max().into_scalar() < 1e-6);
 //! ```
 
@@ -34,13 +34,32 @@ pub mod kv;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod reference;
 
 pub use activation::{add, quick_gelu, rope, silu_mul};
-pub use adamw::{AdamWParams, adamw_step};
+pub use adamw::{AdamWParams, ParamStep};
 pub use attention::attention;
 pub use linear::linear_tokens;
 pub use loss::cross_entropy_with_grad;
 pub use norm::rms_norm;
+
+/// One AdamW step, Burn's and `torch.optim.AdamW`'s formula:
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p·(1 − lr·wd) − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`. Returns `[param, m, v]`.
+///
+/// On Flex one pass over the four buffers, the moments updated in place when the caller handed
+/// over the only reference to them (a kept copy of the state is never written); elsewhere
+/// [`crate::reference::adamw_step`].
+pub fn adamw_step<B: burn::tensor::backend::Backend, const D: usize>(
+    params: &AdamWParams, step: ParamStep<B, D>,
+) -> [burn::tensor::Tensor<B, D>; 3] {
+    #[cfg(feature = "flex")]
+    let step = match crate::cpu::adamw::step(params, step) {
+        Ok(updated) => return updated,
+        Err(step) => step,
+    };
+    crate::reference::adamw_step(params, step)
+}
 
 /// Index of the largest value; the first one on ties, as `torch.argmax`. What
 /// `for v: if v > values[best] { best = i }` gives: NaNs never win, unless first (then nothing

@@ -1,8 +1,7 @@
 //! The cross-entropy of a language-model head, with its gradient computed in the forward pass.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 /// Mean cross-entropy of `targets` under `logits` and its gradient with respect to the logits,
 /// `(softmax − one-hot) / n`.
@@ -15,7 +14,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 /// A trainer attaches the gradient to the logits (`s − detach(s) + loss` with
 /// `s = Σ logits ⊙ grad` has the loss's value and gradient), instead of autodiff differentiating
 /// log-softmax and gather op by op. On Flex one pass with a vectorised `exp`; elsewhere Burn's
-/// operations ([`reference`]).
+/// operations ([`crate::reference::cross_entropy_with_grad`]).
 pub fn cross_entropy_with_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> (Tensor<B, 1>, Tensor<B, 2>) {
     let logits = logits.cast(DType::F32);
     #[cfg(feature = "flex")]
@@ -23,17 +22,5 @@ pub fn cross_entropy_with_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]
         let value = Tensor::from_data(TensorData::new(vec![value as f32], [1]), &logits.device());
         return (value, grad);
     }
-    reference(logits, targets)
-}
-
-/// [`cross_entropy_with_grad`] as Burn operations.
-pub fn reference<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> (Tensor<B, 1>, Tensor<B, 2>) {
-    let [n, vocab] = logits.dims();
-    let device = logits.device();
-    let log_probs = log_softmax(logits.cast(DType::F32), 1);
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(targets.to_vec(), [n]), &device);
-    let one_hot: Tensor<B, 2> = index.clone().one_hot::<2>(vocab).float();
-    let value = log_probs.clone().gather(1, index.reshape([n, 1])).sum().neg() / n as f64;
-    let grad = (log_probs.exp() - one_hot) / n as f64;
-    (value, grad)
+    crate::reference::cross_entropy_with_grad(logits, targets)
 }

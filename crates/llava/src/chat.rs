@@ -99,10 +99,7 @@ pub struct ChatSession<'a, B: Backend> {
 impl<'a, B: Backend> ChatSession<'a, B> {
     /// A new conversation in `template`; the model must ship a tokenizer.
     pub fn new(
-        loaded: &'a LoadedLlava<B>,
-        template: Conversation,
-        sampling: SamplingConfig,
-        max_new_tokens: usize,
+        loaded: &'a LoadedLlava<B>, template: Conversation, sampling: SamplingConfig, max_new_tokens: usize,
     ) -> Result<Self, LlavaError> {
         if loaded.tokenizer.is_none() {
             return Err(LlavaError::NoTokenizer);

@@ -96,10 +96,7 @@ pub use llava_kernels::argmax;
 /// return `false` to stop that row (e.g. a stop string appeared). Returns the new ids of each
 /// row, EOS excluded.
 pub fn generate<B: Backend>(
-    model: &Llava<B>,
-    prompts: &[Vec<i64>],
-    pixels: Option<Tensor<B, 4>>,
-    config: &GenerationConfig,
+    model: &Llava<B>, prompts: &[Vec<i64>], pixels: Option<Tensor<B, 4>>, config: &GenerationConfig,
     mut on_token: impl FnMut(usize, u32) -> bool,
 ) -> Vec<Vec<u32>> {
     let device = model.llm.embed_tokens.weight.device();
@@ -172,10 +169,7 @@ pub fn generate<B: Backend>(
 }
 
 fn last_logits<B: Backend>(
-    model: &Llava<B>,
-    embeds: &Tensor<B, 3>,
-    positions: &Tensor<B, 2, Int>,
-    valid: &[Vec<bool>],
+    model: &Llava<B>, embeds: &Tensor<B, 3>, positions: &Tensor<B, 2, Int>, valid: &[Vec<bool>],
 ) -> Tensor<B, 2> {
     let [b, len, _] = embeds.dims();
     let padded = valid.iter().any(|v| v.iter().any(|x| !x));

@@ -78,10 +78,7 @@ impl LlavaError {
 
 /// Reads and preprocesses an image file into a `[1, 3, H, W]` tensor.
 pub fn image_tensor<B: Backend>(
-    path: &Path,
-    processor: &ProcessorConfig,
-    aspect: AspectMode,
-    device: &B::Device,
+    path: &Path, processor: &ProcessorConfig, aspect: AspectMode, device: &B::Device,
 ) -> Result<Tensor<B, 4>, LlavaError> {
     let values = llava_data::image::load_and_preprocess(path, processor, aspect)?;
     let [c, h, w] = processor.output_shape();

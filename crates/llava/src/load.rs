@@ -123,9 +123,7 @@ impl<B: Backend> LoadedLlava<B> {
     /// `tokenizer_image_token`) and the image's pixels `[1, 3, H, W]`, checked against each
     /// other: an image needs exactly one `<image>` in the prompt, and `<image>` needs an image.
     pub fn prompt_inputs(
-        &self,
-        prompt: &str,
-        image: Option<&Path>,
+        &self, prompt: &str, image: Option<&Path>,
     ) -> Result<(Vec<i64>, Option<Tensor<B, 4>>), LlavaError> {
         let tokenizer = self.tokenizer.as_ref().ok_or(LlavaError::NoTokenizer)?;
         let markers = prompt.matches(llava_data::DEFAULT_IMAGE_TOKEN).count();
@@ -170,9 +168,7 @@ pub fn detect_layout(config: &serde_json::Value) -> Layout {
 
 /// Loads whatever `dir` holds.
 pub fn load_dir<B: Backend>(
-    dir: &Path,
-    options: &LoadOptions,
-    device: &B::Device,
+    dir: &Path, options: &LoadOptions, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let json = read_json(&config_path)?;
@@ -185,11 +181,7 @@ pub fn load_dir<B: Backend>(
 }
 
 fn load_llava_hf<B: Backend>(
-    dir: &Path,
-    json: &serde_json::Value,
-    tokenizer: Option<Tokenizer>,
-    options: &LoadOptions,
-    device: &B::Device,
+    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
@@ -246,11 +238,7 @@ fn load_llava_hf<B: Backend>(
 }
 
 fn load_original<B: Backend>(
-    dir: &Path,
-    json: &serde_json::Value,
-    tokenizer: Option<Tokenizer>,
-    options: &LoadOptions,
-    device: &B::Device,
+    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
@@ -330,10 +318,7 @@ fn load_original<B: Backend>(
 }
 
 fn load_text_only<B: Backend>(
-    dir: &Path,
-    json: &serde_json::Value,
-    tokenizer: Option<Tokenizer>,
-    device: &B::Device,
+    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let text = LlamaConfig::from_hf_json(json).map_err(|r| LlavaError::config(&config_path, r))?;
@@ -380,13 +365,8 @@ fn load_text_only<B: Backend>(
 /// file (`mm_projector.bin` / safetensors, keys with or without `model.mm_projector.`, or
 /// `multi_modal_projector.linear_N.*`).
 pub fn load_parts<B: Backend>(
-    clip_dir: &Path,
-    llm_dir: &Path,
-    projector_file: &Path,
-    select_layer: i64,
-    select_feature: SelectFeature,
-    image_aspect: AspectMode,
-    device: &B::Device,
+    clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
+    image_aspect: AspectMode, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
     let text = LlamaConfig::from_hf_dir(llm_dir)?;
@@ -423,8 +403,7 @@ pub fn load_parts<B: Backend>(
 /// `mm_projector.safetensors`: keys with or without `model.mm_projector.`, or llava-hf's
 /// `multi_modal_projector.linear_N.*`), and its architecture.
 fn detect_projector_file(
-    store: &WeightStore,
-    path: &Path,
+    store: &WeightStore, path: &Path,
 ) -> Result<(&'static str, ProjectorKind, ProjectorNaming), LlavaError> {
     ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
         .into_iter()
@@ -440,9 +419,7 @@ fn detect_projector_file(
 /// Loads a standalone projector file (see [`detect_projector_file`]) for `config`; every tensor
 /// of the file must be consumed, and its architecture must be the configured one.
 pub fn load_projector_file<B: Backend>(
-    path: &Path,
-    config: &ProjectorConfig,
-    device: &B::Device,
+    path: &Path, config: &ProjectorConfig, device: &B::Device,
 ) -> Result<Projector<B>, LlavaError> {
     let store = WeightStore::open(path)?;
     let (prefix, kind, naming) = detect_projector_file(&store, path)?;

@@ -97,12 +97,8 @@ impl<B: Backend> Llava<B> {
     ///
     /// `image_features` must hold exactly one entry per `-200` in the batch.
     pub fn splice(
-        &self,
-        input_ids: &[Vec<i64>],
-        labels: Option<&[Vec<i64>]>,
-        image_features: Option<Tensor<B, 3>>,
-        max_len: Option<usize>,
-        padding: PaddingSide,
+        &self, input_ids: &[Vec<i64>], labels: Option<&[Vec<i64>]>, image_features: Option<Tensor<B, 3>>,
+        max_len: Option<usize>, padding: PaddingSide,
     ) -> SplicedBatch<B> {
         let device = self.llm.embed_tokens.weight.device();
         let hidden = self.llm.hidden_size();

@@ -47,10 +47,7 @@ pub fn save_projector<B: Backend>(model: &Llava<B>, path: &Path) -> Result<(), L
 
 /// Writes the whole model into `dir` (see the module docs for the layout chosen).
 pub fn save_model<B: Backend>(
-    model: &Llava<B>,
-    config: &LlavaConfig,
-    dir: &Path,
-    tokenizer_dir: &Path,
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path,
 ) -> Result<(), LlavaError> {
     std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
     copy_tokenizer_files(tokenizer_dir, dir)?;
@@ -61,10 +58,7 @@ pub fn save_model<B: Backend>(
 }
 
 fn save_llava_hf<B: Backend>(
-    model: &Llava<B>,
-    config: &LlavaConfig,
-    dir: &Path,
-    tokenizer_dir: &Path,
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path,
 ) -> Result<(), LlavaError> {
     // Hugging Face's Llava embeds `input_ids` before replacing image tokens, so the `<image>`
     // token needs an id inside the vocabulary: as llava-hf's conversion does, `<image>` becomes

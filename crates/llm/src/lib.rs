@@ -332,10 +332,7 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rotary: &Rotary<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        &self, x: Tensor<B, 3>, rotary: &Rotary<B>, mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -418,10 +415,7 @@ impl<B: Backend> LlamaModel<B> {
     ///   attention (no padding, or right padding whose pad rows are never read).
     /// * `cache`: past keys/values; the new ones are appended.
     pub fn forward_embeds(
-        &self,
-        x: Tensor<B, 3>,
-        positions: Tensor<B, 2, Int>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        &self, x: Tensor<B, 3>, positions: Tensor<B, 2, Int>, mask: Option<Tensor<B, 4, Bool>>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let head_dim = self.layers.first().map_or(2, |l| l.self_attn.head_dim);

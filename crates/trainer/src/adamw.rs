@@ -33,17 +33,14 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
     type State<const D: usize> = AdamWState<B, D>;
 
     fn step<const D: usize>(
-        &self,
-        lr: f64,
-        tensor: Tensor<B, D>,
-        grad: Tensor<B, D>,
-        state: Option<Self::State<D>>,
+        &self, lr: f64, tensor: Tensor<B, D>, grad: Tensor<B, D>, state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
         let (time, moments) = match state {
             Some(s) => (s.momentum.time + 1, Some((s.momentum.moment_1, s.momentum.moment_2))),
             None => (1, None),
         };
-        let [param, moment_1, moment_2] = llava_kernels::adamw_step(&self.params, lr, time, tensor, grad, moments);
+        let step = llava_kernels::ParamStep { lr, time, param: tensor, grad, moments };
+        let [param, moment_1, moment_2] = llava_kernels::adamw_step(&self.params, step);
         let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
         (param, Some(AdamWState { momentum }))
     }

@@ -39,10 +39,7 @@ fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
 
 /// Writes `dir/checkpoint-{step}/` and removes all but the newest `keep` checkpoints.
 pub fn save<B: AutodiffBackend>(
-    trainer: &Trainer<B>,
-    dir: &Path,
-    keep: usize,
-    extra: serde_json::Value,
+    trainer: &Trainer<B>, dir: &Path, keep: usize, extra: serde_json::Value,
 ) -> Result<PathBuf, CheckpointError> {
     let final_dir = dir.join(format!("checkpoint-{}", trainer.step));
     let tmp = dir.join(format!("checkpoint-{}.partial", trainer.step));
@@ -90,8 +87,7 @@ pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CheckpointError> {
 /// Restores a checkpoint into `trainer` (built from the same base weights and config): trainable
 /// weights and their ids, optimizer state, step. Returns the caller's `extra` state.
 pub fn load<B: AutodiffBackend>(
-    trainer: &mut Trainer<B>,
-    checkpoint: &Path,
+    trainer: &mut Trainer<B>, checkpoint: &Path,
 ) -> Result<serde_json::Value, CheckpointError> {
     let text = std::fs::read_to_string(checkpoint.join("state.json")).map_err(io(checkpoint))?;
     let state: State = serde_json::from_str(&text)

@@ -131,9 +131,7 @@ pub fn batch_loss_train<B: AutodiffBackend>(model: &Llava<B>, batch: &Batch<B>, 
 
 /// The decoder's final hidden states, the spliced labels and the token count of a batch.
 fn batch_hidden<B: Backend>(
-    model: &Llava<B>,
-    batch: &Batch<B>,
-    max_length: usize,
+    model: &Llava<B>, batch: &Batch<B>, max_length: usize,
 ) -> (Tensor<B, 3>, Tensor<B, 2, Int>, usize) {
     let features = batch.pixels.clone().map(|p| model.encode_images(p).projected);
     let spliced = model.splice(&batch.input_ids, Some(&batch.labels), features, Some(max_length), PaddingSide::Right);

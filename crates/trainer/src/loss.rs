@@ -64,9 +64,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 /// The same loss from the decoder's final hidden states `[batch, seq, hidden]`: the LM head runs
 /// on the supervised positions only.
 pub fn lm_head_loss<B: Backend>(
-    llm: &LlamaModel<B>,
-    hidden: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
+    llm: &LlamaModel<B>, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 1>, usize) {
     let [b, s, d] = hidden.dims();
     match supervised(hidden.clone().reshape([b * s, d]), labels) {
@@ -85,9 +83,7 @@ pub fn lm_head_loss<B: Backend>(
 /// `[n, 32k]` logits, each allocating): [`llava_kernels::cross_entropy_with_grad`], one pass on
 /// the CPU backend.
 pub fn lm_head_loss_train<B: AutodiffBackend>(
-    llm: &LlamaModel<B>,
-    hidden: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
+    llm: &LlamaModel<B>, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 1>, usize) {
     let [b, s, d] = hidden.dims();
     let Some((picked, targets)) = supervised(hidden.clone().reshape([b * s, d]), labels.clone()) else {

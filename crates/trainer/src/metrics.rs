@@ -58,11 +58,7 @@ pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
 /// Draws `(step, loss)` (and an optional second series, e.g. validation loss) as a line chart
 /// with axes and tick marks, `width × height` pixels, and writes it as PNG.
 pub fn plot_loss_curve(
-    path: &Path,
-    train: &[(f64, f64)],
-    val: &[(f64, f64)],
-    width: u32,
-    height: u32,
+    path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], width: u32, height: u32,
 ) -> image::ImageResult<()> {
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     let (left, right, top, bottom) = (40.0, width as f64 - 10.0, 10.0, height as f64 - 30.0);

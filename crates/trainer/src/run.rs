@@ -77,8 +77,7 @@ pub struct RunSummary {
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
 /// or from the stage-1 file (stage 2).
 pub fn build_model<B: AutodiffBackend>(
-    cfg: &RunConfig,
-    device: &B::Device,
+    cfg: &RunConfig, device: &B::Device,
 ) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(&cfg.model.vision_tower)?;
     let text = LlamaConfig::from_hf_dir(&cfg.model.llm)?;
@@ -174,13 +173,8 @@ fn record_texts(path: &Path) -> Result<Vec<String>, TrainError> {
 /// Trains the LLM alone on the text of `pt.data_paths` (next-token loss on every token) and
 /// saves it as a LLaMA directory `out` (weights, config, tokenizer) that stage 2 loads.
 fn pretrain_text<B: AutodiffBackend>(
-    model: Llava<B>,
-    pt: &TextPretrainConfig,
-    text_config: &LlamaConfig,
-    tokenizer: &Tokenizer,
-    tokenizer_dir: &Path,
-    seed: u64,
-    out: &Path,
+    model: Llava<B>, pt: &TextPretrainConfig, text_config: &LlamaConfig, tokenizer: &Tokenizer, tokenizer_dir: &Path,
+    seed: u64, out: &Path,
 ) -> Result<Llava<B>, TrainError> {
     let mut sequences = Vec::new();
     for path in &pt.data_paths {
@@ -241,9 +235,7 @@ pub fn run_on<B: Backend>(cfg: &RunConfig, options: &RunOptions, device: &B::Dev
 
 /// Runs (or resumes) a training stage.
 pub fn run<B: AutodiffBackend>(
-    cfg: &RunConfig,
-    options: &RunOptions,
-    device: &B::Device,
+    cfg: &RunConfig, options: &RunOptions, device: &B::Device,
 ) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let ckpt_dir = run_dir.join("checkpoints");

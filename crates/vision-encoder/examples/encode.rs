@@ -16,9 +16,7 @@ use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 /// Loads the CLIP folder and returns `hidden_states[select_layer]` `[images, 1 + patches,
 /// hidden]` (values, shape) for the `pixel_values` of `pixels_file`.
 pub fn run(
-    clip_dir: &Path,
-    pixels_file: &Path,
-    select_layer: i64,
+    clip_dir: &Path, pixels_file: &Path, select_layer: i64,
 ) -> Result<(Vec<f32>, [usize; 3]), Box<dyn std::error::Error>> {
     let device = Default::default();
     let config = ClipVisionConfig::from_hf_dir(clip_dir)?;

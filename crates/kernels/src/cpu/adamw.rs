@@ -3,29 +3,24 @@
 //! operations, each reading and allocating a parameter-sized tensor: a quarter of a CPU stage-2
 //! step).
 
-use crate::adamw::AdamWParams;
+use crate::adamw::{AdamWParams, ParamStep};
 use crate::cpu::flex::{flex_f32, flex_tensor, from_f32, into_tensor, owned_storage, values};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
-/// The fused update on f32 Flex tensors; `None` (nothing consumed but clones) when any of them is
-/// not one. `moments` are `(m, v)` of the previous step, `None` at the first.
+/// The fused update on f32 Flex tensors; the step is given back untouched when any of them is
+/// not one.
 pub(crate) fn step<B: Backend, const D: usize>(
-    p: &AdamWParams,
-    lr: f64,
-    time: usize,
-    param: &Tensor<B, D>,
-    grad: &Tensor<B, D>,
-    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
-) -> Result<[Tensor<B, D>; 3], Option<(Tensor<B, D>, Tensor<B, D>)>> {
-    let n = param.shape().num_elements();
-    let (Some(param_f), Some(grad_f)) = (flex_f32(param), flex_f32(grad)) else { return Err(moments) };
-    if moments.as_ref().is_some_and(|(m, v)| flex_f32(m).is_none() || flex_f32(v).is_none())
-        || grad.shape().num_elements() != n
-    {
-        return Err(moments);
-    }
+    p: &AdamWParams, step: ParamStep<B, D>,
+) -> Result<[Tensor<B, D>; 3], ParamStep<B, D>> {
+    let n = step.param.shape().num_elements();
+    let flex = |t: &Tensor<B, D>| flex_f32(t).filter(|f| f.layout().num_elements() == n);
+    let moments_fit = step.moments.as_ref().is_none_or(|(m, v)| flex(m).is_some() && flex(v).is_some());
+    let (Some(param_f), Some(grad_f), true) = (flex(&step.param), flex(&step.grad), moments_fit) else {
+        return Err(step);
+    };
+    let ParamStep { lr, time, param, moments, .. } = step;
     let (param_f, grad_f) = (param_f.to_contiguous(), grad_f.to_contiguous());
     let (params_in, grads) = (values(&param_f), values(&grad_f));
     let (mut m, mut v) = match moments {
@@ -48,13 +43,7 @@ pub(crate) fn step<B: Backend, const D: usize>(
 /// (Not generic, so it is compiled once, optimised, in this crate.)
 #[allow(clippy::too_many_arguments)]
 fn update(
-    p: &AdamWParams,
-    lr: f64,
-    time: usize,
-    params_in: &[f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+    p: &AdamWParams, lr: f64, time: usize, params_in: &[f32], grads: &[f32], m: &mut [f32], v: &mut [f32],
     out: &mut [f32],
 ) {
     let (b1, b2, eps) = (p.beta_1, p.beta_2, p.epsilon);
@@ -96,9 +85,10 @@ mod tests {
         for time in 1..=3 {
             let grad = Tensor::<Flex, 2>::random([33, 700], Distribution::Normal(0.0, 1.0), &device);
             let lr = 1e-3 * time as f64;
-            let [p, m, v] =
-                step(&params, lr, time, &fused.0, &grad, fused.1.take()).expect("Flex f32 takes the fused path");
-            let [rp, rm, rv] = crate::adamw::reference(&params, lr, time, reference.0, grad, reference.1.take());
+            let ours = ParamStep { lr, time, param: fused.0.clone(), grad: grad.clone(), moments: fused.1.take() };
+            let [p, m, v] = step(&params, ours).ok().expect("Flex f32 takes the fused path");
+            let theirs = ParamStep { lr, time, param: reference.0, grad, moments: reference.1.take() };
+            let [rp, rm, rv] = crate::reference::adamw_step(&params, theirs);
             for (a, b, what) in [(&p, &rp, "param"), (&m, &rm, "m"), (&v, &rv, "v")] {
                 let diff = (a.clone() - b.clone()).abs().max().into_scalar();
                 assert!(diff < 1e-6, "step {time}: {what} differs by {diff}");
@@ -110,7 +100,8 @@ mod tests {
         let (m, v) = fused.1.clone().unwrap();
         let before = m.to_data();
         let grad = Tensor::<Flex, 2>::random([33, 700], Distribution::Normal(0.0, 1.0), &device);
-        let [_, next_m, _] = step(&params, 1e-3, 4, &fused.0, &grad, Some((m.clone(), v))).unwrap();
+        let kept = ParamStep { lr: 1e-3, time: 4, param: fused.0, grad, moments: Some((m.clone(), v)) };
+        let [_, next_m, _] = step(&params, kept).ok().unwrap();
         assert_eq!(m.to_data(), before);
         assert_ne!(next_m.to_data(), before);
     }

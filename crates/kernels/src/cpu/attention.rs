@@ -18,11 +18,11 @@
 //! On other backends, and under autodiff with a checkpointing strategy, this is Burn's
 //! `attention` with the usual head swap.
 
-use crate::attention::reference;
 use crate::cpu::flex::{
     autodiff_primitive, flex_f32, flex_tensor, from_autodiff, into_tensor, is_autodiff_flex, values,
 };
 use crate::fastexp::{dot, exp_shifted_sum};
+use crate::reference::attention as reference;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -39,11 +39,7 @@ use std::sync::Arc;
 /// a cached decode step, where `sq < sk`). Neither: every query sees every key (CLIP). A fully
 /// masked row gives zeros, as in Burn.
 pub(crate) fn attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4, Bool>>,
-    causal: bool,
+    q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>, causal: bool,
 ) -> Tensor<B, 4> {
     let all_f32 = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
     if let Some(dims) = Dims::of(&q, &k, &v, mask.as_ref(), causal).filter(|_| all_f32) {
@@ -80,11 +76,7 @@ struct Dims {
 
 impl Dims {
     fn of<B: Backend>(
-        q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-        mask: Option<&Tensor<B, 4, Bool>>,
-        causal: bool,
+        q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, mask: Option<&Tensor<B, 4, Bool>>, causal: bool,
     ) -> Option<Self> {
         let [b, sq, h, d] = q.dims();
         let [kb, sk, kv_heads, kd] = k.dims();
@@ -160,17 +152,8 @@ struct Forward {
 /// `dst = beta · lhs · rhs (+ dst if accumulate)`, strides in elements (row, column).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
+    m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize), rhs: *const f32, (rhs_rs, rhs_cs): (usize, usize), beta: f32,
 ) {
     unsafe {
         gemm::gemm(
@@ -237,13 +220,7 @@ impl BatchStrided {
 /// `k` and `v` hold batch `i` at `i · k_batch` and `i · v_batch`; `q` is contiguous.
 #[allow(clippy::too_many_arguments)]
 fn forward(
-    dims: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    k_batch: usize,
-    v_batch: usize,
-    mask: Option<&MaskRows>,
+    dims: &Dims, q: &[f32], k: &[f32], v: &[f32], k_batch: usize, v_batch: usize, mask: Option<&MaskRows>,
     keep_probs: bool,
 ) -> Forward {
     let Dims { b, sq, sk, h, kv_heads, d, scale, .. } = *dims;
@@ -329,27 +306,12 @@ const DIRECT_MAX_QUERIES: usize = 4;
 /// `p[i·sk + j] = scale · q_i · k_j` (rows `q_stride` / `k_stride` apart).
 #[allow(clippy::too_many_arguments)]
 fn scores_direct(
-    q: &[f32],
-    q_stride: usize,
-    k: &[f32],
-    k_stride: usize,
-    sq: usize,
-    sk: usize,
-    d: usize,
-    scale: f32,
-    p: &mut [f32],
+    q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32, p: &mut [f32],
 ) {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn body(
-        q: &[f32],
-        q_stride: usize,
-        k: &[f32],
-        k_stride: usize,
-        sq: usize,
-        sk: usize,
-        d: usize,
-        scale: f32,
+        q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32,
         p: &mut [f32],
     ) {
         for i in 0..sq {
@@ -363,14 +325,7 @@ fn scores_direct(
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     fn avx512(
-        q: &[f32],
-        q_stride: usize,
-        k: &[f32],
-        k_stride: usize,
-        sq: usize,
-        sk: usize,
-        d: usize,
-        scale: f32,
+        q: &[f32], q_stride: usize, k: &[f32], k_stride: usize, sq: usize, sk: usize, d: usize, scale: f32,
         p: &mut [f32],
     ) {
         body(q, q_stride, k, k_stride, sq, sk, d, scale, p)
@@ -431,12 +386,7 @@ fn softmax_row(row: &mut [f32], hidden: impl Fn(usize) -> bool) {
 
 /// Gradients of Q, K and V given the output's gradient `grad` (`[b, sq, h, d]`).
 fn backward(
-    dims: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    probs: &[f32],
-    grad: &[f32],
+    dims: &Dims, q: &[f32], k: &[f32], v: &[f32], probs: &[f32], grad: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { b, sq, sk, h, kv_heads, d, scale, .. } = *dims;
     let mut dq = vec![0f32; dims.q_len()];
@@ -563,11 +513,7 @@ impl Backward<Flex, 3> for AttentionBackward {
 }
 
 fn autodiff_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Option<Arc<MaskRows>>,
-    dims: Dims,
+    q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Arc<MaskRows>>, dims: Dims,
 ) -> Tensor<B, 4> {
     let (q, k, v) = (autodiff_primitive(q), autodiff_primitive(k), autodiff_primitive(v));
     let (qf, kf, vf) = (q.primitive.to_contiguous(), k.primitive.to_contiguous(), v.primitive.to_contiguous());
@@ -612,11 +558,7 @@ mod tests {
 
     /// Padding mask like the decoder's: row `bi` has `pad[bi]` left-padded keys, plus causality.
     fn padded_mask<B: Backend>(
-        b: usize,
-        sq: usize,
-        sk: usize,
-        pad: &[usize],
-        device: &B::Device,
+        b: usize, sq: usize, sk: usize, pad: &[usize], device: &B::Device,
     ) -> Tensor<B, 4, Bool> {
         let mut m = Vec::new();
         for &p in pad.iter().take(b) {
@@ -632,14 +574,7 @@ mod tests {
 
     /// Values and the gradients of Q, K, V for `sum(out ⊙ w)` on the fused path and on Burn's.
     fn compare(
-        b: usize,
-        sq: usize,
-        sk: usize,
-        h: usize,
-        kv_heads: usize,
-        d: usize,
-        pad: Option<&[usize]>,
-        causal: bool,
+        b: usize, sq: usize, sk: usize, h: usize, kv_heads: usize, d: usize, pad: Option<&[usize]>, causal: bool,
     ) {
         let device = Default::default();
         AD::seed(&device, 7);

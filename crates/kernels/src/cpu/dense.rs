@@ -22,9 +22,7 @@ use burn_flex::{Flex, FlexTensor};
 /// `x · w (+ bias)` for `x` `[m, k]`, `w` `[k, n]` (Burn's `Linear` layout), on Flex or
 /// `Autodiff<Flex>` f32 tensors; `None` on other backends (the caller then uses Burn's).
 pub(crate) fn linear<B: Backend>(
-    x: &Tensor<B, 2>,
-    w: &Tensor<B, 2>,
-    bias: Option<&Tensor<B, 1>>,
+    x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>,
 ) -> Option<Tensor<B, 2>> {
     let ([m, k], [wk, n]) = (x.dims(), w.dims());
     if wk != k || m == 0 || n == 0 || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
@@ -55,10 +53,7 @@ const PARALLEL_WORK: usize = 192 * 192 * 192;
 
 /// `lhs · rhs`, `[m, k] · [k, n]`, each operand given as (values, row stride, column stride).
 fn matmul(
-    m: usize,
-    k: usize,
-    n: usize,
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    m: usize, k: usize, n: usize, (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
 ) -> Vec<f32> {
     if k == 0 {

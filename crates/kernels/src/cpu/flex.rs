@@ -82,9 +82,7 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTens
 /// in place, when `buffer` is an f32 Flex tensor nobody else holds (Flex's own `slice_assign`
 /// copies the whole buffer first); otherwise gives both back. The caller checked that it fits.
 pub(crate) fn write_positions<B: Backend, const D: usize>(
-    buffer: Tensor<B, D>,
-    at: usize,
-    new: Tensor<B, D>,
+    buffer: Tensor<B, D>, at: usize, new: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
     let (dims, s) = (buffer.dims(), new.dims()[1]);
     let (Some(src), true) = (flex_f32(&new).map(|t| t.to_contiguous()), s > 0 && dims[2..].iter().all(|&d| d > 0))
@@ -116,8 +114,7 @@ pub(crate) fn owned_storage<B: Backend, const D: usize>(t: Tensor<B, D>) -> Opti
 /// Runs `write` on `t`'s f32 values in place when `t` is a contiguous Flex f32 tensor whose
 /// storage nothing else holds, and returns it; otherwise gives `t` back untouched.
 pub(crate) fn with_unique_storage<B: Backend, const D: usize>(
-    t: Tensor<B, D>,
-    write: impl FnOnce(&mut [f32]),
+    t: Tensor<B, D>, write: impl FnOnce(&mut [f32]),
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let prim: Box<dyn Any> = Box::new(t.into_primitive().tensor());
     let mut flex = match prim.downcast::<FlexTensor>() {

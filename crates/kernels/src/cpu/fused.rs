@@ -35,7 +35,7 @@ pub(crate) fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tenso
     }
     match on_flex(&gate, &up) {
         Some(out) => out,
-        None => crate::activation::silu_mul_reference(gate, up),
+        None => crate::reference::silu_mul(gate, up),
     }
 }
 
@@ -71,7 +71,7 @@ pub(crate) fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<
             return out;
         }
     }
-    crate::activation::quick_gelu_reference(x)
+    crate::reference::quick_gelu(x)
 }
 
 /// Rotary embedding, `x · cos + swap_halves(x) · signed_sin`, for `x` `[b, s, heads, d]` and
@@ -81,9 +81,7 @@ pub(crate) fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<
 /// `Autodiff<Flex>`; `None` elsewhere (or for tables that carry a gradient), for the caller's
 /// Burn expression.
 pub(crate) fn rope<B: Backend>(
-    x: &Tensor<B, 4>,
-    cos: &Tensor<B, 4>,
-    signed_sin: &Tensor<B, 4>,
+    x: &Tensor<B, 4>, cos: &Tensor<B, 4>, signed_sin: &Tensor<B, 4>,
 ) -> Option<Tensor<B, 4>> {
     let [b, s, _, d] = x.dims();
     if cos.dims() != [b, s, 1, d] || signed_sin.dims() != [b, s, 1, d] || d % 2 != 0 || x.dtype() != DType::F32 {

@@ -45,7 +45,7 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tenso
             return out;
         }
     }
-    crate::norm::reference(x, gamma, epsilon)
+    crate::reference::rms_norm(x, gamma, epsilon)
 }
 
 /// Rows of `x` (each `gamma.len()` wide) per rayon task.
@@ -73,12 +73,7 @@ fn forward_rows(x: &[f32], gamma: &[f32], epsilon: f32, out: &mut [f32], inv_rms
 
 /// `dx` per row (when `dx` is given) and `dγ` summed over rows (when `want_dgamma`).
 fn backward_rows(
-    x: &[f32],
-    gamma: &[f32],
-    inv_rms: &[f32],
-    dy: &[f32],
-    mut dx: Option<&mut [f32]>,
-    want_dgamma: bool,
+    x: &[f32], gamma: &[f32], inv_rms: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, want_dgamma: bool,
 ) -> Option<Vec<f32>> {
     let d = gamma.len();
     let rows = rows_per_task(d);
@@ -163,7 +158,7 @@ fn autodiff_rms_norm(x: AutodiffFlexTensor, gamma: AutodiffFlexTensor, epsilon: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::norm::reference;
+    use crate::reference::rms_norm as reference;
     use burn::tensor::Distribution;
 
     type AD = burn::backend::Autodiff<Flex>;

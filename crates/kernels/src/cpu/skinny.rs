@@ -28,9 +28,7 @@ const PANEL: usize = 512;
 /// `x [m, k] · w [k, n] (+ bias [n])` on Flex f32 tensors with `m ≤ MAX_ROWS`; `None` (inputs
 /// untouched) when the backend, dtype, shape or weight layout does not fit.
 pub(crate) fn skinny_linear<B: Backend>(
-    x: &Tensor<B, 2>,
-    w: &Tensor<B, 2>,
-    bias: Option<&Tensor<B, 1>>,
+    x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>,
 ) -> Option<Tensor<B, 2>> {
     let [m, k] = x.dims();
     let [wk, n] = w.dims();
@@ -110,13 +108,7 @@ unsafe fn column_panel(x: &[f32], w: &[f32], out: OutPtr, m: usize, k: usize, n:
 
 #[inline(always)]
 unsafe fn panel_dispatch<const M: usize>(
-    x: &[f32],
-    w: &[f32],
-    out: *mut f32,
-    k: usize,
-    n: usize,
-    c0: usize,
-    c1: usize,
+    x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -187,13 +179,7 @@ unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: u
 /// Same panel without explicit SIMD (the compiler vectorises it for the baseline target).
 #[inline(always)]
 unsafe fn panel_portable<const M: usize>(
-    x: &[f32],
-    w: &[f32],
-    out: *mut f32,
-    k: usize,
-    n: usize,
-    c0: usize,
-    c1: usize,
+    x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
 ) {
     let width = c1 - c0;
     let mut acc = [[0f32; PANEL]; M];
