@@ -57,7 +57,12 @@ impl StopStream {
                     self.stopped = true;
                     i
                 }
-                None => self.text.len() - (1..stop.len()).rev().find(|&k| self.text.ends_with(&stop[..k])).unwrap_or(0),
+                None => {
+                    // The longest proper prefix of the stop string that the text ends with (prefixes
+                    // cut at character boundaries: a stop string may be non-ASCII).
+                    let held = (1..stop.len()).rev().filter(|&k| stop.is_char_boundary(k));
+                    self.text.len() - held.into_iter().find(|&k| self.text.ends_with(&stop[..k])).unwrap_or(0)
+                }
             },
             None => self.text.len(),
         };
