@@ -60,6 +60,10 @@ pub fn sqa_predict(args: SqaPredictArgs) -> Result<()> {
 }
 
 fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Result<()> {
+    // Checked before the model loads (the library checks again, in its own words).
+    if args.num_chunks == 0 || args.chunk_idx >= args.num_chunks {
+        bail!("--chunk-idx {} is not one of --num-chunks {} chunks (0-based)", args.chunk_idx, args.num_chunks);
+    }
     let questions = read_questions(&args.questions)?;
     let loaded = args.model.load::<B>(device)?;
     let (template_name, template) = choose_template(args.template.as_deref(), args.model.model.as_deref())?;
