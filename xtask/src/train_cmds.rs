@@ -27,7 +27,7 @@ pub struct StageArgs {
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Run directory (default runs/<name>; the demo's in the checkout).
+    /// Run directory (default `runs/NAME`; the demo's in the checkout).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     #[arg(long, default_value_t = BackendKind::fastest())]

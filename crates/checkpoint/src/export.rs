@@ -166,7 +166,7 @@ impl Exporter {
         }
         let mut header_bytes = serde_json::to_vec(&header).expect("header serialises");
         // Align the data section to 8 bytes, as the reference writer does.
-        while header_bytes.len() % 8 != 0 {
+        while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
         crate::write_atomically(path, |f| {

@@ -76,10 +76,10 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, TorchTensor)>> {
     let mut dict = root;
     // Training frameworks often nest the weights one level down.
     for key in ["state_dict", "model", "module"] {
-        if let Value::Dict(items) = &dict {
-            if let Some((_, v @ Value::Dict(_))) = items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key)) {
-                dict = v.clone();
-            }
+        if let Value::Dict(items) = &dict
+            && let Some((_, v @ Value::Dict(_))) = items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key))
+        {
+            dict = v.clone();
         }
     }
     let Value::Dict(items) = dict else {

@@ -208,7 +208,7 @@ pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
 /// The reference's `split_to_even_chunks`: deal indices (longest first) to the currently
 /// shortest chunk; round-robin when they do not divide evenly.
 fn split_to_even_chunks(indices: &[usize], lengths: &[i64], num_chunks: usize) -> Vec<Vec<usize>> {
-    if indices.len() % num_chunks != 0 {
+    if !indices.len().is_multiple_of(num_chunks) {
         return (0..num_chunks).map(|c| indices.iter().skip(c).step_by(num_chunks).copied().collect()).collect();
     }
     let per_chunk = indices.len() / num_chunks;

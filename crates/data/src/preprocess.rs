@@ -116,10 +116,10 @@ fn render(turns: &[Turn], template: &Conversation) -> Result<String, PreprocessE
         other => Err(PreprocessError::UnknownSpeaker(other.to_string())),
     };
     let mut turns = turns;
-    if let Some(first) = turns.first() {
-        if role_of(&first.from)? != 0 {
-            turns = &turns[1..];
-        }
+    if let Some(first) = turns.first()
+        && role_of(&first.from)? != 0
+    {
+        turns = &turns[1..];
     }
     for (j, turn) in turns.iter().enumerate() {
         let role = role_of(&turn.from)?;

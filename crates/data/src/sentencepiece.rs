@@ -169,10 +169,10 @@ impl SentencePiece {
                     mergeable.entry(p.text.clone()).or_insert(id as u32);
                 }
                 PieceKind::Byte => {
-                    if let Some(hex) = p.text.strip_prefix("<0x").and_then(|s| s.strip_suffix('>')) {
-                        if let Ok(b) = u8::from_str_radix(hex, 16) {
-                            byte_ids[b as usize] = Some(id as u32);
-                        }
+                    if let Some(hex) = p.text.strip_prefix("<0x").and_then(|s| s.strip_suffix('>'))
+                        && let Ok(b) = u8::from_str_radix(hex, 16)
+                    {
+                        byte_ids[b as usize] = Some(id as u32);
                     }
                 }
                 _ => {}

@@ -23,6 +23,8 @@ fn load_err(path: &Path, reason: impl ToString) -> TokenizerError {
     TokenizerError::Load { path: path.to_path_buf(), reason: reason.to_string() }
 }
 
+// One tokenizer per program: boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Inner {
     SentencePiece(SentencePiece),
@@ -345,11 +347,12 @@ fn sp_decode(sp: &SentencePiece, pieces: &[(u32, bool)]) -> String {
             text = text.strip_prefix('▁').unwrap_or(text);
         }
         let mut consumed = false;
-        if bos_ws && sp.add_dummy_prefix {
-            if let Some(rest) = text.strip_prefix('▁') {
-                text = rest;
-                consumed = true;
-            }
+        if bos_ws
+            && sp.add_dummy_prefix
+            && let Some(rest) = text.strip_prefix('▁')
+        {
+            text = rest;
+            consumed = true;
         }
         if bos_ws && (!text.is_empty() || consumed) {
             bos_ws = false;

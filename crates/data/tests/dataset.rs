@@ -105,7 +105,7 @@ fn modality_grouping_keeps_full_megabatches_single_modality() {
     let megabatches: Vec<&[usize]> = order.chunks(batch * world).collect();
     let n_mm = lengths.iter().filter(|&&l| l > 0).count();
     let n_lang = lengths.len() - n_mm;
-    let full = n_mm / 4 + n_lang / 4 - usize::from(n_mm % 4 == 0) - usize::from(n_lang % 4 == 0);
+    let full = n_mm / 4 + n_lang / 4 - usize::from(n_mm % 4 == 0) - usize::from(n_lang.is_multiple_of(4));
     for mb in &megabatches[..full] {
         let image = mb.iter().filter(|&&i| lengths[i] > 0).count();
         assert!(image == 0 || image == mb.len(), "mixed megabatch {mb:?}");

@@ -7,7 +7,7 @@
 //!   ScienceQA-style problems and splits), deterministic from a seed.
 //! - [`demo_config`], [`write_demo_model`], [`write_demo_towers`]: the tiny architecture and its
 //!   random weights as checkpoint directories.
-//! - [`run_stage`], [`demo_sqa`], [`describe`]: the demo's steps.
+//! - [`run_stage`], [`demo_sqa`], [`describe_prompt`]: the demo's steps.
 //!
 //! Every function takes its paths as arguments: [`DemoPaths`] names a checkout of this project
 //! (its `configs/`, `datasets/` and `runs/`), wherever the program runs from. Depends on the

@@ -217,6 +217,30 @@ pub fn format_table(result: &SqaResult) -> String {
     format!("{}\n{}\ncorrect {}/{}", header.join(" "), values.join(" "), result.correct, result.count)
 }
 
+/// The answer lines of an answers file (JSON lines, as `sqa-predict` and the reference write
+/// them), by question id; blank lines are skipped, a line that does not parse is an error naming it.
+pub fn read_answers(path: &std::path::Path) -> Result<HashMap<String, AnswerLine>, crate::EvalError> {
+    let text = std::fs::read_to_string(path).map_err(crate::EvalError::io(path))?;
+    let mut answers = HashMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let a: AnswerLine =
+            serde_json::from_str(line).map_err(|e| crate::EvalError::format(path, format!("line {}: {e}", i + 1)))?;
+        answers.insert(a.question_id.clone(), a);
+    }
+    Ok(answers)
+}
+
+/// The `results` field (pid → chosen option index) of a result file, as the reference (and the
+/// ScienceQA repository's baselines) write them.
+pub fn read_results(path: &std::path::Path) -> Result<BTreeMap<String, i64>, crate::EvalError> {
+    let text = std::fs::read_to_string(path).map_err(crate::EvalError::io(path))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| crate::EvalError::format(path, format!("not JSON: {e}")))?;
+    let results = value.get("results").cloned().ok_or_else(|| crate::EvalError::format(path, "no `results` field"))?;
+    serde_json::from_value(results)
+        .map_err(|e| crate::EvalError::format(path, format!("`results` must map pid to an index: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,28 +266,4 @@ mod tests {
             assert!((0..3).contains(&pred_index(None, 3, Fallback::Random, &mut rng)));
         }
     }
-}
-
-/// The answer lines of an answers file (JSON lines, as `sqa-predict` and the reference write
-/// them), by question id; blank lines are skipped, a line that does not parse is an error naming it.
-pub fn read_answers(path: &std::path::Path) -> Result<HashMap<String, AnswerLine>, crate::EvalError> {
-    let text = std::fs::read_to_string(path).map_err(crate::EvalError::io(path))?;
-    let mut answers = HashMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let a: AnswerLine =
-            serde_json::from_str(line).map_err(|e| crate::EvalError::format(path, format!("line {}: {e}", i + 1)))?;
-        answers.insert(a.question_id.clone(), a);
-    }
-    Ok(answers)
-}
-
-/// The `results` field (pid → chosen option index) of a result file, as the reference (and the
-/// ScienceQA repository's baselines) write them.
-pub fn read_results(path: &std::path::Path) -> Result<BTreeMap<String, i64>, crate::EvalError> {
-    let text = std::fs::read_to_string(path).map_err(crate::EvalError::io(path))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| crate::EvalError::format(path, format!("not JSON: {e}")))?;
-    let results = value.get("results").cloned().ok_or_else(|| crate::EvalError::format(path, "no `results` field"))?;
-    serde_json::from_value(results)
-        .map_err(|e| crate::EvalError::format(path, format!("`results` must map pid to an index: {e}")))
 }

@@ -104,7 +104,7 @@ pub fn generate<B: Backend>(
     let batch = model.splice(prompts, None, features, None, PaddingSide::Left);
     let b = prompts.len();
     let vocab = model.llm.vocab_size();
-    let mut sampler = Sampler::new(config.sampling.clone());
+    let mut sampler = Sampler::new(config.sampling);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
     if config.max_new_tokens == 0 {

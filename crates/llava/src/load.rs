@@ -280,14 +280,14 @@ fn load_original<B: Backend>(
         text,
     };
     config.validate().map_err(bad)?;
-    if let Some(hidden) = json.get("mm_hidden_size").and_then(|v| v.as_u64()) {
-        if hidden as usize != config.vision.hidden_size {
-            return Err(bad(format!(
-                "mm_hidden_size {hidden} does not match the vision tower's hidden_size {} ({})",
-                config.vision.hidden_size,
-                tower_dir.display()
-            )));
-        }
+    if let Some(hidden) = json.get("mm_hidden_size").and_then(|v| v.as_u64())
+        && hidden as usize != config.vision.hidden_size
+    {
+        return Err(bad(format!(
+            "mm_hidden_size {hidden} does not match the vision tower's hidden_size {} ({})",
+            config.vision.hidden_size,
+            tower_dir.display()
+        )));
     }
     let store = WeightStore::open(dir)?;
     let root = Loader::<B>::new(&store, device);
@@ -416,8 +416,9 @@ fn detect_projector_file(
         })
 }
 
-/// Loads a standalone projector file (see [`detect_projector_file`]) for `config`; every tensor
-/// of the file must be consumed, and its architecture must be the configured one.
+/// Loads a standalone projector file (`mm_projector.bin` or `.safetensors`, either naming) for
+/// `config`; every tensor of the file must be consumed, and its architecture must be the
+/// configured one.
 pub fn load_projector_file<B: Backend>(
     path: &Path, config: &ProjectorConfig, device: &B::Device,
 ) -> Result<Projector<B>, LlavaError> {

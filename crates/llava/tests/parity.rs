@@ -111,6 +111,7 @@ fn check_greedy<B: Backend>(model: &Llava<B>, exp: &Expected, pixels: Tensor<B, 
     let mut image_at = 0;
     for (row, prompt) in exp.rows.iter().enumerate() {
         let n = prompt.iter().filter(|&&t| t == llava_data::IMAGE_TOKEN_INDEX).count();
+        #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per axis.
         let px = (n > 0).then(|| pixels.clone().slice([image_at..image_at + n]));
         image_at += n;
         for use_cache in [true, false] {

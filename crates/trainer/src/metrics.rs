@@ -143,7 +143,7 @@ impl Progress {
             if step >= self.total {
                 eprintln!();
             }
-        } else if step % self.every == 0 || step >= self.total || step == self.first + 1 {
+        } else if step.is_multiple_of(self.every) || step >= self.total || step == self.first + 1 {
             tracing::info!("{text}");
         }
     }

@@ -327,12 +327,12 @@ pub fn run<B: AutodiffBackend>(
         .collect();
 
     let mut position = 0usize;
-    if options.resume {
-        if let Some((_, latest)) = checkpoint::list(&ckpt_dir)?.pop() {
-            let extra = checkpoint::load(&mut trainer, &latest)?;
-            position = extra["position"].as_u64().unwrap_or(0) as usize;
-            tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
-        }
+    if options.resume
+        && let Some((_, latest)) = checkpoint::list(&ckpt_dir)?.pop()
+    {
+        let extra = checkpoint::load(&mut trainer, &latest)?;
+        position = extra["position"].as_u64().unwrap_or(0) as usize;
+        tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
     }
     // Metrics past the resumed step belong to the killed run's future: drop them.
     let metrics_path = run_dir.join("metrics.jsonl");

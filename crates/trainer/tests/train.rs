@@ -118,7 +118,9 @@ fn sample(seed: i64) -> (Vec<i64>, Vec<i64>) {
     (ids, labels)
 }
 
-fn split(trainer: &Trainer<B>) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+type Values = Vec<Vec<f32>>;
+
+fn split(trainer: &Trainer<B>) -> (Values, Values, Values) {
     let m = &trainer.model;
     let vals = |v: Vec<(burn::module::ParamId, Vec<f32>)>| v.into_iter().map(|(_, x)| x).collect::<Vec<_>>();
     (vals(param_values(&m.vision)), vals(param_values(&m.projector)), vals(param_values(&m.llm)))
@@ -174,6 +176,7 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
                 last = trainer.micro_step(&Batch {
                     input_ids: vec![r.0.clone()],
                     labels: vec![r.1.clone()],
+                    #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per axis.
                     pixels: Some(pixels.clone().slice([k..k + 1])),
                 });
             }

@@ -573,6 +573,7 @@ mod tests {
     }
 
     /// Values and the gradients of Q, K, V for `sum(out ⊙ w)` on the fused path and on Burn's.
+    #[allow(clippy::too_many_arguments)] // the problem's sizes, as the test cases list them
     fn compare(
         b: usize, sq: usize, sk: usize, h: usize, kv_heads: usize, d: usize, pad: Option<&[usize]>, causal: bool,
     ) {

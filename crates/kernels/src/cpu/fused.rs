@@ -265,7 +265,8 @@ const CHUNK: usize = 1 << 13;
 
 /// Both input gradients of `silu(gate) · up` for the output gradient `grad`.
 pub(crate) fn silu_mul_backward_slices(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
-    let run = |(((dg, du), g), (u, gr)): (((&mut [f32], &mut [f32]), &[f32]), (&[f32], &[f32]))| {
+    type Chunks<'a> = (((&'a mut [f32], &'a mut [f32]), &'a [f32]), (&'a [f32], &'a [f32]));
+    let run = |(((dg, du), g), (u, gr)): Chunks<'_>| {
         sigmoid_into(g, 1.0, dg);
         for i in 0..dg.len() {
             let s = dg[i];
