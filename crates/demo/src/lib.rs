@@ -266,7 +266,10 @@ pub fn demo_sqa<B: Backend>(
         })?;
         let result = score_answers(&problems, &pids, &read_answers(&answers)?, Fallback::Wrong, 0);
         let result_file = out_dir.join(format!("result-{split}{suffix}.json"));
-        std::fs::write(&result_file, serde_json::to_string_pretty(&result).expect("json")).map_err(io(&result_file))?;
+        llava_checkpoint::write_atomically(&result_file, |w| {
+            w.write_all(serde_json::to_string_pretty(&result).expect("json").as_bytes())
+        })
+        .map_err(io(&result_file))?;
         results.push(DemoAccuracy { label, result });
     }
     let chance =

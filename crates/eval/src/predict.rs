@@ -156,7 +156,8 @@ pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, EvalError> {
         kept += &serde_json::to_string(a).expect("json");
         kept.push('\n');
     }
-    std::fs::write(path, kept).map_err(EvalError::io(path))?;
+    // Rewritten whole or not at all: a kill during the rewrite keeps every answer.
+    llava_checkpoint::write_atomically(path, |w| w.write_all(kept.as_bytes())).map_err(EvalError::io(path))?;
     Ok(done)
 }
 
