@@ -4,31 +4,60 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Element, Tensor, TensorData};
 
 use crate::{Result, WeightStore};
 
-/// A view of a [`WeightStore`] under a name prefix, on a device.
+/// A view of a [`WeightStore`] under a name prefix, on a device, in a dtype.
+///
+/// Tensors keep the dtype they are stored in (an f16 or bf16 checkpoint stays half precision in
+/// memory) unless [`Loader::with_dtype`] asks for another, or the backend cannot hold that dtype
+/// (NdArray has no f16/bf16): then f32. Conversion is tensor by tensor, never a whole
+/// checkpoint at once.
 pub struct Loader<'a, B: Backend> {
     store: &'a WeightStore,
     prefix: String,
     device: B::Device,
+    dtype: Option<DType>,
 }
 
 impl<B: Backend> Clone for Loader<'_, B> {
     fn clone(&self) -> Self {
-        Self { store: self.store, prefix: self.prefix.clone(), device: self.device.clone() }
+        Self { store: self.store, prefix: self.prefix.clone(), device: self.device.clone(), dtype: self.dtype }
     }
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
     pub fn new(store: &'a WeightStore, device: &B::Device) -> Self {
-        Self { store, prefix: String::new(), device: device.clone() }
+        Self { store, prefix: String::new(), device: device.clone(), dtype: None }
+    }
+
+    /// Every tensor in `dtype` (`None`: each in its stored dtype).
+    pub fn with_dtype(mut self, dtype: Option<DType>) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The dtype asked for (`None`: as stored).
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype
     }
 
     /// A loader for the sub-module `name` (names are joined with dots).
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
-        Self { store: self.store, prefix: self.path(name.as_ref()), device: self.device.clone() }
+        Self { store: self.store, prefix: self.path(name.as_ref()), device: self.device.clone(), dtype: self.dtype }
+    }
+
+    /// The dtype tensor `path` will have in memory.
+    fn target(&self, path: &str) -> DType {
+        let stored = self.store.info(path).and_then(|i| i.dtype.burn()).unwrap_or(DType::F32);
+        let wanted = self.dtype.unwrap_or(if stored == DType::F64 { DType::F32 } else { stored });
+        if B::supports_dtype(&self.device, wanted) { wanted } else { DType::F32 }
+    }
+
+    /// Reads tensor `path` of exactly `shape` in the loader's dtype.
+    fn data(&self, path: &str, shape: &[usize]) -> Result<TensorData> {
+        self.store.read(path, shape, Some(self.target(path)))
     }
 
     pub fn device(&self) -> &B::Device {
@@ -54,8 +83,9 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// Reads a tensor of exactly `shape`.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
-        let values = self.store.read_f32(&self.path(name), &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        let data = self.data(&self.path(name), &shape)?;
+        let dtype = data.dtype;
+        Ok(Tensor::from_data(data, (&self.device, dtype)))
     }
 
     pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
@@ -65,15 +95,10 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A PyTorch `nn.Linear` (`weight` stored `[out, in]`), as Burn's `[in, out]` layout.
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let sub = self.pp(name);
-        let w = self.store.read_f32(&sub.path("weight"), &[d_out, d_in])?;
-        let mut transposed = vec![0f32; w.len()];
-        for o in 0..d_out {
-            for i in 0..d_in {
-                transposed[i * d_out + o] = w[o * d_in + i];
-            }
-        }
+        let w = transpose(self.data(&sub.path("weight"), &[d_out, d_in])?, d_out, d_in);
+        let dtype = w.dtype;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), &self.device));
+        linear.weight = Param::from_tensor(Tensor::from_data(w, (&self.device, dtype)));
         if bias {
             linear.bias = Some(sub.param("bias", [d_out])?);
         }
@@ -108,5 +133,34 @@ impl<'a, B: Backend> Loader<'a, B> {
             .init(&self.device);
         conv.weight = self.pp(name).param("weight", [dim, channels, patch, patch])?;
         Ok(conv)
+    }
+}
+
+/// A row-major `[rows, cols]` matrix as `[cols, rows]`, in its own dtype.
+fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
+    fn typed<T: Element + Copy>(data: TensorData, rows: usize, cols: usize) -> TensorData {
+        let values = data.into_vec::<T>().expect("dtype checked by the caller");
+        let mut out = Vec::with_capacity(values.len());
+        // Blocks of 64 × 64 keep both sides in cache.
+        const BLOCK: usize = 64;
+        let spare = out.spare_capacity_mut();
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r0 in (0..rows).step_by(BLOCK) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    for r in r0..(r0 + BLOCK).min(rows) {
+                        spare[c * rows + r].write(values[r * cols + c]);
+                    }
+                }
+            }
+        }
+        // SAFETY: every index c * rows + r below rows * cols was written above.
+        unsafe { out.set_len(values.len()) };
+        TensorData::new(out, [cols, rows])
+    }
+    match data.dtype {
+        DType::F16 => typed::<half::f16>(data, rows, cols),
+        DType::BF16 => typed::<half::bf16>(data, rows, cols),
+        DType::F64 => typed::<f64>(data, rows, cols),
+        _ => typed::<f32>(data, rows, cols),
     }
 }

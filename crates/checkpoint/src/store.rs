@@ -6,6 +6,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use burn::tensor::{DType, TensorData};
+use half::{bf16, f16};
+
 use crate::pickle::{self, TorchTensor};
 use crate::{Result, WeightsError, io_err};
 
@@ -27,6 +30,17 @@ impl StoredDtype {
             StoredDtype::F32 => 4,
             StoredDtype::F64 => 8,
             StoredDtype::Other(_) => 0,
+        }
+    }
+
+    /// The Burn dtype of a floating-point tensor; `None` for integer and boolean buffers.
+    pub fn burn(self) -> Option<DType> {
+        match self {
+            StoredDtype::F16 => Some(DType::F16),
+            StoredDtype::BF16 => Some(DType::BF16),
+            StoredDtype::F32 => Some(DType::F32),
+            StoredDtype::F64 => Some(DType::F64),
+            StoredDtype::Other(_) => None,
         }
     }
 
@@ -125,6 +139,14 @@ impl WeightStore {
 
     /// Reads a tensor as f32, checking its shape, and marks it used.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let data = self.read(name, expected, Some(DType::F32))?;
+        Ok(data.into_vec::<f32>().expect("read as F32"))
+    }
+
+    /// Reads a tensor in `dtype`, or in the dtype it is stored in when `None` (f64 becomes f32),
+    /// checking its shape, and marks it used. A half-precision tensor read in its own dtype is
+    /// never widened: the only buffers are its bytes and their typed copy.
+    pub fn read(&self, name: &str, expected: &[usize], dtype: Option<DType>) -> Result<TensorData> {
         let info = self
             .tensors
             .get(name)
@@ -138,29 +160,39 @@ impl WeightStore {
                 path: path.clone(),
             });
         }
-        if let StoredDtype::Other(dtype) = info.dtype {
-            return Err(WeightsError::Dtype { name: name.to_string(), dtype: dtype.to_string(), path: path.clone() });
-        }
+        let unsupported =
+            |dtype: &str| WeightsError::Dtype { name: name.to_string(), dtype: dtype.into(), path: path.clone() };
+        let stored = info.dtype.burn().ok_or_else(|| unsupported(info.dtype.name()))?;
+        let target = match dtype.unwrap_or(if stored == DType::F64 { DType::F32 } else { stored }) {
+            t @ (DType::F32 | DType::F16 | DType::BF16 | DType::F64) => t,
+            other => return Err(unsupported(&format!("{other:?} (as the requested dtype)"))),
+        };
         let numel: usize = info.shape.iter().product();
-        let values = match &info.location {
+        let data = match &info.location {
             Location::Safetensors { offset } => {
                 let mut bytes = vec![0u8; numel * info.dtype.size()];
                 let mut file = File::open(path).map_err(io_err(path))?;
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
                 file.read_exact(&mut bytes).map_err(io_err(path))?;
-                decode(&bytes, info.dtype)
+                decode(&bytes, stored, target, info.shape.clone(), None).flatten()
             }
             Location::Torch { entry, offset, stride } => {
                 let storage = pickle::read_entry(path, entry)?;
-                let all = decode(&storage, info.dtype);
-                gather_strided(&all, *offset, &info.shape, stride).ok_or_else(|| WeightsError::Format {
-                    path: path.clone(),
-                    reason: format!("tensor `{name}` points outside its storage `{entry}`"),
+                let view = StridedView { offset: *offset, stride };
+                decode(&storage, stored, target, info.shape.clone(), Some(view)).ok_or_else(|| {
+                    WeightsError::Format {
+                        path: path.clone(),
+                        reason: format!("tensor `{name}` points outside its storage `{entry}`"),
+                    }
                 })?
             }
         };
+        let data = data.ok_or_else(|| WeightsError::Format {
+            path: path.clone(),
+            reason: format!("tensor `{name}`: its bytes do not fill shape {:?}", info.shape),
+        })?;
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(values)
+        Ok(data)
     }
 
     /// Tensors that no loader asked for (buffers such as `position_ids` excluded).
@@ -361,25 +393,60 @@ fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
         .collect())
 }
 
-fn decode(bytes: &[u8], dtype: StoredDtype) -> Vec<f32> {
-    match dtype {
-        StoredDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        StoredDtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StoredDtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StoredDtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        StoredDtype::Other(_) => Vec::new(),
+/// Where a PyTorch tensor sits in its storage (elements).
+struct StridedView<'a> {
+    offset: usize,
+    stride: &'a [usize],
+}
+
+/// Stored little-endian bytes as a tensor of `target`: same dtype, a typed copy of the bytes;
+/// otherwise each element converted on its own (no whole-tensor f32 buffer in between). `None`
+/// when a view points outside the storage or the bytes do not fill the shape.
+fn decode(
+    bytes: &[u8], stored: DType, target: DType, shape: Vec<usize>, view: Option<StridedView>,
+) -> Option<Option<TensorData>> {
+    fn typed<T: Copy + burn::tensor::Element, const N: usize>(
+        bytes: &[u8], shape: Vec<usize>, view: Option<&StridedView>, from: impl Fn([u8; N]) -> T,
+    ) -> Option<Option<TensorData>> {
+        let all: Vec<T> = bytes.chunks_exact(N).map(|c| from(c.try_into().unwrap())).collect();
+        let values = match view {
+            Some(view) => gather_strided(&all, view.offset, &shape, view.stride)?,
+            None => all,
+        };
+        let numel: usize = shape.iter().product();
+        Some((values.len() == numel).then(|| TensorData::new(values, shape)))
+    }
+    let view = view.as_ref();
+    macro_rules! to {
+        ($t:ty, $conv:expr) => {
+            match stored {
+                DType::F32 => typed::<$t, 4>(bytes, shape, view, |b| $conv(f32::from_le_bytes(b))),
+                DType::F16 => typed::<$t, 2>(bytes, shape, view, |b| $conv(f16::from_le_bytes(b).to_f32())),
+                DType::BF16 => typed::<$t, 2>(bytes, shape, view, |b| $conv(bf16::from_le_bytes(b).to_f32())),
+                _ => typed::<$t, 8>(bytes, shape, view, |b| $conv(f64::from_le_bytes(b) as f32)),
+            }
+        };
+    }
+    match (stored, target) {
+        (DType::F16, DType::F16) => typed::<f16, 2>(bytes, shape, view, f16::from_le_bytes),
+        (DType::BF16, DType::BF16) => typed::<bf16, 2>(bytes, shape, view, bf16::from_le_bytes),
+        (DType::F64, DType::F64) => typed::<f64, 8>(bytes, shape, view, f64::from_le_bytes),
+        (_, DType::F16) => to!(f16, f16::from_f32),
+        (_, DType::BF16) => to!(bf16, bf16::from_f32),
+        (_, DType::F64) => to!(f64, f64::from),
+        _ => to!(f32, std::convert::identity),
     }
 }
 
 /// Copies a strided view out of a flat storage (PyTorch views are usually contiguous, but not
 /// always: a transposed tensor saved as-is keeps its strides).
-fn gather_strided(storage: &[f32], offset: usize, shape: &[usize], stride: &[usize]) -> Option<Vec<f32>> {
+fn gather_strided<T: Copy>(storage: &[T], offset: usize, shape: &[usize], stride: &[usize]) -> Option<Vec<T>> {
     let numel: usize = shape.iter().product();
     if numel == 0 {
         return Some(Vec::new());
     }
     let last = offset + shape.iter().zip(stride).map(|(d, s)| (d - 1) * s).sum::<usize>();
-    if last >= storage.len() {
+    if last >= storage.len() || stride.len() != shape.len() {
         return None;
     }
     let contiguous = {
@@ -394,6 +461,9 @@ fn gather_strided(storage: &[f32], offset: usize, shape: &[usize], stride: &[usi
         ok
     };
     if contiguous {
+        if offset == 0 && numel == storage.len() {
+            return Some(storage.to_vec());
+        }
         return Some(storage[offset..offset + numel].to_vec());
     }
     let mut out = Vec::with_capacity(numel);

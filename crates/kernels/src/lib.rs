@@ -43,6 +43,22 @@ pub use linear::linear_tokens;
 pub use loss::cross_entropy_with_grad;
 pub use norm::rms_norm;
 
+/// The dtype activations run in for weights held in `weights`.
+///
+/// On the Flex CPU backend f32 whatever the weights' dtype: its kernels read f16/bf16 weights
+/// directly (half the bytes per decoded token) and its f32 arithmetic is the fast one (Flex
+/// computes bf16 through f32 conversions); results are then closer to the f32 model than
+/// PyTorch's bf16 run. Everywhere else, and under autodiff (mixed-precision training picks its
+/// compute dtype itself), the weights' own dtype, as PyTorch with `torch_dtype`.
+pub fn activation_dtype<B: burn::tensor::backend::Backend>(weights: burn::tensor::DType) -> burn::tensor::DType {
+    use burn::tensor::DType;
+    #[cfg(feature = "flex")]
+    if matches!(weights, DType::F16 | DType::BF16) && crate::cpu::flex::is_flex::<B>() {
+        return DType::F32;
+    }
+    weights
+}
+
 /// One AdamW step, Burn's and `torch.optim.AdamW`'s formula:
 /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
 /// `p ← p·(1 − lr·wd) − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`. Returns `[param, m, v]`.

@@ -11,6 +11,8 @@ use burn::tensor::backend::Backend;
 /// # Shapes
 /// - `x`: `[..., width]`, `gamma`: `[width]`, output: as `x`
 pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, epsilon: f64) -> Tensor<B, D> {
+    // A half-precision weight under f32 activations: its exact values, widened (it is small).
+    let gamma = if gamma.dtype() == x.dtype() { gamma } else { gamma.cast(x.dtype()) };
     #[cfg(feature = "flex")]
     return crate::cpu::norm::rms_norm(x, gamma, epsilon);
     #[cfg(not(feature = "flex"))]

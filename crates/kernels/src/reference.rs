@@ -32,6 +32,16 @@ pub fn attention<B: Backend>(
     burn_attention(q.swap_dims(1, 2), repeat(k), repeat(v), mask, None, options).swap_dims(1, 2)
 }
 
+/// Burn's linear, `x · w + bias`, with the weight and bias cast to `x`'s dtype when they differ
+/// (PyTorch refuses mixed dtypes; a half-precision checkpoint under f32 activations lands here
+/// on backends without a mixed kernel).
+pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let cast2 = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+    let cast1 = |t: Tensor<B, 1>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+    burn::tensor::module::linear(x, cast2(weight), bias.map(cast1))
+}
+
 /// Burn's `silu(gate) * up`.
 pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     silu(gate) * up
@@ -58,6 +68,7 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>
     let dtype = x.dtype();
     let x = x.cast(DType::F32);
     let inv_rms = (x.clone().square().mean_dim(D - 1) + epsilon).sqrt().recip();
+    let gamma = if gamma.dtype() == dtype { gamma } else { gamma.cast(dtype) };
     gamma.unsqueeze() * (x * inv_rms).cast(dtype)
 }
 

@@ -49,7 +49,7 @@ pub(crate) fn linear<B: Backend>(
 }
 
 /// Same threshold as Flex's: below about 192³ multiply-adds one thread is faster.
-const PARALLEL_WORK: usize = 192 * 192 * 192;
+pub(crate) const PARALLEL_WORK: usize = 192 * 192 * 192;
 
 /// `lhs · rhs`, `[m, k] · [k, n]`, each operand given as (values, row stride, column stride).
 fn matmul(
@@ -66,19 +66,45 @@ fn matmul(
     let parallelism = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     let mut out = Vec::<f32>::with_capacity(m * n);
     unsafe {
+        gemm_into(
+            m,
+            k,
+            n,
+            out.as_mut_ptr(),
+            n,
+            (lhs.as_ptr(), lhs_rs, lhs_cs),
+            (rhs.as_ptr(), rhs_rs, rhs_cs),
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// `dst [m, n] (row stride dst_rs, column stride 1) = lhs · rhs`, every element written, none read.
+///
+/// # Safety
+/// The operands must cover the strided `[m, k]` and `[k, n]` views, `dst` must cover `m` rows of
+/// `dst_rs` floats starting at `dst`, and no one else may touch those `m × n` elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    m: usize, k: usize, n: usize, dst: *mut f32, dst_rs: usize, (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize), parallelism: gemm::Parallelism,
+) {
+    unsafe {
         // With `read_dst = false` gemm writes every element of dst without reading it.
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             false,
-            lhs.as_ptr(),
+            lhs,
             lhs_cs as isize,
             lhs_rs as isize,
-            rhs.as_ptr(),
+            rhs,
             rhs_cs as isize,
             rhs_rs as isize,
             0.0,
@@ -88,9 +114,7 @@ fn matmul(
             false,
             parallelism,
         );
-        out.set_len(m * n);
     }
-    out
 }
 
 #[derive(Debug)]

@@ -20,7 +20,7 @@ pub(crate) fn is_autodiff_flex<B: Backend>() -> bool {
 }
 
 /// Whether `B` is Flex itself (inference on the CPU).
-fn is_flex<B: Backend>() -> bool {
+pub(crate) fn is_flex<B: Backend>() -> bool {
     TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
 }
 
@@ -54,6 +54,12 @@ pub(crate) fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<F
     let prim = t.clone().into_primitive().tensor();
     let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
     (flex.dtype() == DType::F32).then(|| flex.clone())
+}
+
+/// `t`'s Flex tensor whatever its dtype (an `Arc` clone), or `None` when `B` is not Flex.
+pub(crate) fn flex_any<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    let prim = t.clone().into_primitive().tensor();
+    (&prim as &dyn Any).downcast_ref::<FlexTensor>().cloned()
 }
 
 /// A tensor of backend `B` holding `values` (row-major) with `shape`, when `B` is Flex.

@@ -8,6 +8,7 @@ pub(crate) mod attention;
 pub(crate) mod dense;
 pub(crate) mod flex;
 pub(crate) mod fused;
+pub(crate) mod half_weight;
 pub(crate) mod loss;
 pub(crate) mod norm;
 pub(crate) mod skinny;

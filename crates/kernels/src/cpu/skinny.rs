@@ -14,9 +14,10 @@
 //! sequential sum over `k`, independent of `m` and of the thread split, so a row's result does
 //! not depend on which other rows share the batch.
 
-use crate::cpu::flex::{flex_f32, from_f32};
-use burn::tensor::Tensor;
+use crate::cpu::flex::{flex_any, flex_f32, from_f32};
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Largest row count handled here; above it a gemm's packing pays off.
@@ -35,9 +36,11 @@ pub(crate) fn skinny_linear<B: Backend>(
     if m == 0 || m > MAX_ROWS || wk != k || n < 16 {
         return None;
     }
-    let w_flex = flex_f32(w)?;
+    let w_flex = flex_any(w)?;
     // The weight is used in place: a strided (e.g. transposed) one is left to Burn.
-    let weights = w_flex.as_slice::<f32>().filter(|s| s.len() == k * n && w_flex.layout().start_offset() == 0)?;
+    if !w_flex.is_contiguous() || w_flex.layout().start_offset() != 0 {
+        return None;
+    }
     let x_contig = flex_f32(x)?.to_contiguous();
     let rows = x_contig.as_slice::<f32>()?;
     let bias_values = match bias {
@@ -45,7 +48,12 @@ pub(crate) fn skinny_linear<B: Backend>(
         None => None,
     };
     let mut out = vec![0f32; m * n];
-    matmul_rows(rows, weights, &mut out, m, k, n);
+    match w_flex.dtype() {
+        DType::F32 => matmul_rows(rows, w_flex.as_slice::<f32>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
+        DType::BF16 => matmul_rows(rows, w_flex.as_slice::<bf16>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
+        DType::F16 => matmul_rows(rows, w_flex.as_slice::<f16>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
+        _ => return None,
+    }
     if let Some(bias) = bias_values {
         for row in out.chunks_mut(n) {
             row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
@@ -60,8 +68,49 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// A weight element the panels read: f32, or f16/bf16 converted to f32 as each 32-column run
+/// is loaded (decoding is bound by reading the weights, so half the bytes is nearly half the
+/// time; the sums stay f32).
+pub trait PanelWeight: Copy + Send + Sync + 'static {
+    /// Selects the load in the SIMD loops (a constant per type, so each loop is specialised).
+    const KIND: WeightKind;
+    fn to_f32(self) -> f32;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum WeightKind {
+    F32,
+    BF16,
+    F16,
+}
+
+impl PanelWeight for f32 {
+    const KIND: WeightKind = WeightKind::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl PanelWeight for bf16 {
+    const KIND: WeightKind = WeightKind::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: exact, one shift.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl PanelWeight for f16 {
+    const KIND: WeightKind = WeightKind::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
 /// `out [m, n] = x [m, k] · w [k, n]`, all row-major and contiguous.
-pub fn matmul_rows(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn matmul_rows<W: PanelWeight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n);
     // At least two panels per thread where the width allows, so that narrow layers use every core.
     let width = (n / (2 * rayon::current_num_threads()) / 32 * 32).clamp(32, PANEL);
@@ -84,7 +133,9 @@ pub fn matmul_rows(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n:
 /// # Safety
 /// `out` must point to `m × n` floats, and no other thread may write these columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn column_panel(x: &[f32], w: &[f32], out: OutPtr, m: usize, k: usize, n: usize, c0: usize, c1: usize) {
+unsafe fn column_panel<W: PanelWeight>(
+    x: &[f32], w: &[W], out: OutPtr, m: usize, k: usize, n: usize, c0: usize, c1: usize,
+) {
     let mut i0 = 0;
     while i0 < m {
         let rows = (m - i0).min(8);
@@ -92,14 +143,14 @@ unsafe fn column_panel(x: &[f32], w: &[f32], out: OutPtr, m: usize, k: usize, n:
         let out_rows = unsafe { out.0.add(i0 * n) };
         unsafe {
             match rows {
-                1 => panel_dispatch::<1>(x_rows, w, out_rows, k, n, c0, c1),
-                2 => panel_dispatch::<2>(x_rows, w, out_rows, k, n, c0, c1),
-                3 => panel_dispatch::<3>(x_rows, w, out_rows, k, n, c0, c1),
-                4 => panel_dispatch::<4>(x_rows, w, out_rows, k, n, c0, c1),
-                5 => panel_dispatch::<5>(x_rows, w, out_rows, k, n, c0, c1),
-                6 => panel_dispatch::<6>(x_rows, w, out_rows, k, n, c0, c1),
-                7 => panel_dispatch::<7>(x_rows, w, out_rows, k, n, c0, c1),
-                _ => panel_dispatch::<8>(x_rows, w, out_rows, k, n, c0, c1),
+                1 => panel_dispatch::<1, W>(x_rows, w, out_rows, k, n, c0, c1),
+                2 => panel_dispatch::<2, W>(x_rows, w, out_rows, k, n, c0, c1),
+                3 => panel_dispatch::<3, W>(x_rows, w, out_rows, k, n, c0, c1),
+                4 => panel_dispatch::<4, W>(x_rows, w, out_rows, k, n, c0, c1),
+                5 => panel_dispatch::<5, W>(x_rows, w, out_rows, k, n, c0, c1),
+                6 => panel_dispatch::<6, W>(x_rows, w, out_rows, k, n, c0, c1),
+                7 => panel_dispatch::<7, W>(x_rows, w, out_rows, k, n, c0, c1),
+                _ => panel_dispatch::<8, W>(x_rows, w, out_rows, k, n, c0, c1),
             }
         }
         i0 += rows;
@@ -107,25 +158,27 @@ unsafe fn column_panel(x: &[f32], w: &[f32], out: OutPtr, m: usize, k: usize, n:
 }
 
 #[inline(always)]
-unsafe fn panel_dispatch<const M: usize>(
-    x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
+unsafe fn panel_dispatch<const M: usize, W: PanelWeight>(
+    x: &[f32], w: &[W], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        return unsafe { panel_avx512::<M>(x, w, out, k, n, c0, c1) };
+        return unsafe { panel_avx512::<M, W>(x, w, out, k, n, c0, c1) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        return unsafe { panel_avx2::<M>(x, w, out, k, n, c0, c1) };
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        return unsafe { panel_avx2::<M, W>(x, w, out, k, n, c0, c1) };
     }
-    unsafe { panel_portable::<M>(x, w, out, k, n, c0, c1) }
+    unsafe { panel_portable::<M, W>(x, w, out, k, n, c0, c1) }
 }
 
 /// The portable loop compiled for 256-bit vectors.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn panel_avx2<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize) {
-    unsafe { panel_portable::<M>(x, w, out, k, n, c0, c1) }
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn panel_avx2<const M: usize, W: PanelWeight>(
+    x: &[f32], w: &[W], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
+) {
+    unsafe { panel_portable::<M, W>(x, w, out, k, n, c0, c1) }
 }
 
 /// One panel in 32-column strips, each strip's `M × 32` sums held in registers over all of `k`.
@@ -133,13 +186,17 @@ unsafe fn panel_avx2<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: usi
 /// the weight comes from memory in long sequential runs and the other strips find it in L2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize) {
+unsafe fn panel_avx512<const M: usize, W: PanelWeight>(
+    x: &[f32], w: &[W], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
+) {
     use std::arch::x86_64::*;
     const AHEAD: usize = 12;
     let wp = w.as_ptr();
     let xp = x.as_ptr();
     let strips = (c1 - c0) / 32;
-    let lines = (c1 - c0).div_ceil(16);
+    // 64-byte lines of one row's segment: 16 f32 or 32 half-precision values each.
+    let per_line = 64 / std::mem::size_of::<W>();
+    let lines = (c1 - c0).div_ceil(per_line);
     for strip in 0..strips {
         let j0 = c0 + 32 * strip;
         let mut lo = [_mm512_setzero_ps(); M];
@@ -149,11 +206,30 @@ unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: u
             if strip == 0 && kk + AHEAD < k {
                 let ahead = unsafe { wp.add((kk + AHEAD) * n + c0) };
                 for line in 0..lines {
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * line) as *const i8) };
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(per_line * line) as *const i8) };
                 }
             }
-            let w_lo = unsafe { _mm512_loadu_ps(row) };
-            let w_hi = unsafe { _mm512_loadu_ps(row.add(16)) };
+            let (w_lo, w_hi) = unsafe {
+                match W::KIND {
+                    WeightKind::F32 => {
+                        (_mm512_loadu_ps(row as *const f32), _mm512_loadu_ps((row as *const f32).add(16)))
+                    }
+                    WeightKind::BF16 => {
+                        // Widen 16-bit lanes to 32 and shift them into the high half: exact.
+                        let lo = _mm256_loadu_si256(row as *const __m256i);
+                        let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
+                        (
+                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo))),
+                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi))),
+                        )
+                    }
+                    WeightKind::F16 => {
+                        let lo = _mm256_loadu_si256(row as *const __m256i);
+                        let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
+                        (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
+                    }
+                }
+            };
             for i in 0..M {
                 let xv = _mm512_set1_ps(unsafe { *xp.add(i * k + kk) });
                 lo[i] = _mm512_fmadd_ps(xv, w_lo, lo[i]);
@@ -170,7 +246,8 @@ unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: u
     // Columns past the last whole strip (only in the last panel of a ragged width).
     for j in c0 + 32 * strips..c1 {
         for i in 0..M {
-            let sum = (0..k).fold(0f32, |a, kk| unsafe { (*xp.add(i * k + kk)).mul_add(*wp.add(kk * n + j), a) });
+            let sum =
+                (0..k).fold(0f32, |a, kk| unsafe { (*xp.add(i * k + kk)).mul_add((*wp.add(kk * n + j)).to_f32(), a) });
             unsafe { *out.add(i * n + j) = sum };
         }
     }
@@ -178,8 +255,8 @@ unsafe fn panel_avx512<const M: usize>(x: &[f32], w: &[f32], out: *mut f32, k: u
 
 /// Same panel without explicit SIMD (the compiler vectorises it for the baseline target).
 #[inline(always)]
-unsafe fn panel_portable<const M: usize>(
-    x: &[f32], w: &[f32], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
+unsafe fn panel_portable<const M: usize, W: PanelWeight>(
+    x: &[f32], w: &[W], out: *mut f32, k: usize, n: usize, c0: usize, c1: usize,
 ) {
     let width = c1 - c0;
     let mut acc = [[0f32; PANEL]; M];
@@ -188,7 +265,7 @@ unsafe fn panel_portable<const M: usize>(
         for i in 0..M {
             let xv = x[i * k + kk];
             for (a, wv) in acc[i][..width].iter_mut().zip(row) {
-                *a += xv * wv;
+                *a += xv * wv.to_f32();
             }
         }
     }
@@ -227,6 +304,30 @@ mod tests {
             matmul_rows(&x, &w, &mut out, m, k, n);
             for (got, want) in out.iter().zip(reference(&x, &w, m, k, n)) {
                 assert!((*got as f64 - want).abs() < 1e-4, "m={m} k={k} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// Half-precision weights give the f32 product of their exact (widened) values, through the
+    /// SIMD loads and the ragged tail alike.
+    #[test]
+    fn half_weights_equal_the_product_of_their_widened_values() {
+        for (m, k, n) in [(1, 7, 32), (3, 64, 100), (8, 33, 64), (16, 40, 37), (2, 300, 4096)] {
+            let x = values(m * k, 1);
+            let w = values(k * n, 2);
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let widened = |w: Vec<f32>| reference(&x, &w, m, k, n);
+            let (mut out_bf16, mut out_f16) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul_rows(&x, &w_bf16, &mut out_bf16, m, k, n);
+            matmul_rows(&x, &w_f16, &mut out_f16, m, k, n);
+            for (out, want) in [
+                (out_bf16, widened(w_bf16.iter().map(|v| v.to_f32()).collect())),
+                (out_f16, widened(w_f16.iter().map(|v| v.to_f32()).collect())),
+            ] {
+                for (got, want) in out.iter().zip(want) {
+                    assert!((*got as f64 - want).abs() < 1e-4, "m={m} k={k} n={n}: {got} vs {want}");
+                }
             }
         }
     }

@@ -1,0 +1,281 @@
+//! Linear layers whose weight is held in f16 or bf16 and whose input is f32, on Flex and, for a
+//! frozen weight, under `Autodiff<Flex>`: prefill and training products of a half-precision
+//! checkpoint without an f32 copy of it.
+//!
+//! Why: a 7B checkpoint is 13.5 GB in bf16 and 27 GB widened to f32, more than a 24 GB machine
+//! holds. gemm multiplies f32 (its f16 kernels have no bf16 and no mixed f32 × f16 form), so
+//! the weight is converted one block at a time into a small f32 buffer per thread and that block
+//! multiplied at once: `[k, 256]` columns forwards, `[256, n]` rows for the backward's `dX`. A
+//! block is a few MiB, converted once per product and reused by every row of `x`, so the
+//! conversion is a small part of the work for the row counts that come here (more than 16; the
+//! decode-time rows take `skinny`, which converts as it streams). Sums are f32 throughout: the
+//! result is the f32 product of the half weights' exact values.
+
+use crate::cpu::dense::gemm_into;
+use crate::cpu::flex::{
+    autodiff_primitive, flex_any, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values,
+};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Columns of the weight converted per block in the forward product (`k × 256` f32: 4 MiB for
+/// k = 4096, within a core's share of L2 + L3 on the machines we target).
+const COLUMNS: usize = 256;
+/// Rows of the weight converted per block in the backward product.
+const ROWS: usize = 256;
+
+/// `x · w (+ bias)` for f32 `x` `[m, k]` and an f16/bf16 `w` `[k, n]` (contiguous), on Flex or,
+/// with `w` untracked, `Autodiff<Flex>`; `None` otherwise (the caller then casts the weight).
+pub(crate) fn linear<B: Backend>(
+    x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    let ([m, k], [wk, n]) = (x.dims(), w.dims());
+    if wk != k || m == 0 || n == 0 || k == 0 || x.dtype() != DType::F32 || !is_half(w.dtype()) {
+        return None;
+    }
+    let y: Tensor<B, 2> = if is_autodiff_flex::<B>() {
+        let (xa, wa) = (autodiff_primitive(x.clone()), autodiff_primitive(w.clone()));
+        if wa.is_tracked() {
+            return None; // a trained half weight: its gradient is Burn's business
+        }
+        let weight = HalfMatrix::of(&wa.primitive, k, n)?;
+        let x_values = xa.primitive.to_contiguous();
+        let out = flex_tensor(forward(values(&x_values), m, k, n, &weight), [m, n]);
+        let y = match HalfBackward.prepare::<NoCheckpointing>([xa.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(([m, k, n], wa.primitive.clone()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        from_autodiff::<B, 2>(y)
+    } else {
+        let wf = flex_any(w)?;
+        let weight = HalfMatrix::of(&wf, k, n)?;
+        let x_values = flex_f32(x)?.to_contiguous();
+        from_f32(forward(values(&x_values), m, k, n, &weight), [m, n])?
+    };
+    Some(match bias {
+        Some(bias) => y + bias.clone().cast(DType::F32).unsqueeze::<2>(),
+        None => y,
+    })
+}
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
+/// A contiguous row-major half-precision `[rows, cols]` matrix.
+enum HalfMatrix<'a> {
+    BF16(&'a [bf16], usize),
+    F16(&'a [f16], usize),
+}
+
+impl<'a> HalfMatrix<'a> {
+    fn of(t: &'a FlexTensor, rows: usize, cols: usize) -> Option<Self> {
+        if !t.is_contiguous() || t.layout().start_offset() != 0 {
+            return None;
+        }
+        let len = rows * cols;
+        match t.dtype() {
+            DType::BF16 => t.as_slice::<bf16>().filter(|s| s.len() == len).map(|s| HalfMatrix::BF16(s, cols)),
+            DType::F16 => t.as_slice::<f16>().filter(|s| s.len() == len).map(|s| HalfMatrix::F16(s, cols)),
+            _ => None,
+        }
+    }
+
+    /// Rows `r0..r1`, columns `c0..c1` as a row-major f32 block in `dst`.
+    fn convert(&self, rows: std::ops::Range<usize>, columns: std::ops::Range<usize>, dst: &mut Vec<f32>) {
+        let width = columns.len();
+        dst.clear();
+        dst.resize(rows.len() * width, 0.0);
+        for (i, r) in rows.enumerate() {
+            let out = &mut dst[i * width..(i + 1) * width];
+            match self {
+                HalfMatrix::BF16(v, cols) => widen_bf16(&v[r * cols + columns.start..r * cols + columns.end], out),
+                HalfMatrix::F16(v, cols) => widen_f16(&v[r * cols + columns.start..r * cols + columns.end], out),
+            }
+        }
+    }
+}
+
+/// bf16 → f32 is exact: the bits shifted into the high half (the compiler vectorises this).
+fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
+    }
+}
+
+fn widen_f16(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature is present; both slices have the same length here.
+        return unsafe { widen_f16_avx512(src, dst) };
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16_avx512(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let whole = n / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+    }
+    for i in whole..n {
+        dst[i] = src[i].to_f32();
+    }
+}
+
+/// Output pointer shared by the threads; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `x [m, k] · w [k, n]`, one column block of `w` per task.
+fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(COLUMNS)).into_par_iter().for_each_init(Vec::new, |block, b| {
+        let columns = b * COLUMNS..((b + 1) * COLUMNS).min(n);
+        let width = columns.len();
+        w.convert(0..k, columns.clone(), block);
+        let ptr = ptr;
+        // SAFETY: this task alone writes columns `columns` of every row of `out`, which holds
+        // m × n floats; the block is `[k, width]` row-major.
+        unsafe {
+            gemm_into(
+                m,
+                k,
+                width,
+                ptr.0.add(columns.start),
+                n,
+                (x.as_ptr(), k, 1),
+                (block.as_ptr(), width, 1),
+                gemm::Parallelism::None,
+            )
+        };
+    });
+    // SAFETY: the column blocks cover every column of every row.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// `dX [m, k] = dY [m, n] · wᵀ`, one row block of `w` per task.
+fn backward_input(dy: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> {
+    let mut dx = Vec::<f32>::with_capacity(m * k);
+    let ptr = OutPtr(dx.as_mut_ptr());
+    (0..k.div_ceil(ROWS)).into_par_iter().for_each_init(Vec::new, |block, b| {
+        let rows = b * ROWS..((b + 1) * ROWS).min(k);
+        let height = rows.len();
+        w.convert(rows.clone(), 0..n, block);
+        let ptr = ptr;
+        // The block is w[rows, :] `[height, n]`; its transpose `[n, height]` has element (j, c)
+        // at c·n + j: row stride 1, column stride n.
+        // SAFETY: this task alone writes columns `rows` of every row of `dx` (m × k floats).
+        unsafe {
+            gemm_into(
+                m,
+                n,
+                height,
+                ptr.0.add(rows.start),
+                k,
+                (dy.as_ptr(), n, 1),
+                (block.as_ptr(), 1, n),
+                gemm::Parallelism::None,
+            )
+        };
+    });
+    // SAFETY: the row blocks cover every column of dX.
+    unsafe { dx.set_len(m * k) };
+    dx
+}
+
+#[derive(Debug)]
+struct HalfBackward;
+
+impl Backward<Flex, 1> for HalfBackward {
+    /// `[m, k, n]` and the (frozen) weight, an `Arc` of the model's own storage.
+    type State = ([usize; 3], FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let ([m, k, n], w) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [x_node] = ops.parents;
+        if let Some(node) = x_node {
+            let weight = HalfMatrix::of(&w, k, n).expect("checked in the forward pass");
+            grads.register::<Flex>(node.id, flex_tensor(backward_input(values(&grad), m, k, n, &weight), [m, k]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    type AD = burn::backend::Autodiff<Flex>;
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+        }
+    }
+
+    /// The product with a half weight equals the f32 product with that weight's exact values
+    /// (cast up), forwards and for dX, for both half dtypes, ragged blocks included.
+    #[test]
+    fn equals_the_f32_product_of_the_widened_weight_with_its_input_gradient() {
+        let device = Default::default();
+        AD::seed(&device, 11);
+        for dtype in [DType::BF16, DType::F16] {
+            for (m, k, n) in [(17, 5, 9), (40, 300, 520)] {
+                let x = Tensor::<AD, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+                let w = Tensor::<AD, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                let bias = Tensor::<AD, 1>::random([n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                let probe = Tensor::<AD, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+                let run = |ours: bool| {
+                    let x = x.clone().require_grad();
+                    let y = if ours {
+                        linear(&x, &w, Some(&bias)).expect("a frozen half weight takes the kernel")
+                    } else {
+                        x.clone().matmul(w.clone().cast(DType::F32)) + bias.clone().cast(DType::F32).unsqueeze()
+                    };
+                    let grads = (y.clone() * probe.clone()).sum().backward();
+                    let v = |t: TensorData| t.to_vec::<f32>().unwrap();
+                    (v(y.into_data()), v(x.grad(&grads).unwrap().into_data()))
+                };
+                let (ours, burn) = (run(true), run(false));
+                close(&ours.0, &burn.0, &format!("{dtype:?} y {m}x{k}x{n}"));
+                close(&ours.1, &burn.1, &format!("{dtype:?} dX {m}x{k}x{n}"));
+                // Plain Flex (inference): the same values.
+                let plain = |t: TensorData| Tensor::<Flex, 2>::from_data(t.clone(), (&device, t.dtype));
+                let b1 = Tensor::<Flex, 1>::from_data(bias.to_data(), (&device, dtype));
+                let y = linear(&plain(x.to_data()), &plain(w.to_data()), Some(&b1)).expect("Flex half weight");
+                close(&y.into_data().to_vec::<f32>().unwrap(), &burn.0, "inference y");
+            }
+        }
+    }
+
+    /// A half weight that is being trained is not taken (its gradient would be lost).
+    #[test]
+    fn a_tracked_half_weight_is_left_to_burn() {
+        let device = Default::default();
+        let x = Tensor::<AD, 2>::ones([20, 4], &device);
+        let w = Tensor::<AD, 2>::ones([4, 3], &device).cast(DType::BF16).require_grad();
+        assert!(linear(&x, &w, None).is_none());
+    }
+}
