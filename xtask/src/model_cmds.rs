@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::backend::BackendKind;
 use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
-use llava::load::{LoadOptions, LoadedLlava, load_dir, load_parts};
+use llava::load::{LoadOptions, LoadedLlava, WeightsDtype, load_dir, load_parts};
 use llava::{PaddingSide, SelectFeature};
 use llava_checkpoint::{Exporter, SaveDtype};
 use llava_data::image::AspectMode;
@@ -44,6 +44,10 @@ pub struct ModelArgs {
     /// cpu, wgpu or cuda (when compiled in).
     #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
+    /// Dtype the weights are held in: auto (as stored: an f16/bf16 checkpoint stays half
+    /// precision), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: WeightsDtype,
 }
 
 impl ModelArgs {
@@ -59,6 +63,7 @@ impl ModelArgs {
             hf_cache: None,
             image_aspect: None,
             backend,
+            dtype: WeightsDtype::default(),
         }
     }
 
@@ -70,6 +75,7 @@ impl ModelArgs {
                     vision_tower: self.vision_tower.clone(),
                     hf_cache: self.hf_cache.clone(),
                     image_aspect: self.image_aspect,
+                    dtype: self.dtype.0,
                 };
                 load_dir::<B>(dir, &options, device).with_context(|| format!("loading {}", dir.display()))?
             }
@@ -80,6 +86,7 @@ impl ModelArgs {
                 self.select_layer,
                 SelectFeature::Patch,
                 self.image_aspect.unwrap_or_default(),
+                self.dtype.0,
                 device,
             )?,
             _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),

@@ -6,25 +6,66 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, LayerNorm, Linear, RmsNorm};
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use std::sync::Arc;
 
-use crate::{Result, WeightsError};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::{Result, WeightStore, WeightsError};
 
 /// Element type of a written checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SaveDtype {
+    /// Each tensor in the dtype it is held (or stored) in: f32 master weights as f32, a frozen
+    /// bf16 tower as bf16, a tensor passed through from a checkpoint as it is stored there.
     #[default]
+    Keep,
     F32,
     BF16,
     F16,
 }
 
-/// Collects named f32 tensors and writes them as one safetensors file.
+impl SaveDtype {
+    fn target(self, own: DType) -> DType {
+        match self {
+            SaveDtype::Keep => own,
+            SaveDtype::F32 => DType::F32,
+            SaveDtype::BF16 => DType::BF16,
+            SaveDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// One tensor to write.
+#[derive(Debug)]
+enum Entry {
+    /// Values held in memory, in their own dtype.
+    Values(TensorData),
+    /// A tensor of a checkpoint, read only when the file is written (so a frozen tower is never
+    /// held twice) and written with its stored bytes' values.
+    Stored { store: Arc<WeightStore>, name: String, shape: Vec<usize>, dtype: DType },
+}
+
+impl Entry {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Entry::Values(data) => data.shape.to_vec(),
+            Entry::Stored { shape, .. } => shape.clone(),
+        }
+    }
+    fn dtype(&self) -> DType {
+        match self {
+            Entry::Values(data) => data.dtype,
+            Entry::Stored { dtype, .. } => *dtype,
+        }
+    }
+}
+
+/// Collects named tensors and writes them as one safetensors file.
 #[derive(Debug, Default)]
 pub struct Exporter {
     prefix: Vec<String>,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: BTreeMap<String, Entry>,
 }
 
 impl Exporter {
@@ -49,36 +90,67 @@ impl Exporter {
     }
 
     pub fn raw(&mut self, name: &str, shape: Vec<usize>, values: Vec<f32>) {
-        self.tensors.insert(self.path(name), (shape, values));
+        self.data(name, TensorData::new(values, shape));
+    }
+
+    /// A tensor's values in their own dtype.
+    pub fn data(&mut self, name: &str, data: TensorData) {
+        self.tensors.insert(self.path(name), Entry::Values(data));
     }
 
     pub fn tensor<B: Backend, const D: usize>(&mut self, name: &str, t: &Tensor<B, D>) {
-        let shape = t.dims().to_vec();
-        let values = t.to_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
-        self.raw(name, shape, values);
+        self.data(name, t.to_data());
     }
 
     pub fn param<B: Backend, const D: usize>(&mut self, name: &str, p: &Param<Tensor<B, D>>) {
         self.tensor(name, &p.val());
     }
 
-    /// Writes a Burn `[in, out]` linear as PyTorch's `[out, in]`.
+    /// Writes a Burn `[in, out]` linear as PyTorch's `[out, in]`, in its own dtype.
     pub fn linear<B: Backend>(&mut self, name: &str, l: &Linear<B>) {
         let w = l.weight.val();
         let [d_in, d_out] = w.dims();
-        let values = w.to_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
-        let mut t = vec![0f32; values.len()];
-        for i in 0..d_in {
-            for o in 0..d_out {
-                t[o * d_in + i] = values[i * d_out + o];
-            }
-        }
+        let transposed = crate::loader::transpose(w.to_data(), d_in, d_out);
         self.scope(name, |e| {
-            e.raw("weight", vec![d_out, d_in], t);
+            e.data("weight", transposed);
             if let Some(b) = &l.bias {
                 e.param("bias", b);
             }
         });
+    }
+
+    /// Replaces every tensor exported under `prefix` by the tensor of `store` at the same name
+    /// under `store_prefix`, as stored there (its dtype and exact values), read only when the
+    /// file is written. For frozen towers: the saved model then holds the input checkpoint's
+    /// values whatever dtype the run held them in. Errors when a name is missing from the store
+    /// or its shape differs (the store is not the tower's source).
+    pub fn pass_through(&mut self, prefix: &str, store: &Arc<WeightStore>, store_prefix: &str) -> Result<usize> {
+        let under = |name: &str| match (prefix.is_empty(), name.strip_prefix(prefix)) {
+            (true, _) => Some(name.to_string()),
+            (false, Some(rest)) => rest.strip_prefix('.').map(str::to_string),
+            _ => None,
+        };
+        let mut replaced = 0;
+        for (name, entry) in self.tensors.iter_mut() {
+            let Some(rest) = under(name) else { continue };
+            let source = if store_prefix.is_empty() { rest } else { format!("{store_prefix}.{rest}") };
+            let info = store
+                .info(&source)
+                .ok_or_else(|| WeightsError::Missing { name: source.clone(), hint: format!(" (source of `{name}`)") })?;
+            let shape = entry.shape();
+            if info.shape != shape {
+                return Err(WeightsError::Shape {
+                    name: source,
+                    expected: shape,
+                    found: info.shape.clone(),
+                    path: store.files().first().cloned().unwrap_or_default(),
+                });
+            }
+            let dtype = info.dtype.burn().unwrap_or(DType::F32);
+            *entry = Entry::Stored { store: Arc::clone(store), name: source, shape, dtype };
+            replaced += 1;
+        }
+        Ok(replaced)
     }
 
     pub fn layer_norm<B: Backend>(&mut self, name: &str, n: &LayerNorm<B>) {
@@ -108,13 +180,22 @@ impl Exporter {
     }
 
     /// Grows the first dimension of tensor `name` to `rows`, filling new rows with the mean of
-    /// the existing ones (how Hugging Face initialises embeddings of added tokens). Returns
-    /// false when there is no such 2-D tensor.
+    /// the existing ones (how Hugging Face initialises embeddings of added tokens), in the
+    /// tensor's own dtype. Returns false when there is no such 2-D tensor.
     pub fn pad_rows_with_mean(&mut self, name: &str, rows: usize) -> bool {
-        let Some((shape, values)) = self.tensors.get_mut(name) else { return false };
+        let Some(entry) = self.tensors.get_mut(name) else { return false };
+        let shape = entry.shape();
         if shape.len() != 2 || shape[0] >= rows {
             return shape.len() == 2;
         }
+        let dtype = entry.dtype();
+        let mut values = match entry {
+            Entry::Values(data) => data.clone().convert_dtype(DType::F32).into_vec::<f32>().expect("f32"),
+            Entry::Stored { store, name, shape, .. } => match store.read_f32(name, shape) {
+                Ok(values) => values,
+                Err(_) => return false,
+            },
+        };
         let (n, d) = (shape[0], shape[1]);
         let mut mean = vec![0f32; d];
         for row in values.chunks(d) {
@@ -125,8 +206,13 @@ impl Exporter {
         for _ in n..rows {
             values.extend_from_slice(&mean);
         }
-        shape[0] = rows;
+        *entry = Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype));
         true
+    }
+
+    /// Moves every tensor of `other` into this exporter (same names win from `other`).
+    pub fn extend(&mut self, other: Exporter) {
+        self.tensors.extend(other.tensors);
     }
 
     pub fn len(&self) -> usize {
@@ -142,13 +228,9 @@ impl Exporter {
     }
 
     /// Writes the collected tensors to `path` atomically (a temporary file renamed into place), so
-    /// an interrupted write never leaves a broken file under the final name.
+    /// an interrupted write never leaves a broken file under the final name. Tensors passed
+    /// through from a checkpoint are read one at a time while writing.
     pub fn save(&self, path: &Path, dtype: SaveDtype, metadata: &[(&str, &str)]) -> Result<()> {
-        let (dtype_name, size) = match dtype {
-            SaveDtype::F32 => ("F32", 4),
-            SaveDtype::BF16 => ("BF16", 2),
-            SaveDtype::F16 => ("F16", 2),
-        };
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
             let meta: serde_json::Map<String, serde_json::Value> =
@@ -156,8 +238,15 @@ impl Exporter {
             header.insert("__metadata__".into(), meta.into());
         }
         let mut offset = 0usize;
-        for (name, (shape, values)) in &self.tensors {
-            let len = values.len() * size;
+        for (name, entry) in &self.tensors {
+            let (shape, target) = (entry.shape(), dtype.target(entry.dtype()));
+            let len = shape.iter().product::<usize>() * target.size();
+            let dtype_name = match target {
+                DType::F64 => "F64",
+                DType::F16 => "F16",
+                DType::BF16 => "BF16",
+                _ => "F32",
+            };
             header.insert(
                 name.clone(),
                 serde_json::json!({"dtype": dtype_name, "shape": shape, "data_offsets": [offset, offset + len]}),
@@ -169,20 +258,28 @@ impl Exporter {
         while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
+        let mut failed = None;
         crate::write_atomically(path, |f| {
             f.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
             f.write_all(&header_bytes)?;
-            for (_, values) in self.tensors.values() {
-                for v in values {
-                    match dtype {
-                        SaveDtype::F32 => f.write_all(&v.to_le_bytes())?,
-                        SaveDtype::BF16 => f.write_all(&half::bf16::from_f32(*v).to_le_bytes())?,
-                        SaveDtype::F16 => f.write_all(&half::f16::from_f32(*v).to_le_bytes())?,
-                    }
-                }
+            for entry in self.tensors.values() {
+                let target = dtype.target(entry.dtype());
+                let data = match entry {
+                    Entry::Values(data) if data.dtype == target => std::borrow::Cow::Borrowed(data),
+                    Entry::Values(data) => std::borrow::Cow::Owned(data.clone().convert_dtype(target)),
+                    Entry::Stored { store, name, shape, .. } => match store.read(name, shape, Some(target)) {
+                        Ok(data) => std::borrow::Cow::Owned(data),
+                        Err(e) => {
+                            failed = Some(e);
+                            return Err(std::io::Error::other("a passed-through tensor could not be read"));
+                        }
+                    },
+                };
+                // Little-endian, as safetensors stores them (every supported target is).
+                f.write_all(data.as_bytes())?;
             }
             Ok(())
         })
-        .map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })
+        .map_err(|source| failed.take().unwrap_or(WeightsError::Io { path: path.to_path_buf(), source }))
     }
 }

@@ -137,7 +137,7 @@ impl<'a, B: Backend> Loader<'a, B> {
 }
 
 /// A row-major `[rows, cols]` matrix as `[cols, rows]`, in its own dtype.
-fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
+pub(crate) fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
     fn typed<T: Element + Copy>(data: TensorData, rows: usize, cols: usize) -> TensorData {
         let values = data.into_vec::<T>().expect("dtype checked by the caller");
         let mut out = Vec::with_capacity(values.len());

@@ -143,7 +143,7 @@ pub fn write_demo_model(out: &Path, tokenizer_dir: &Path, seed: u64) -> Result<(
     Cpu::seed(&device, seed);
     let config = demo_config();
     let model = config.init::<Cpu>(&device);
-    llava::save::save_model(&model, &config, out, tokenizer_dir)?;
+    llava::save::save_model(&model, &config, out, tokenizer_dir, &Default::default())?;
     tracing::info!("wrote a random demo LLaVA checkpoint to {}", out.display());
     Ok(())
 }

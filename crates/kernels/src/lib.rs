@@ -41,7 +41,7 @@ pub use adamw::{AdamWParams, ParamStep};
 pub use attention::attention;
 pub use linear::linear_tokens;
 pub use loss::cross_entropy_with_grad;
-pub use norm::rms_norm;
+pub use norm::{layer_norm, rms_norm};
 
 /// The dtype activations run in for weights held in `weights`.
 ///

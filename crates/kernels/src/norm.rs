@@ -18,3 +18,26 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>
     #[cfg(not(feature = "flex"))]
     crate::reference::rms_norm(x, gamma, epsilon)
 }
+
+/// LayerNorm over the last dimension, as PyTorch's `layer_norm` computes it for any input dtype:
+/// mean, variance, normalisation and the affine step in f32, one rounding to `x`'s dtype at the
+/// end (Burn's `LayerNorm` works in the input dtype, and refuses a weight of another dtype).
+///
+/// # Shapes
+/// - `x`: `[..., width]`, `gamma`, `beta`: `[width]`, output: as `x`
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Option<Tensor<B, 1>>, epsilon: f64,
+) -> Tensor<B, D> {
+    use burn::tensor::DType;
+    let dtype = x.dtype();
+    let f32 = |t: Tensor<B, 1>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+    let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    let normalised = (x - mean) / (var + epsilon).sqrt();
+    let y = normalised * f32(gamma).unsqueeze();
+    let y = match beta {
+        Some(beta) => y + f32(beta).unsqueeze(),
+        None => y,
+    };
+    if dtype == DType::F32 { y } else { y.cast(dtype) }
+}

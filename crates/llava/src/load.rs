@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use burn::tensor::backend::Backend;
 use llava_checkpoint::{Loader, WeightStore};
 use llava_data::Tokenizer;
@@ -88,6 +88,26 @@ pub struct LoadOptions {
     pub hf_cache: Option<PathBuf>,
     /// Override of the image aspect mode the checkpoint's config implies.
     pub image_aspect: Option<AspectMode>,
+    /// The dtype every weight is held in; `None` keeps each tensor's stored dtype (an f16 or
+    /// bf16 checkpoint stays half precision; f32 where the backend has no half types).
+    pub dtype: Option<DType>,
+}
+
+/// The `--dtype` a user asks weights in: `auto` (each tensor as stored), `f32`, `f16` or `bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WeightsDtype(pub Option<DType>);
+
+impl std::str::FromStr for WeightsDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "stored" => Ok(Self(None)),
+            "f32" | "float32" | "fp32" => Ok(Self(Some(DType::F32))),
+            "f16" | "float16" | "fp16" | "half" => Ok(Self(Some(DType::F16))),
+            "bf16" | "bfloat16" => Ok(Self(Some(DType::BF16))),
+            other => Err(format!("unknown dtype `{other}` (expected auto, f32, f16 or bf16)")),
+        }
+    }
 }
 
 /// Which layout a directory holds.
@@ -176,7 +196,7 @@ pub fn load_dir<B: Backend>(
     match detect_layout(&json) {
         Layout::LlavaHf => load_llava_hf(dir, &json, tokenizer, options, device),
         Layout::Original => load_original(dir, &json, tokenizer, options, device),
-        Layout::TextOnly => load_text_only(dir, &json, tokenizer, device),
+        Layout::TextOnly => load_text_only(dir, &json, tokenizer, options, device),
     }
 }
 
@@ -224,7 +244,7 @@ fn load_llava_hf<B: Backend>(
             .unwrap_or(4096) as usize,
     };
     config.validate().map_err(bad)?;
-    let root = Loader::<B>::new(&store, device);
+    let root = Loader::<B>::new(&store, device).with_dtype(options.dtype);
     let model = Llava {
         vision: ClipVisionModel::load(&config.vision, &root.pp(tower))?,
         projector: Projector::load(&config.projector_config(), naming, &root.pp(proj))?,
@@ -290,7 +310,7 @@ fn load_original<B: Backend>(
         )));
     }
     let store = WeightStore::open(dir)?;
-    let root = Loader::<B>::new(&store, device);
+    let root = Loader::<B>::new(&store, device).with_dtype(options.dtype);
     let proj_prefix = "model.mm_projector";
     let naming = ProjectorConfig::detect(&store, proj_prefix)
         .map(|(_, naming)| naming)
@@ -301,7 +321,8 @@ fn load_original<B: Backend>(
         ClipVisionModel::load(&config.vision, &root.pp(embedded_tower))?
     } else {
         let tower_store = WeightStore::open(&tower_dir)?;
-        let tower = ClipVisionModel::load_hf(&config.vision, &tower_store, device)?;
+        let tower =
+            ClipVisionModel::load_hf(&config.vision, &Loader::new(&tower_store, device).with_dtype(options.dtype))?;
         tower_store.ensure_all_used()?;
         tower
     };
@@ -318,12 +339,12 @@ fn load_original<B: Backend>(
 }
 
 fn load_text_only<B: Backend>(
-    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, device: &B::Device,
+    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let config_path = dir.join("config.json");
     let text = LlamaConfig::from_hf_json(json).map_err(|r| LlavaError::config(&config_path, r))?;
     let store = WeightStore::open(dir)?;
-    let llm = LlamaModel::load_hf(&text, &store, device)?;
+    let llm = LlamaModel::load_hf(&text, &Loader::new(&store, device).with_dtype(options.dtype))?;
     store.ensure_all_used()?;
     // A minimal placeholder tower keeps one model type for both cases; it is never run.
     let vision = ClipVisionConfig {
@@ -364,9 +385,12 @@ fn load_text_only<B: Backend>(
 /// Loads separate parts: a CLIP directory, an LLM directory (with its tokenizer) and a projector
 /// file (`mm_projector.bin` / safetensors, keys with or without `model.mm_projector.`, or
 /// `multi_modal_projector.linear_N.*`).
+///
+/// `dtype`: as [`LoadOptions::dtype`].
+#[allow(clippy::too_many_arguments)]
 pub fn load_parts<B: Backend>(
     clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
-    image_aspect: AspectMode, device: &B::Device,
+    image_aspect: AspectMode, dtype: Option<DType>, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
     let text = LlamaConfig::from_hf_dir(llm_dir)?;
@@ -385,9 +409,13 @@ pub fn load_parts<B: Backend>(
     let clip_store = WeightStore::open(clip_dir)?;
     let llm_store = WeightStore::open(llm_dir)?;
     let model = Llava {
-        vision: ClipVisionModel::load_hf(&config.vision, &clip_store, device)?,
-        projector: Projector::load(&config.projector_config(), naming, &Loader::new(&proj_store, device).pp(prefix))?,
-        llm: LlamaModel::load_hf(&config.text, &llm_store, device)?,
+        vision: ClipVisionModel::load_hf(&config.vision, &Loader::new(&clip_store, device).with_dtype(dtype))?,
+        projector: Projector::load(
+            &config.projector_config(),
+            naming,
+            &Loader::new(&proj_store, device).with_dtype(dtype).pp(prefix),
+        )?,
+        llm: LlamaModel::load_hf(&config.text, &Loader::new(&llm_store, device).with_dtype(dtype))?,
         select_layer,
         select_feature,
     };

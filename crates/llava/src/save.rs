@@ -6,12 +6,15 @@
 //!   layers), so it is written in the **original LLaVA** layout: `LlavaLlamaForCausalLM` keys and
 //!   config, with the CLIP tower beside it in `vision_tower/`, referenced by a relative path.
 //!
-//! Tensors are f32 safetensors; the write is atomic per file.
+//! Tensors keep the dtype they are held in (f32 masters as f32, half-precision towers as they
+//! are), and frozen towers whose source checkpoint is named in [`FrozenSources`] are written
+//! through from it unchanged; the write is atomic per file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use llava_checkpoint::{Exporter, SaveDtype};
+use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
 use llava_projector::{ProjectorKind, ProjectorNaming};
 
 use crate::LlavaError;
@@ -41,24 +44,74 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), LlavaError> {
 pub fn save_projector<B: Backend>(model: &Llava<B>, path: &Path) -> Result<(), LlavaError> {
     let mut e = Exporter::new();
     e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
-    e.save(path, SaveDtype::F32, &[("format", "pt")])?;
+    e.save(path, SaveDtype::Keep, &[("format", "pt")])?;
     Ok(())
+}
+
+/// Checkpoints (Hugging Face directories) the frozen towers were loaded from. Their tensors are
+/// written through unchanged, so the saved model holds the input's exact values and dtype even
+/// when the run held the tower in another dtype (a bf16 run over an f32 checkpoint).
+#[derive(Debug, Clone, Default)]
+pub struct FrozenSources {
+    /// A CLIP directory (`vision_model.*`, or a bare vision checkpoint).
+    pub vision: Option<PathBuf>,
+    /// A LLaMA directory (`model.*`, `lm_head.*`).
+    pub llm: Option<PathBuf>,
+}
+
+impl FrozenSources {
+    fn vision_store(&self) -> Result<Option<(Arc<WeightStore>, &'static str)>, LlavaError> {
+        let Some(dir) = &self.vision else { return Ok(None) };
+        let store = Arc::new(WeightStore::open(dir)?);
+        let prefix = if store.has_prefix("vision_model.") { "vision_model" } else { "" };
+        Ok(Some((store, prefix)))
+    }
+
+    fn llm_store(&self) -> Result<Option<Arc<WeightStore>>, LlavaError> {
+        Ok(match &self.llm {
+            Some(dir) => Some(Arc::new(WeightStore::open(dir)?)),
+            None => None,
+        })
+    }
 }
 
 /// Writes the whole model into `dir` (see the module docs for the layout chosen).
 pub fn save_model<B: Backend>(
-    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path,
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path, frozen: &FrozenSources,
 ) -> Result<(), LlavaError> {
     std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
     copy_tokenizer_files(tokenizer_dir, dir)?;
     match model.projector.kind {
-        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir, tokenizer_dir),
-        _ => save_original(model, config, dir),
+        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir, tokenizer_dir, frozen),
+        _ => save_original(model, config, dir, frozen),
     }
 }
 
+/// The LLM's tensors under `model_scope` / `lm_head_scope`, passed through from `frozen.llm`.
+fn export_llm<B: Backend>(
+    model: &Llava<B>, model_scope: &str, lm_head_scope: &str, frozen: &FrozenSources,
+) -> Result<Exporter, LlavaError> {
+    let mut e = Exporter::new();
+    model.llm.export(&mut e, model_scope, lm_head_scope);
+    if let Some(store) = frozen.llm_store()? {
+        e.pass_through(model_scope, &store, "model")?;
+        e.pass_through(lm_head_scope, &store, "lm_head")?;
+    }
+    Ok(e)
+}
+
+/// The vision tower's tensors under `scope`, passed through from `frozen.vision`.
+fn export_vision<B: Backend>(model: &Llava<B>, scope: &str, frozen: &FrozenSources) -> Result<Exporter, LlavaError> {
+    let mut e = Exporter::new();
+    e.scope(scope, |e| model.vision.export(e));
+    if let Some((store, prefix)) = frozen.vision_store()? {
+        e.pass_through(scope, &store, prefix)?;
+    }
+    Ok(e)
+}
+
 fn save_llava_hf<B: Backend>(
-    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path,
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path, frozen: &FrozenSources,
 ) -> Result<(), LlavaError> {
     // Hugging Face's Llava embeds `input_ids` before replacing image tokens, so the `<image>`
     // token needs an id inside the vocabulary: as llava-hf's conversion does, `<image>` becomes
@@ -77,13 +130,12 @@ fn save_llava_hf<B: Backend>(
         }
     };
     let vocab = config.text.vocab_size.max((image_token + 1).div_ceil(64) * 64);
-    let mut e = Exporter::new();
-    e.scope("vision_tower.vision_model", |e| model.vision.export(e));
+    let mut e = export_vision(model, "vision_tower.vision_model", frozen)?;
     e.scope("multi_modal_projector", |e| model.projector.export(ProjectorNaming::LlavaHf, e));
-    model.llm.export(&mut e, "language_model.model", "language_model.lm_head");
+    e.extend(export_llm(model, "language_model.model", "language_model.lm_head", frozen)?);
     e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab);
     e.pad_rows_with_mean("language_model.lm_head.weight", vocab);
-    e.save(&dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
     let mut text = config.text.clone();
     text.vocab_size = vocab;
     let json = serde_json::json!({
@@ -104,19 +156,19 @@ fn save_llava_hf<B: Backend>(
     write_processor(&config.vision.image_size, dir)
 }
 
-fn save_original<B: Backend>(model: &Llava<B>, config: &LlavaConfig, dir: &Path) -> Result<(), LlavaError> {
+fn save_original<B: Backend>(
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, frozen: &FrozenSources,
+) -> Result<(), LlavaError> {
     let tower_dir = dir.join("vision_tower");
     std::fs::create_dir_all(&tower_dir).map_err(|e| LlavaError::config(&tower_dir, e))?;
-    let mut tower = Exporter::new();
-    tower.scope("vision_model", |e| model.vision.export(e));
-    tower.save(&tower_dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let tower = export_vision(model, "vision_model", frozen)?;
+    tower.save(&tower_dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
     write_json(&tower_dir.join("config.json"), &llava_vision_encoder::hf_config_json(&config.vision))?;
     write_processor(&config.vision.image_size, &tower_dir)?;
 
-    let mut e = Exporter::new();
+    let mut e = export_llm(model, "model", "lm_head", frozen)?;
     e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
-    model.llm.export(&mut e, "model", "lm_head");
-    e.save(&dir.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
     let mut json = config.text.to_hf_json();
     let obj = json.as_object_mut().expect("object");
     obj.insert("architectures".into(), serde_json::json!(["LlavaLlamaForCausalLM"]));

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use llava_checkpoint::WeightStore;
+use llava_checkpoint::{Loader, WeightStore};
 use llava_llm::{KvCache, LlamaConfig, LlamaModel};
 
 /// Loads the folder and continues `prompt` greedily for up to `max_new_tokens` tokens (stopping
@@ -18,7 +18,7 @@ pub fn run(dir: &Path, prompt: &[i64], max_new_tokens: usize) -> Result<Vec<i64>
     let device = Default::default();
     let config = LlamaConfig::from_hf_dir(dir)?;
     let store = WeightStore::open(dir)?;
-    let model = LlamaModel::<Flex>::load_hf(&config, &store, &device)?;
+    let model = LlamaModel::<Flex>::load_hf(&config, &Loader::new(&store, &device))?;
     let eos = config.eos_ids();
     let mut cache = KvCache::with_capacity(config.num_hidden_layers, prompt.len() + max_new_tokens);
     let mut next = prompt.to_vec();

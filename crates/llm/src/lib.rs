@@ -11,13 +11,14 @@
 //! ```no_run
 //! use burn::backend::Flex;
 //! use llava_llm::{KvCache, LlamaConfig, LlamaModel};
-//! use llava_checkpoint::WeightStore;
+//! use llava_checkpoint::{Loader, WeightStore};
 //!
 //! let dir = std::path::Path::new("vicuna-7b-v1.5");
 //! let config = LlamaConfig::from_hf_dir(dir)?;
 //! let store = WeightStore::open(dir)?; // sharded pytorch_model-*.bin or safetensors
 //! let device = Default::default();
-//! let model = LlamaModel::<Flex>::load_hf(&config, &store, &device)?;
+//! // f16/bf16 checkpoints stay in half precision; `.with_dtype(Some(DType::F32))` widens them.
+//! let model = LlamaModel::<Flex>::load_hf(&config, &Loader::new(&store, &device))?;
 //! let ids = burn::tensor::Tensor::<Flex, 2, burn::tensor::Int>::from_ints([[1, 15043]], &device);
 //! let mut cache = KvCache::new(config.num_hidden_layers);
 //! let logits = model.forward_ids(ids, Some(&mut cache)); // [1, 2, vocab]
@@ -29,8 +30,8 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
-use llava_checkpoint::{Exporter, Loader, WeightStore, WeightsError};
+use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
+use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
 use llava_kernels::linear_tokens;
 use llava_kernels::{add, silu_mul};
@@ -395,8 +396,17 @@ pub struct LlamaModel<B: Backend> {
 
 impl<B: Backend> LlamaModel<B> {
     /// Token embeddings, `[batch, seq]` → `[batch, seq, hidden]`.
+    /// They come in [`LlamaModel::activation_dtype`]: f32 on the CPU whatever the weights'
+    /// dtype, the weights' own elsewhere.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.embed_tokens.forward(ids)
+        let embeds = self.embed_tokens.forward(ids);
+        let dtype = self.activation_dtype();
+        if embeds.dtype() == dtype { embeds } else { embeds.cast(dtype) }
+    }
+
+    /// The dtype the decoder's activations run in for this model's weights.
+    pub fn activation_dtype(&self) -> DType {
+        llava_kernels::activation_dtype::<B>(self.embed_tokens.weight.dtype())
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -438,6 +448,7 @@ impl<B: Backend> LlamaModel<B> {
             None => {
                 let [b, s, d] = hidden.dims();
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
+                let w = if w.dtype() == hidden.dtype() { w } else { w.cast(hidden.dtype()) };
                 let v = w.dims()[0];
                 hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
             }
@@ -455,9 +466,9 @@ impl<B: Backend> LlamaModel<B> {
         self.logits(hidden)
     }
 
-    /// Loads `LlamaForCausalLM` weights with the standard names (`model.*`, `lm_head.*`).
-    pub fn load_hf(config: &LlamaConfig, store: &WeightStore, device: &B::Device) -> Result<Self, LlmError> {
-        let root = Loader::new(store, device);
+    /// Loads `LlamaForCausalLM` weights with the standard names (`model.*`, `lm_head.*`) from
+    /// the root of a checkpoint, in the loader's dtype (by default each tensor's stored one).
+    pub fn load_hf(config: &LlamaConfig, root: &Loader<'_, B>) -> Result<Self, LlmError> {
         Self::load(config, &root.pp("model"), &root.pp("lm_head"))
     }
 

@@ -61,6 +61,33 @@ pub fn freeze<B: AutodiffBackend>(mut model: Llava<B>, stage: Stage) -> Llava<B>
     model
 }
 
+/// The trainable parameters as f32 masters (a half-precision checkpoint's values widened,
+/// exactly); the frozen towers stay in whatever dtype they were loaded in.
+fn f32_masters<B: AutodiffBackend>(mut model: Llava<B>, stage: Stage) -> Llava<B> {
+    model.projector = model.projector.map(&mut ToF32Leaves);
+    if stage == Stage::Two {
+        model.llm = model.llm.map(&mut ToF32Leaves);
+    }
+    model
+}
+
+/// Casts half-precision parameters to f32 as new leaves of the graph, keeping whether they
+/// require gradients.
+struct ToF32Leaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for ToF32Leaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|t| {
+            if t.dtype() == DType::F32 {
+                return t;
+            }
+            let trainable = t.is_require_grad();
+            let t = Tensor::from_inner(t.inner().cast(DType::F32));
+            if trainable { t.require_grad() } else { t }
+        })
+    }
+}
+
 /// Optimisation settings (the reference's HF Trainer arguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -180,7 +207,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
         .init::<B, Llava<B>>();
         Self {
-            model: freeze(model, stage),
+            model: freeze(f32_masters(model, stage), stage),
             optim,
             config,
             stage,
@@ -194,8 +221,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Mixed precision: forward and backward in `dtype` (bf16), trainable parameters kept in
-    /// f32 and cast for each forward, frozen towers cast once here and that copy reused (their
-    /// f32 weights are kept too, for the saved model; memory: one more half-size copy of them).
+    /// f32 and cast for each forward, frozen towers cast once here and that copy reused. Towers
+    /// loaded in `dtype` already (the run loads them in its compute dtype) are not copied: the
+    /// cast of a tensor to its own dtype is the tensor itself.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         let vision = self.model.vision.clone().map(&mut CastParams(dtype));
         let llm = (self.stage == Stage::One).then(|| self.model.llm.clone().map(&mut CastParams(dtype)));
@@ -283,7 +311,7 @@ struct CastParams(DType);
 
 impl<B: Backend> ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        param.map(|t| t.cast(self.0))
+        param.map(|t| if t.dtype() == self.0 { t } else { t.cast(self.0) })
     }
 }
 

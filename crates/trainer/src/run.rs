@@ -13,7 +13,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
-use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
+use llava_checkpoint::{Exporter, Loader, SaveDtype, WeightStore};
 use llava_data::Tokenizer;
 use llava_data::conversation::conv_template;
 use llava_data::dataset::{
@@ -74,8 +74,15 @@ pub struct RunSummary {
     pub final_val_loss: Option<f64>,
 }
 
+/// The dtype a run holds its weights in: the compute dtype (bf16 under `training.bf16` where the
+/// backend has it, else f32). Frozen towers stay in it (held once, as the reference holds them);
+/// the trainer keeps f32 masters of the trainable parameters.
+pub fn weights_dtype<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) -> DType {
+    if cfg.training.bf16 && B::supports_dtype(device, DType::BF16) { DType::BF16 } else { DType::F32 }
+}
+
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
-/// or from the stage-1 file (stage 2).
+/// or from the stage-1 file (stage 2), weights in [`weights_dtype`].
 pub fn build_model<B: AutodiffBackend>(
     cfg: &RunConfig, device: &B::Device,
 ) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
@@ -97,8 +104,9 @@ pub fn build_model<B: AutodiffBackend>(
     config.validate().map_err(|reason| LlavaError::config(&cfg.model.vision_tower, reason))?;
     let clip_store = WeightStore::open(&cfg.model.vision_tower)?;
     let llm_store = WeightStore::open(&cfg.model.llm)?;
-    let vision_model = ClipVisionModel::load_hf(&config.vision, &clip_store, device)?;
-    let llm = LlamaModel::load_hf(&config.text, &llm_store, device)?;
+    let dtype = Some(weights_dtype::<B>(cfg, device));
+    let vision_model = ClipVisionModel::load_hf(&config.vision, &Loader::new(&clip_store, device).with_dtype(dtype))?;
+    let llm = LlamaModel::load_hf(&config.text, &Loader::new(&llm_store, device).with_dtype(dtype))?;
     clip_store.ensure_all_used()?;
     llm_store.ensure_all_used()?;
     let projector = match (&cfg.stage, &cfg.model.pretrained_projector) {
@@ -257,7 +265,8 @@ pub fn run<B: AutodiffBackend>(
         }
         Some(_) if options.resume && pretrained_llm.join("model.safetensors").is_file() => {
             let store = WeightStore::open(&pretrained_llm)?;
-            model.llm = LlamaModel::load_hf(&llava_config.text, &store, device).map_err(LlavaError::from)?;
+            let root = Loader::new(&store, device).with_dtype(Some(weights_dtype::<B>(cfg, device)));
+            model.llm = LlamaModel::load_hf(&llava_config.text, &root).map_err(LlavaError::from)?;
             tracing::info!("resumed with the text-pretrained LLM of {}", pretrained_llm.display());
         }
         Some(pt) => {
@@ -428,7 +437,14 @@ pub fn run<B: AutodiffBackend>(
 
     // Outputs: the projector alone, the whole model, the loss curve.
     llava::save::save_projector(&trainer.model, &run_dir.join("mm_projector.safetensors"))?;
-    llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm)?;
+    // Frozen towers are written through from the checkpoints they were loaded from: exact
+    // values and dtype whatever the run held them in.
+    let frozen = llava::save::FrozenSources {
+        vision: Some(cfg.model.vision_tower.clone()),
+        llm: (cfg.stage == Stage::One)
+            .then(|| if cfg.text_pretrain.is_some() { pretrained_llm.clone() } else { cfg.model.llm.clone() }),
+    };
+    llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm, &frozen)?;
     let all = read_metrics(&metrics_path).map_err(io(&metrics_path))?;
     let points: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
     let val_points: Vec<(f64, f64)> = all.iter().filter_map(|m| m.val_loss.map(|v| (m.step as f64, v))).collect();

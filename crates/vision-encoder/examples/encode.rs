@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use llava_checkpoint::WeightStore;
+use llava_checkpoint::{Loader, WeightStore};
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 
 /// Loads the CLIP folder and returns `hidden_states[select_layer]` `[images, 1 + patches,
@@ -20,7 +20,7 @@ pub fn run(
 ) -> Result<(Vec<f32>, [usize; 3]), Box<dyn std::error::Error>> {
     let device = Default::default();
     let config = ClipVisionConfig::from_hf_dir(clip_dir)?;
-    let model = ClipVisionModel::<Flex>::load_hf(&config, &WeightStore::open(clip_dir)?, &device)?;
+    let model = ClipVisionModel::<Flex>::load_hf(&config, &Loader::new(&WeightStore::open(clip_dir)?, &device))?;
     let pixels = WeightStore::open(pixels_file)?;
     let shape = pixels.info("pixel_values").ok_or("no `pixel_values` tensor")?.shape.clone();
     let dims: [usize; 4] =

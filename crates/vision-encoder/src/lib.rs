@@ -13,12 +13,12 @@
 //! ```no_run
 //! use burn::backend::Flex;
 //! use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
-//! use llava_checkpoint::WeightStore;
+//! use llava_checkpoint::{Loader, WeightStore};
 //!
 //! let dir = std::path::Path::new("clip-vit-large-patch14");
 //! let config = ClipVisionConfig::from_hf_dir(dir)?;
 //! let store = WeightStore::open(dir)?;
-//! let model = ClipVisionModel::<Flex>::load_hf(&config, &store, &Default::default())?;
+//! let model = ClipVisionModel::<Flex>::load_hf(&config, &Loader::new(&store, &Default::default()))?;
 //! let pixels = burn::tensor::Tensor::<Flex, 4>::zeros([1, 3, 224, 224], &Default::default());
 //! let features = model.hidden_state(pixels, -2); // [1, 257, 1024]
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -32,7 +32,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use llava_checkpoint::{Exporter, Loader, WeightStore, WeightsError};
+use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
 use llava_kernels::linear_tokens;
 use llava_kernels::{add, quick_gelu};
@@ -204,9 +204,11 @@ impl ClipVisionConfig {
                         quick_gelu: self.hidden_act == VisionActivation::QuickGelu,
                     },
                     layer_norm2: ln(),
+                    layer_norm_eps: self.layer_norm_eps,
                 })
                 .collect(),
             post_layernorm: ln(),
+            layer_norm_eps: self.layer_norm_eps,
         }
     }
 }
@@ -216,6 +218,12 @@ fn hidden_state_index(layers: usize, select_layer: i64) -> Option<usize> {
     let n = layers as i64 + 1;
     let index = if select_layer < 0 { n + select_layer } else { select_layer };
     (0..n).contains(&index).then_some(index as usize)
+}
+
+/// `LayerNorm` as PyTorch computes it (f32 inside, whatever the dtypes of input and weights).
+/// (Burn's `LayerNorm` keeps its epsilon private, so the layers carry `layer_norm_eps` themselves.)
+fn layer_norm<B: Backend, const D: usize>(norm: &LayerNorm<B>, x: Tensor<B, D>, epsilon: f64) -> Tensor<B, D> {
+    llava_kernels::layer_norm(x, norm.gamma.val(), norm.beta.as_ref().map(|b| b.val()), epsilon)
 }
 
 #[derive(Module, Debug)]
@@ -229,13 +237,18 @@ impl<B: Backend> ClipEmbeddings<B> {
     /// `[batch, 3, H, W]` → `[batch, 1 + patches, hidden]`.
     pub fn forward(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
         // As Hugging Face: the pixels take the weights' dtype (bf16 under mixed precision).
-        let pixels = pixels.cast(self.patch_embedding.weight.dtype());
+        let weights = self.patch_embedding.weight.dtype();
+        let pixels = pixels.cast(weights);
+        // The convolution runs in the weights' dtype; what follows in the activations' (f32 on
+        // the CPU, where the kernels read half-precision weights directly).
+        let activations = llava_kernels::activation_dtype::<B>(weights);
+        let to_activations = |t: Tensor<B, 3>| if t.dtype() == activations { t } else { t.cast(activations) };
         let patches = self.patch_embedding.forward(pixels); // [b, d, gh, gw]
         let [b, d, gh, gw] = patches.dims();
-        let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2); // [b, n, d]
-        let class = self.class_embedding.val().reshape([1, 1, d]).expand([b, 1, d]);
+        let patches = to_activations(patches.reshape([b, d, gh * gw]).swap_dims(1, 2)); // [b, n, d]
+        let class = to_activations(self.class_embedding.val().reshape([1, 1, d])).expand([b, 1, d]);
         let tokens = Tensor::cat(vec![class, patches], 1);
-        tokens + self.position_embedding.val().unsqueeze::<3>()
+        tokens + to_activations(self.position_embedding.val().unsqueeze::<3>())
     }
 }
 
@@ -282,13 +295,14 @@ pub struct ClipEncoderLayer<B: Backend> {
     pub layer_norm1: LayerNorm<B>,
     pub mlp: ClipMlp<B>,
     pub layer_norm2: LayerNorm<B>,
+    pub layer_norm_eps: f64,
 }
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let a = self.self_attn.forward(self.layer_norm1.forward(x.clone()));
+        let a = self.self_attn.forward(layer_norm(&self.layer_norm1, x.clone(), self.layer_norm_eps));
         let x = add(x, a);
-        let m = self.mlp.forward(self.layer_norm2.forward(x.clone()));
+        let m = self.mlp.forward(layer_norm(&self.layer_norm2, x.clone(), self.layer_norm_eps));
         add(x, m)
     }
 }
@@ -301,6 +315,7 @@ pub struct ClipVisionModel<B: Backend> {
     pub layers: Vec<ClipEncoderLayer<B>>,
     /// Loaded for completeness (it is part of the checkpoint) but unused by LLaVA.
     pub post_layernorm: LayerNorm<B>,
+    pub layer_norm_eps: f64,
 }
 
 impl<B: Backend> ClipVisionModel<B> {
@@ -311,7 +326,7 @@ impl<B: Backend> ClipVisionModel<B> {
         let index = hidden_state_index(self.layers.len(), select_layer).unwrap_or_else(|| {
             panic!("select_layer {select_layer} is out of range for {} hidden states", self.layers.len() + 1)
         });
-        let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixels));
+        let mut h = layer_norm(&self.pre_layrnorm, self.embeddings.forward(pixels), self.layer_norm_eps);
         for layer in &self.layers[..index] {
             h = layer.forward(h);
         }
@@ -322,18 +337,20 @@ impl<B: Backend> ClipVisionModel<B> {
     pub fn pooled(&self, pixels: Tensor<B, 4>) -> Tensor<B, 2> {
         let h = self.hidden_state(pixels, -1);
         let [b, _, d] = h.dims();
-        self.post_layernorm.forward(h.slice([0..b, 0..1, 0..d])).reshape([b, d])
+        layer_norm(&self.post_layernorm, h.slice([0..b, 0..1, 0..d]), self.layer_norm_eps).reshape([b, d])
     }
 
     /// Loads `vision_model.*` from a CLIP checkpoint (a full `CLIPModel`, whose text tower is
     /// ignored, or a `CLIPVisionModel`).
-    pub fn load_hf(config: &ClipVisionConfig, store: &WeightStore, device: &B::Device) -> Result<Self, VisionError> {
+    /// `root` is a loader at the checkpoint's root (its dtype applies).
+    pub fn load_hf(config: &ClipVisionConfig, root: &Loader<'_, B>) -> Result<Self, VisionError> {
+        let store = root.store();
         let prefix = if store.has_prefix("vision_model.") { "vision_model" } else { "" };
         store.ignore_prefix("text_model.");
         for name in ["logit_scale", "text_projection.weight", "visual_projection.weight"] {
             store.ignore_prefix(name);
         }
-        Self::load(config, &Loader::new(store, device).pp(prefix))
+        Self::load(config, &root.pp(prefix))
     }
 
     /// Loads from any prefix, e.g. `vision_tower.vision_model` inside a llava-hf checkpoint.
@@ -366,6 +383,7 @@ impl<B: Backend> ClipVisionModel<B> {
                     quick_gelu: config.hidden_act == VisionActivation::QuickGelu,
                 },
                 layer_norm2: l.layer_norm("layer_norm2", d, eps)?,
+                layer_norm_eps: eps,
             });
         }
         Ok(Self {
@@ -374,6 +392,7 @@ impl<B: Backend> ClipVisionModel<B> {
             pre_layrnorm: vb.layer_norm("pre_layrnorm", d, eps)?,
             layers,
             post_layernorm: vb.layer_norm("post_layernorm", d, eps)?,
+            layer_norm_eps: eps,
         })
     }
 
