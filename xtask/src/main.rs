@@ -3,6 +3,7 @@
 //! Standard output carries only a command's result; logs and progress go to standard error.
 
 mod bench;
+mod bench_real;
 mod data_cmds;
 mod demo;
 mod eval_cmds;
@@ -66,6 +67,12 @@ enum Command {
     BenchGenerate(bench::BenchGenerateArgs),
     /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
     BenchBackends(bench::BenchBackendsArgs),
+    /// Generation at real shapes (checkpoint folders, e.g. from scripts/real_shapes.py) against
+    /// PyTorch loading the same folders: load, peak RSS, prefill/decode tok/s, bandwidth use.
+    BenchReal(bench_real::BenchRealArgs),
+    /// One configuration of bench-real in a process of its own (prints one JSON line).
+    #[command(hide = true)]
+    BenchRealOne(bench_real::BenchRealOneArgs),
 }
 
 /// The checkout the demo and the benchmarks read from and write `runs/` into: `--root`, else
@@ -103,6 +110,8 @@ fn main() -> Result<()> {
         Command::BenchTrain(args) => bench::bench_train(args, &root),
         Command::BenchGenerate(args) => bench::bench_generate(args, &root),
         Command::BenchPipeline(args) => bench::bench_pipeline(args, &root),
+        Command::BenchReal(args) => bench_real::bench_real(args, &root),
+        Command::BenchRealOne(args) => bench_real::bench_real_one(args),
         Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One, &root),
         Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two, &root),
         Command::Chat(args) => eval_cmds::chat(args),

@@ -108,9 +108,9 @@ impl Exporter {
 
     /// Writes a Burn `[in, out]` linear as PyTorch's `[out, in]`, in its own dtype.
     pub fn linear<B: Backend>(&mut self, name: &str, l: &Linear<B>) {
-        let w = l.weight.val();
-        let [d_in, d_out] = w.dims();
-        let transposed = crate::loader::transpose(w.to_data(), d_in, d_out);
+        // `[in, out]`.transpose() is the `[out, in]` view; its data comes out in that order (for
+        // a loaded weight, which is that transpose already, without reordering).
+        let transposed = l.weight.val().transpose().to_data();
         self.scope(name, |e| {
             e.data("weight", transposed);
             if let Some(b) = &l.bias {
@@ -134,9 +134,10 @@ impl Exporter {
         for (name, entry) in self.tensors.iter_mut() {
             let Some(rest) = under(name) else { continue };
             let source = if store_prefix.is_empty() { rest } else { format!("{store_prefix}.{rest}") };
-            let info = store
-                .info(&source)
-                .ok_or_else(|| WeightsError::Missing { name: source.clone(), hint: format!(" (source of `{name}`)") })?;
+            let info = store.info(&source).ok_or_else(|| WeightsError::Missing {
+                name: source.clone(),
+                hint: format!(" (source of `{name}`)"),
+            })?;
             let shape = entry.shape();
             if info.shape != shape {
                 return Err(WeightsError::Shape {

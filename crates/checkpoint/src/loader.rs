@@ -4,7 +4,7 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Element, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::{Result, WeightStore};
 
@@ -95,10 +95,13 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A PyTorch `nn.Linear` (`weight` stored `[out, in]`), as Burn's `[in, out]` layout.
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let sub = self.pp(name);
-        let w = transpose(self.data(&sub.path("weight"), &[d_out, d_in])?, d_out, d_in);
+        // Kept as stored, `[out, in]`, and viewed as Burn's `[in, out]` (a transpose is a view):
+        // no copy at load, and each output's weights stay one contiguous run, the layout the
+        // CPU decode kernel reads fastest. The kernels take either layout.
+        let w = self.data(&sub.path("weight"), &[d_out, d_in])?;
         let dtype = w.dtype;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(Tensor::from_data(w, (&self.device, dtype)));
+        linear.weight = Param::from_tensor(Tensor::<B, 2>::from_data(w, (&self.device, dtype)).transpose());
         if bias {
             linear.bias = Some(sub.param("bias", [d_out])?);
         }
@@ -133,34 +136,5 @@ impl<'a, B: Backend> Loader<'a, B> {
             .init(&self.device);
         conv.weight = self.pp(name).param("weight", [dim, channels, patch, patch])?;
         Ok(conv)
-    }
-}
-
-/// A row-major `[rows, cols]` matrix as `[cols, rows]`, in its own dtype.
-pub(crate) fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
-    fn typed<T: Element + Copy>(data: TensorData, rows: usize, cols: usize) -> TensorData {
-        let values = data.into_vec::<T>().expect("dtype checked by the caller");
-        let mut out = Vec::with_capacity(values.len());
-        // Blocks of 64 × 64 keep both sides in cache.
-        const BLOCK: usize = 64;
-        let spare = out.spare_capacity_mut();
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r0 in (0..rows).step_by(BLOCK) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    for r in r0..(r0 + BLOCK).min(rows) {
-                        spare[c * rows + r].write(values[r * cols + c]);
-                    }
-                }
-            }
-        }
-        // SAFETY: every index c * rows + r below rows * cols was written above.
-        unsafe { out.set_len(values.len()) };
-        TensorData::new(out, [cols, rows])
-    }
-    match data.dtype {
-        DType::F16 => typed::<half::f16>(data, rows, cols),
-        DType::BF16 => typed::<half::bf16>(data, rows, cols),
-        DType::F64 => typed::<f64>(data, rows, cols),
-        _ => typed::<f32>(data, rows, cols),
     }
 }

@@ -34,6 +34,7 @@ pub mod kv;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod probe;
 pub mod reference;
 
 pub use activation::{add, quick_gelu, rope, silu_mul};

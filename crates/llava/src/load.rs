@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Tensor};
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
 use llava_checkpoint::{Loader, WeightStore};
 use llava_data::Tokenizer;
 use llava_data::image::{AspectMode, ProcessorConfig};

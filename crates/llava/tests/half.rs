@@ -74,8 +74,7 @@ fn check(name: &str, dtype: DType) {
     let pixels = Tensor::<B, 4>::from_data(TensorData::new(exp.values("pixel_values"), pixel_shape), &device);
 
     let features = model.encode_images(pixels.clone());
-    for (what, ours) in [("vision_features", features.vision.clone()), ("image_features", features.projected.clone())]
-    {
+    for (what, ours) in [("vision_features", features.vision.clone()), ("image_features", features.projected.clone())] {
         let (d, tol) = (max_abs_diff(ours, &exp.values(what)), exp.scalar(&format!("tol_{what}")));
         assert!(d <= tol, "{name} {what}: {d} from the f32 path; Hugging Face's own {dtype:?} run is {tol} from it");
     }

@@ -190,6 +190,24 @@ mod wgpu {
     }
 }
 
+/// CUDA (run by scripts/gpu/check.sh when a GPU is lent; never in CI).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    type B = llava::backend::Cuda;
+    const TOL: f32 = 1e-3;
+
+    #[test]
+    fn llava_hf_mlp_projector_safetensors_shards() {
+        check_model::<B>(&Default::default(), &fixture("hf-mlp"), TOL);
+    }
+
+    #[test]
+    fn original_layout_linear_projector_bf16_bin_shards() {
+        check_model::<B>(&Default::default(), &fixture("orig-linear"), TOL);
+    }
+}
+
 /// The original layout names its tower as a hub id; it is found in a local Hugging Face cache
 /// (never downloaded), and a missing one is a clear error.
 #[test]

@@ -9,7 +9,8 @@
 //! with the transposes as strides. Few-row products (decoding) go to [`crate::cpu::skinny`] first.
 
 use crate::cpu::flex::{
-    AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values,
+    AutodiffFlexTensor, StridedMatrix, autodiff_primitive, flex_f32, flex_tensor, from_autodiff, from_f32,
+    is_autodiff_flex, values,
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -36,8 +37,9 @@ pub(crate) fn linear<B: Backend>(
             None => y,
         });
     }
-    let (xf, wf) = (flex_f32(x)?.to_contiguous(), flex_f32(w)?.to_contiguous());
-    let mut out = matmul(m, k, n, (values(&xf), k, 1), (values(&wf), n, 1));
+    // The weight is read in place, row-major or as the loader's transposed view.
+    let (xf, wf) = (flex_f32(x)?.to_contiguous(), StridedMatrix::of(flex_f32(w)?));
+    let mut out = matmul(m, k, n, (values(&xf), k, 1), (wf.values(), wf.rs, wf.cs));
     if let Some(bias) = bias {
         let bias = flex_f32(bias)?.to_contiguous();
         let bias = values(&bias);
@@ -121,7 +123,7 @@ pub(crate) unsafe fn gemm_into(
 struct MatmulBackward;
 
 /// What the backward pass needs: `[m, k, n]`, X (for dW, when W is trained) and W (for dX).
-type Saved = ([usize; 3], Option<FlexTensor>, Option<FlexTensor>);
+type Saved = ([usize; 3], Option<FlexTensor>, Option<StridedMatrix>);
 
 impl Backward<Flex, 2> for MatmulBackward {
     type State = Saved;
@@ -131,10 +133,11 @@ impl Backward<Flex, 2> for MatmulBackward {
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [x_node, w_node] = ops.parents;
         if let (Some(node), Some(w)) = (x_node, w) {
-            // dX = dY · Wᵀ: Wᵀ[j, c] = W[c, j], so rows step by 1 and columns by n.
+            // dX = dY · Wᵀ: Wᵀ[j, c] = W[c, j], so Wᵀ's rows step by W's column stride and its
+            // columns by W's row stride.
             grads.register::<Flex>(
                 node.id,
-                flex_tensor(matmul(m, n, k, (values(&grad), n, 1), (values(&w), 1, n)), [m, k]),
+                flex_tensor(matmul(m, n, k, (values(&grad), n, 1), (w.values(), w.cs, w.rs)), [m, k]),
             );
         }
         if let (Some(node), Some(x)) = (w_node, x) {
@@ -148,8 +151,8 @@ impl Backward<Flex, 2> for MatmulBackward {
 }
 
 fn autodiff_matmul(x: AutodiffFlexTensor, w: AutodiffFlexTensor, [m, k, n]: [usize; 3]) -> AutodiffFlexTensor {
-    let (xf, wf) = (x.primitive.to_contiguous(), w.primitive.to_contiguous());
-    let out = flex_tensor(matmul(m, k, n, (values(&xf), k, 1), (values(&wf), n, 1)), [m, n]);
+    let (xf, wf) = (x.primitive.to_contiguous(), StridedMatrix::of(w.primitive.clone()));
+    let out = flex_tensor(matmul(m, k, n, (values(&xf), k, 1), (wf.values(), wf.rs, wf.cs)), [m, n]);
     let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
     match MatmulBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
         // X is kept only to give W its gradient, and W only to give X its own.
@@ -216,6 +219,29 @@ mod tests {
                 close(&y.into_data().to_vec::<f32>().unwrap(), &burn.0, "inference y");
             }
         }
+    }
+
+    /// The loader's transposed view of an `[n, k]` weight is read in place, forwards and backwards.
+    #[test]
+    fn a_transposed_weight_view_gives_burns_values_and_gradients() {
+        let device = Default::default();
+        AD::seed(&device, 5);
+        let (m, k, n) = (40, 33, 70);
+        let x = Tensor::<AD, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let storage = Tensor::<AD, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+        let probe = Tensor::<AD, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| {
+            let (x, leaf) = (x.clone().require_grad(), storage.clone().require_grad());
+            let w = leaf.clone().transpose();
+            let y = if ours { linear(&x, &w, None).unwrap() } else { x.clone().matmul(w.clone()) };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let v = |t: TensorData| t.to_vec::<f32>().unwrap();
+            (v(y.into_data()), v(x.grad(&grads).unwrap().into_data()), v(leaf.grad(&grads).unwrap().into_data()))
+        };
+        let (ours, burn) = (run(true), run(false));
+        close(&ours.0, &burn.0, "y");
+        close(&ours.1, &burn.1, "dX");
+        close(&ours.2, &burn.2, "dW");
     }
 
     #[test]

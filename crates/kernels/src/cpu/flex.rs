@@ -62,6 +62,65 @@ pub(crate) fn flex_any<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<F
     (&prim as &dyn Any).downcast_ref::<FlexTensor>().cloned()
 }
 
+/// How a 2-D weight `[k, n]` lies in its storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MatrixLayout {
+    /// Row-major `[k, n]`, as Burn's own `Linear` initialises it.
+    RowMajor,
+    /// The transpose of a row-major `[n, k]`: a PyTorch `[out, in]` weight viewed as Burn's
+    /// `[in, out]`, as the checkpoint loader keeps it (no copy at load; each output's weights are
+    /// one contiguous run, which is what a decode-time dot product wants).
+    Transposed,
+}
+
+/// The layout of a 2-D Flex tensor whose storage holds exactly its elements from offset 0;
+/// `None` for any other view (a slice, a broadcast).
+pub(crate) fn matrix_layout(t: &FlexTensor) -> Option<MatrixLayout> {
+    let layout = t.layout();
+    let dims = layout.shape();
+    if dims.num_dims() != 2 || layout.start_offset() != 0 {
+        return None;
+    }
+    let (k, n) = (dims[0], dims[1]);
+    let elements = t.bytes().len() / t.dtype().size().max(1);
+    if elements != k * n {
+        return None;
+    }
+    match layout.strides() {
+        [rs, cs] if *rs == n as isize && *cs == 1 => Some(MatrixLayout::RowMajor),
+        [rs, cs] if *rs == 1 && *cs == k as isize => Some(MatrixLayout::Transposed),
+        _ if k == 1 || n == 1 => Some(MatrixLayout::RowMajor),
+        _ => None,
+    }
+}
+
+/// An f32 matrix as its storage and strides: row-major and transposed views in place, any other
+/// view copied into a contiguous one first.
+#[derive(Debug, Clone)]
+pub(crate) struct StridedMatrix {
+    tensor: FlexTensor,
+    /// Elements between consecutive rows, and between consecutive columns.
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl StridedMatrix {
+    /// `t` must be an f32 `[rows, cols]` Flex tensor.
+    pub(crate) fn of(t: FlexTensor) -> Self {
+        let dims = t.layout().shape().clone();
+        let (rows, cols) = (dims[0], dims[1]);
+        match matrix_layout(&t) {
+            Some(MatrixLayout::RowMajor) => Self { tensor: t, rs: cols, cs: 1 },
+            Some(MatrixLayout::Transposed) => Self { tensor: t, rs: 1, cs: rows },
+            None => Self { tensor: t.to_contiguous(), rs: cols, cs: 1 },
+        }
+    }
+
+    pub(crate) fn values(&self) -> &[f32] {
+        self.tensor.storage::<f32>()
+    }
+}
+
 /// A tensor of backend `B` holding `values` (row-major) with `shape`, when `B` is Flex.
 pub(crate) fn from_f32<B: Backend, const D: usize>(values: Vec<f32>, shape: impl Into<Shape>) -> Option<Tensor<B, D>> {
     into_tensor(FlexTensor::from_data(TensorData::new(values, shape.into())))

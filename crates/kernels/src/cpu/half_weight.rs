@@ -13,7 +13,8 @@
 
 use crate::cpu::dense::gemm_into;
 use crate::cpu::flex::{
-    autodiff_primitive, flex_any, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex, values,
+    MatrixLayout, autodiff_primitive, flex_any, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex,
+    matrix_layout, values,
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -69,35 +70,80 @@ fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
 }
 
-/// A contiguous row-major half-precision `[rows, cols]` matrix.
-enum HalfMatrix<'a> {
-    BF16(&'a [bf16], usize),
-    F16(&'a [f16], usize),
+/// A half-precision `[rows, cols]` matrix in its storage: row-major, or the transposed view of
+/// a row-major `[cols, rows]` (how the loader keeps PyTorch's `[out, in]` linear weights).
+struct HalfMatrix<'a> {
+    values: HalfSlice<'a>,
+    rows: usize,
+    cols: usize,
+    layout: MatrixLayout,
+}
+
+enum HalfSlice<'a> {
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl HalfSlice<'_> {
+    /// Storage elements `range`, widened into `dst`.
+    fn widen(&self, range: std::ops::Range<usize>, dst: &mut [f32]) {
+        match self {
+            HalfSlice::BF16(v) => widen_bf16(&v[range], dst),
+            HalfSlice::F16(v) => widen_f16(&v[range], dst),
+        }
+    }
 }
 
 impl<'a> HalfMatrix<'a> {
     fn of(t: &'a FlexTensor, rows: usize, cols: usize) -> Option<Self> {
-        if !t.is_contiguous() || t.layout().start_offset() != 0 {
-            return None;
-        }
+        let layout = matrix_layout(t)?;
         let len = rows * cols;
-        match t.dtype() {
-            DType::BF16 => t.as_slice::<bf16>().filter(|s| s.len() == len).map(|s| HalfMatrix::BF16(s, cols)),
-            DType::F16 => t.as_slice::<f16>().filter(|s| s.len() == len).map(|s| HalfMatrix::F16(s, cols)),
-            _ => None,
+        let values = match t.dtype() {
+            DType::BF16 => HalfSlice::BF16(&t.storage::<bf16>()[..len]),
+            DType::F16 => HalfSlice::F16(&t.storage::<f16>()[..len]),
+            _ => return None,
+        };
+        Some(Self { values, rows, cols, layout })
+    }
+
+    /// Columns `columns` of every row, widened into `dst`, as a `[rows, width]` operand:
+    /// returns its (row stride, column stride) in `dst`.
+    fn column_block(&self, columns: std::ops::Range<usize>, dst: &mut Vec<f32>) -> (usize, usize) {
+        let (k, n, width) = (self.rows, self.cols, columns.len());
+        dst.clear();
+        dst.resize(k * width, 0.0);
+        match self.layout {
+            MatrixLayout::RowMajor => {
+                for (r, out) in dst.chunks_exact_mut(width).enumerate() {
+                    self.values.widen(r * n + columns.start..r * n + columns.end, out);
+                }
+                (width, 1)
+            }
+            // The columns are storage rows, contiguous: one run, the block transposed.
+            MatrixLayout::Transposed => {
+                self.values.widen(columns.start * k..columns.end * k, dst);
+                (1, k)
+            }
         }
     }
 
-    /// Rows `r0..r1`, columns `c0..c1` as a row-major f32 block in `dst`.
-    fn convert(&self, rows: std::ops::Range<usize>, columns: std::ops::Range<usize>, dst: &mut Vec<f32>) {
-        let width = columns.len();
+    /// Rows `rows` widened into `dst` as the transposed operand `[cols, height]` (for
+    /// `dX = dY · Wᵀ`): returns its (row stride, column stride) in `dst`.
+    fn row_block_transposed(&self, rows: std::ops::Range<usize>, dst: &mut Vec<f32>) -> (usize, usize) {
+        let (k, n, height) = (self.rows, self.cols, rows.len());
         dst.clear();
-        dst.resize(rows.len() * width, 0.0);
-        for (i, r) in rows.enumerate() {
-            let out = &mut dst[i * width..(i + 1) * width];
-            match self {
-                HalfMatrix::BF16(v, cols) => widen_bf16(&v[r * cols + columns.start..r * cols + columns.end], out),
-                HalfMatrix::F16(v, cols) => widen_f16(&v[r * cols + columns.start..r * cols + columns.end], out),
+        dst.resize(height * n, 0.0);
+        match self.layout {
+            // Rows are contiguous: one run `[height, n]`, whose transpose steps by 1 along a row.
+            MatrixLayout::RowMajor => {
+                self.values.widen(rows.start * n..rows.end * n, dst);
+                (1, n)
+            }
+            MatrixLayout::Transposed => {
+                for (j, out) in dst.chunks_exact_mut(height).enumerate() {
+                    self.values.widen(j * k + rows.start..j * k + rows.end, out);
+                }
+                (height, 1)
             }
         }
     }
@@ -151,10 +197,10 @@ fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> 
     (0..n.div_ceil(COLUMNS)).into_par_iter().for_each_init(Vec::new, |block, b| {
         let columns = b * COLUMNS..((b + 1) * COLUMNS).min(n);
         let width = columns.len();
-        w.convert(0..k, columns.clone(), block);
+        let (rs, cs) = w.column_block(columns.clone(), block);
         let ptr = ptr;
         // SAFETY: this task alone writes columns `columns` of every row of `out`, which holds
-        // m × n floats; the block is `[k, width]` row-major.
+        // m × n floats; the block is a `[k, width]` operand with strides (rs, cs).
         unsafe {
             gemm_into(
                 m,
@@ -163,7 +209,7 @@ fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> 
                 ptr.0.add(columns.start),
                 n,
                 (x.as_ptr(), k, 1),
-                (block.as_ptr(), width, 1),
+                (block.as_ptr(), rs, cs),
                 gemm::Parallelism::None,
             )
         };
@@ -180,11 +226,10 @@ fn backward_input(dy: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> V
     (0..k.div_ceil(ROWS)).into_par_iter().for_each_init(Vec::new, |block, b| {
         let rows = b * ROWS..((b + 1) * ROWS).min(k);
         let height = rows.len();
-        w.convert(rows.clone(), 0..n, block);
+        let (rs, cs) = w.row_block_transposed(rows.clone(), block);
         let ptr = ptr;
-        // The block is w[rows, :] `[height, n]`; its transpose `[n, height]` has element (j, c)
-        // at c·n + j: row stride 1, column stride n.
-        // SAFETY: this task alone writes columns `rows` of every row of `dx` (m × k floats).
+        // SAFETY: this task alone writes columns `rows` of every row of `dx` (m × k floats); the
+        // block is the `[n, height]` operand w[rows, :]ᵀ with strides (rs, cs).
         unsafe {
             gemm_into(
                 m,
@@ -193,7 +238,7 @@ fn backward_input(dy: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> V
                 ptr.0.add(rows.start),
                 k,
                 (dy.as_ptr(), n, 1),
-                (block.as_ptr(), 1, n),
+                (block.as_ptr(), rs, cs),
                 gemm::Parallelism::None,
             )
         };
@@ -245,27 +290,30 @@ mod tests {
             for (m, k, n) in [(17, 5, 9), (40, 300, 520)] {
                 let x = Tensor::<AD, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
                 let w = Tensor::<AD, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
-                let bias = Tensor::<AD, 1>::random([n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
-                let probe = Tensor::<AD, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
-                let run = |ours: bool| {
-                    let x = x.clone().require_grad();
-                    let y = if ours {
-                        linear(&x, &w, Some(&bias)).expect("a frozen half weight takes the kernel")
-                    } else {
-                        x.clone().matmul(w.clone().cast(DType::F32)) + bias.clone().cast(DType::F32).unsqueeze()
+                // Row-major, and the loader's transposed view of an `[n, k]` storage.
+                for w in [w.clone(), Tensor::from_data(w.clone().transpose().to_data(), (&device, dtype)).transpose()] {
+                    let bias = Tensor::<AD, 1>::random([n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                    let probe = Tensor::<AD, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+                    let run = |ours: bool| {
+                        let x = x.clone().require_grad();
+                        let y = if ours {
+                            linear(&x, &w, Some(&bias)).expect("a frozen half weight takes the kernel")
+                        } else {
+                            x.clone().matmul(w.clone().cast(DType::F32)) + bias.clone().cast(DType::F32).unsqueeze()
+                        };
+                        let grads = (y.clone() * probe.clone()).sum().backward();
+                        let v = |t: TensorData| t.to_vec::<f32>().unwrap();
+                        (v(y.into_data()), v(x.grad(&grads).unwrap().into_data()))
                     };
-                    let grads = (y.clone() * probe.clone()).sum().backward();
-                    let v = |t: TensorData| t.to_vec::<f32>().unwrap();
-                    (v(y.into_data()), v(x.grad(&grads).unwrap().into_data()))
-                };
-                let (ours, burn) = (run(true), run(false));
-                close(&ours.0, &burn.0, &format!("{dtype:?} y {m}x{k}x{n}"));
-                close(&ours.1, &burn.1, &format!("{dtype:?} dX {m}x{k}x{n}"));
-                // Plain Flex (inference): the same values.
-                let plain = |t: TensorData| Tensor::<Flex, 2>::from_data(t.clone(), (&device, t.dtype));
-                let b1 = Tensor::<Flex, 1>::from_data(bias.to_data(), (&device, dtype));
-                let y = linear(&plain(x.to_data()), &plain(w.to_data()), Some(&b1)).expect("Flex half weight");
-                close(&y.into_data().to_vec::<f32>().unwrap(), &burn.0, "inference y");
+                    let (ours, burn) = (run(true), run(false));
+                    close(&ours.0, &burn.0, &format!("{dtype:?} y {m}x{k}x{n}"));
+                    close(&ours.1, &burn.1, &format!("{dtype:?} dX {m}x{k}x{n}"));
+                    // Plain Flex (inference): the same values.
+                    let plain = |t: TensorData| Tensor::<Flex, 2>::from_data(t.clone(), (&device, t.dtype));
+                    let b1 = Tensor::<Flex, 1>::from_data(bias.to_data(), (&device, dtype));
+                    let y = linear(&plain(x.to_data()), &plain(w.to_data()), Some(&b1)).expect("Flex half weight");
+                    close(&y.into_data().to_vec::<f32>().unwrap(), &burn.0, "inference y");
+                }
             }
         }
     }

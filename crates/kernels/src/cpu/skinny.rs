@@ -14,7 +14,7 @@
 //! sequential sum over `k`, independent of `m` and of the thread split, so a row's result does
 //! not depend on which other rows share the batch.
 
-use crate::cpu::flex::{flex_any, flex_f32, from_f32};
+use crate::cpu::flex::{MatrixLayout, flex_any, flex_f32, from_f32, matrix_layout};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use half::{bf16, f16};
@@ -25,6 +25,8 @@ pub const MAX_ROWS: usize = 16;
 /// Widest panel: a 2 KiB run of each weight row (and, in the portable loop, 8 rows of sums in
 /// 16 KiB of L1).
 const PANEL: usize = 512;
+/// Bytes of weights per row block of a panel (a quarter of a 2 MiB L2).
+const L2_BLOCK_BYTES: usize = 512 * 1024;
 
 /// `x [m, k] · w [k, n] (+ bias [n])` on Flex f32 tensors with `m ≤ MAX_ROWS`; `None` (inputs
 /// untouched) when the backend, dtype, shape or weight layout does not fit.
@@ -37,21 +39,29 @@ pub(crate) fn skinny_linear<B: Backend>(
         return None;
     }
     let w_flex = flex_any(w)?;
-    // The weight is used in place: a strided (e.g. transposed) one is left to Burn.
-    if !w_flex.is_contiguous() || w_flex.layout().start_offset() != 0 {
-        return None;
-    }
+    // The weight is used in place: row-major, or the transposed view the checkpoint loader makes;
+    // any other view is left to Burn.
+    let layout = matrix_layout(&w_flex)?;
     let x_contig = flex_f32(x)?.to_contiguous();
     let rows = x_contig.as_slice::<f32>()?;
     let bias_values = match bias {
-        Some(b) => Some(flex_f32(b)?.to_contiguous().as_slice::<f32>()?.to_vec()),
+        Some(b) => Some(b.clone().cast(DType::F32).into_data().into_vec::<f32>().ok()?),
         None => None,
     };
     let mut out = vec![0f32; m * n];
+    macro_rules! run {
+        ($t:ty) => {{
+            let weights = &w_flex.storage::<$t>()[..k * n];
+            match layout {
+                MatrixLayout::RowMajor => matmul_rows(rows, weights, &mut out, m, k, n),
+                MatrixLayout::Transposed => matmul_dots(rows, weights, &mut out, m, k, n),
+            }
+        }};
+    }
     match w_flex.dtype() {
-        DType::F32 => matmul_rows(rows, w_flex.as_slice::<f32>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
-        DType::BF16 => matmul_rows(rows, w_flex.as_slice::<bf16>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
-        DType::F16 => matmul_rows(rows, w_flex.as_slice::<f16>().filter(|s| s.len() == k * n)?, &mut out, m, k, n),
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(bf16),
+        DType::F16 => run!(f16),
         _ => return None,
     }
     if let Some(bias) = bias_values {
@@ -197,51 +207,70 @@ unsafe fn panel_avx512<const M: usize, W: PanelWeight>(
     // 64-byte lines of one row's segment: 16 f32 or 32 half-precision values each.
     let per_line = 64 / std::mem::size_of::<W>();
     let lines = (c1 - c0).div_ceil(per_line);
-    for strip in 0..strips {
-        let j0 = c0 + 32 * strip;
-        let mut lo = [_mm512_setzero_ps(); M];
-        let mut hi = [_mm512_setzero_ps(); M];
-        for kk in 0..k {
-            let row = unsafe { wp.add(kk * n + j0) };
-            if strip == 0 && kk + AHEAD < k {
-                let ahead = unsafe { wp.add((kk + AHEAD) * n + c0) };
-                for line in 0..lines {
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(per_line * line) as *const i8) };
+    // Rows of the panel per block: the block (rows × panel width) stays within a quarter of a
+    // core's L2, so that the strips after the first, which prefetched it, find it there. Without
+    // blocking a real-width panel (k = 2048..11008 rows) overflows L2 and every strip reads the
+    // weights from memory again. The sums go through `out` between blocks, unchanged (f32), so
+    // each output is still one sequential sum over k.
+    let block = (L2_BLOCK_BYTES / ((c1 - c0).max(1) * std::mem::size_of::<W>())).max(16);
+    let mut k0 = 0;
+    while k0 < k {
+        let k1 = (k0 + block).min(k);
+        for strip in 0..strips {
+            let j0 = c0 + 32 * strip;
+            let mut lo = [_mm512_setzero_ps(); M];
+            let mut hi = [_mm512_setzero_ps(); M];
+            if k0 > 0 {
+                for i in 0..M {
+                    unsafe {
+                        lo[i] = _mm512_loadu_ps(out.add(i * n + j0));
+                        hi[i] = _mm512_loadu_ps(out.add(i * n + j0 + 16));
+                    }
                 }
             }
-            let (w_lo, w_hi) = unsafe {
-                match W::KIND {
-                    WeightKind::F32 => {
-                        (_mm512_loadu_ps(row as *const f32), _mm512_loadu_ps((row as *const f32).add(16)))
-                    }
-                    WeightKind::BF16 => {
-                        // Widen 16-bit lanes to 32 and shift them into the high half: exact.
-                        let lo = _mm256_loadu_si256(row as *const __m256i);
-                        let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
-                        (
-                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo))),
-                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi))),
-                        )
-                    }
-                    WeightKind::F16 => {
-                        let lo = _mm256_loadu_si256(row as *const __m256i);
-                        let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
-                        (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
+            for kk in k0..k1 {
+                let row = unsafe { wp.add(kk * n + j0) };
+                if strip == 0 && kk + AHEAD < k1 {
+                    let ahead = unsafe { wp.add((kk + AHEAD) * n + c0) };
+                    for line in 0..lines {
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(per_line * line) as *const i8) };
                     }
                 }
-            };
+                let (w_lo, w_hi) = unsafe {
+                    match W::KIND {
+                        WeightKind::F32 => {
+                            (_mm512_loadu_ps(row as *const f32), _mm512_loadu_ps((row as *const f32).add(16)))
+                        }
+                        WeightKind::BF16 => {
+                            // Widen 16-bit lanes to 32 and shift them into the high half: exact.
+                            let lo = _mm256_loadu_si256(row as *const __m256i);
+                            let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
+                            (
+                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo))),
+                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi))),
+                            )
+                        }
+                        WeightKind::F16 => {
+                            let lo = _mm256_loadu_si256(row as *const __m256i);
+                            let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
+                            (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
+                        }
+                    }
+                };
+                for i in 0..M {
+                    let xv = _mm512_set1_ps(unsafe { *xp.add(i * k + kk) });
+                    lo[i] = _mm512_fmadd_ps(xv, w_lo, lo[i]);
+                    hi[i] = _mm512_fmadd_ps(xv, w_hi, hi[i]);
+                }
+            }
             for i in 0..M {
-                let xv = _mm512_set1_ps(unsafe { *xp.add(i * k + kk) });
-                lo[i] = _mm512_fmadd_ps(xv, w_lo, lo[i]);
-                hi[i] = _mm512_fmadd_ps(xv, w_hi, hi[i]);
+                unsafe {
+                    _mm512_storeu_ps(out.add(i * n + j0), lo[i]);
+                    _mm512_storeu_ps(out.add(i * n + j0 + 16), hi[i]);
+                }
             }
         }
-        for i in 0..M {
-            unsafe {
-                _mm512_storeu_ps(out.add(i * n + j0), lo[i]);
-                _mm512_storeu_ps(out.add(i * n + j0 + 16), hi[i]);
-            }
-        }
+        k0 = k1;
     }
     // Columns past the last whole strip (only in the last panel of a ragged width).
     for j in c0 + 32 * strips..c1 {
@@ -271,6 +300,142 @@ unsafe fn panel_portable<const M: usize, W: PanelWeight>(
     }
     for (i, row) in acc.iter().enumerate() {
         unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * n + c0), width) };
+    }
+}
+
+/// `out [m, n] = x [m, k] · wtᵀ` where `wt` is `[n, k]` row-major (each output's weights one
+/// contiguous run of `k`): a dot product per output, the layout llama.cpp decodes with. Each
+/// weight row is read once, sequentially (the hardware prefetchers' best case), by one thread;
+/// `x` stays in cache. Each output is one fixed-order sum (16 lanes over `k`, then the lanes,
+/// then the ragged tail), independent of `m`, of which rows share the batch and of the split.
+pub fn matmul_dots<W: PanelWeight>(x: &[f32], wt: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(x.len() == m * k && wt.len() == k * n && out.len() == m * n);
+    // Outputs per task: a few tasks per thread so that the last one does not wait alone.
+    let chunk = (n / (4 * rayon::current_num_threads())).clamp(2, 256) / 2 * 2;
+    let tasks = n.div_ceil(chunk);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |task: usize| {
+        let ptr = ptr; // the whole wrapper, not its raw-pointer field, is captured (Send + Sync)
+        let (j0, j1) = (task * chunk, ((task + 1) * chunk).min(n));
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(8);
+            let x_rows = &x[i0 * k..(i0 + rows) * k];
+            // SAFETY: outputs [j0, j1) of rows i0.. are written by this task only.
+            unsafe {
+                let out_rows = ptr.0.add(i0 * n);
+                match rows {
+                    1 => dots_dispatch::<1, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    2 => dots_dispatch::<2, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    3 => dots_dispatch::<3, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    4 => dots_dispatch::<4, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    5 => dots_dispatch::<5, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    6 => dots_dispatch::<6, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    7 => dots_dispatch::<7, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                    _ => dots_dispatch::<8, W>(x_rows, wt, out_rows, k, n, j0, j1),
+                }
+            }
+            i0 += rows;
+        }
+    };
+    if k * n >= 1 << 16 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
+#[inline(always)]
+unsafe fn dots_dispatch<const M: usize, W: PanelWeight>(
+    x: &[f32], wt: &[W], out: *mut f32, k: usize, n: usize, j0: usize, j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return unsafe { dots_avx512::<M, W>(x, wt, out, k, n, j0, j1) };
+    }
+    for j in j0..j1 {
+        let row = &wt[j * k..(j + 1) * k];
+        for i in 0..M {
+            let xr = &x[i * k..(i + 1) * k];
+            // The same order as the SIMD loop: 16 lanes, then the lanes in order, then the tail.
+            let whole = k / 16 * 16;
+            let mut lanes = [0f32; 16];
+            for c in (0..whole).step_by(16) {
+                for l in 0..16 {
+                    lanes[l] = xr[c + l].mul_add(row[c + l].to_f32(), lanes[l]);
+                }
+            }
+            let mut sum = lanes.iter().sum::<f32>();
+            for c in whole..k {
+                sum = xr[c].mul_add(row[c].to_f32(), sum);
+            }
+            unsafe { *out.add(i * n + j) = sum };
+        }
+    }
+}
+
+/// 16 weights of `W` at `p` as f32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load16<W: PanelWeight>(p: *const W) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    unsafe {
+        match W::KIND {
+            WeightKind::F32 => _mm512_loadu_ps(p as *const f32),
+            WeightKind::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p as *const __m256i),
+            ))),
+            WeightKind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        }
+    }
+}
+
+/// Outputs `[j0, j1)` of `M` rows, two weight rows at a time (each `x` load serves both).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma,f16c")]
+unsafe fn dots_avx512<const M: usize, W: PanelWeight>(
+    x: &[f32], wt: &[W], out: *mut f32, k: usize, n: usize, j0: usize, j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let (xp, wp) = (x.as_ptr(), wt.as_ptr());
+    let whole = k / 16 * 16;
+    let finish = |j: usize, acc: &[__m512; M]| {
+        for (i, a) in acc.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(*a);
+            for c in whole..k {
+                sum = unsafe { (*xp.add(i * k + c)).mul_add((*wp.add(j * k + c)).to_f32(), sum) };
+            }
+            unsafe { *out.add(i * n + j) = sum };
+        }
+    };
+    let mut j = j0;
+    while j + 2 <= j1 {
+        let (r0, r1) = unsafe { (wp.add(j * k), wp.add((j + 1) * k)) };
+        let mut a0 = [_mm512_setzero_ps(); M];
+        let mut a1 = [_mm512_setzero_ps(); M];
+        for c in (0..whole).step_by(16) {
+            let (w0, w1) = unsafe { (load16(r0.add(c)), load16(r1.add(c))) };
+            for i in 0..M {
+                let xv = unsafe { _mm512_loadu_ps(xp.add(i * k + c)) };
+                a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
+                a1[i] = _mm512_fmadd_ps(xv, w1, a1[i]);
+            }
+        }
+        finish(j, &a0);
+        finish(j + 1, &a1);
+        j += 2;
+    }
+    if j < j1 {
+        let r0 = unsafe { wp.add(j * k) };
+        let mut a0 = [_mm512_setzero_ps(); M];
+        for c in (0..whole).step_by(16) {
+            let w0 = unsafe { load16(r0.add(c)) };
+            for i in 0..M {
+                let xv = unsafe { _mm512_loadu_ps(xp.add(i * k + c)) };
+                a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
+            }
+        }
+        finish(j, &a0);
     }
 }
 
@@ -332,6 +497,51 @@ mod tests {
         }
     }
 
+    /// The dot-product kernel over `[n, k]` rows, for every row count, ragged `k` (not a
+    /// multiple of 16) and odd `n`, in f32 and both half types (their widened values).
+    #[test]
+    fn dot_kernel_matches_a_double_precision_product_of_the_transpose() {
+        for (m, k, n) in [(1, 7, 33), (3, 64, 100), (8, 33, 64), (9, 16, 96), (16, 40, 37), (2, 2048, 515)] {
+            let x = values(m * k, 1);
+            let wt = values(n * k, 2); // [n, k]
+            let w: Vec<f32> = (0..k * n).map(|e| wt[(e % n) * k + e / n]).collect(); // [k, n]
+            let mut out = vec![0f32; m * n];
+            matmul_dots(&x, &wt, &mut out, m, k, n);
+            for (got, want) in out.iter().zip(reference(&x, &w, m, k, n)) {
+                assert!((*got as f64 - want).abs() < 1e-4, "f32 m={m} k={k} n={n}: {got} vs {want}");
+            }
+            let wt_bf16: Vec<bf16> = wt.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wt_f16: Vec<f16> = wt.iter().map(|&v| f16::from_f32(v)).collect();
+            let widened = |wt: Vec<f32>| {
+                let w: Vec<f32> = (0..k * n).map(|e| wt[(e % n) * k + e / n]).collect();
+                reference(&x, &w, m, k, n)
+            };
+            let (mut out_bf16, mut out_f16) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul_dots(&x, &wt_bf16, &mut out_bf16, m, k, n);
+            matmul_dots(&x, &wt_f16, &mut out_f16, m, k, n);
+            for (out, want) in [
+                (out_bf16, widened(wt_bf16.iter().map(|v| v.to_f32()).collect())),
+                (out_f16, widened(wt_f16.iter().map(|v| v.to_f32()).collect())),
+            ] {
+                for (got, want) in out.iter().zip(want) {
+                    assert!((*got as f64 - want).abs() < 1e-4, "half m={m} k={k} n={n}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch_in_the_dot_kernel_too() {
+        let (k, n) = (300, 4097);
+        let x = values(5 * k, 3);
+        let wt = values(k * n, 4);
+        let mut batch = vec![0f32; 5 * n];
+        matmul_dots(&x, &wt, &mut batch, 5, k, n);
+        let mut alone = vec![0f32; n];
+        matmul_dots(&x[2 * k..3 * k], &wt, &mut alone, 1, k, n);
+        assert_eq!(&batch[2 * n..3 * n], &alone[..]);
+    }
+
     #[test]
     fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
         let (k, n) = (300, 4096); // large enough to be split among threads
@@ -352,12 +562,17 @@ mod tests {
         let w = Tensor::<B, 2>::from_data(TensorData::new(values(48 * 70, 6), [48, 70]), &device);
         let bias = Tensor::<B, 1>::from_data(TensorData::new(values(70, 7), [70]), &device);
         let fast = skinny_linear(&x, &w, Some(&bias)).expect("Flex f32 takes the kernel");
-        let slow = x.clone().matmul(w.clone()) + bias.unsqueeze();
+        let slow = x.clone().matmul(w.clone()) + bias.clone().unsqueeze();
         let diff = (fast - slow).abs().max().into_scalar();
         assert!(diff < 1e-5, "max difference {diff}");
-        // A transposed (non-contiguous) weight, or too many rows, is left to Burn.
+        // A transposed view (how the loader keeps PyTorch's `[out, in]`) takes the dot kernel.
         let wt = Tensor::<B, 2>::from_data(TensorData::new(values(70 * 48, 6), [70, 48]), &device).transpose();
-        assert!(skinny_linear(&x, &wt, None).is_none());
+        let fast = skinny_linear(&x, &wt, Some(&bias)).expect("a transposed view takes the dot kernel");
+        let diff = (fast - (x.clone().matmul(wt.clone()) + bias.clone().unsqueeze())).abs().max().into_scalar();
+        assert!(diff < 1e-5, "transposed: max difference {diff}");
+        // Another view (a column slice), or too many rows, is left to Burn.
+        let sliced = w.clone().slice([0..48, 0..40]);
+        assert!(skinny_linear(&x, &sliced, None).is_none());
         let tall = Tensor::<B, 2>::from_data(TensorData::new(values(17 * 48, 8), [17, 48]), &device);
         assert!(skinny_linear(&tall, &w, None).is_none());
     }
