@@ -13,6 +13,7 @@
 # Peak device memory comes from nvidia-smi's log on CUDA, peak RSS on the CPU.
 # Everything goes to $OUT (default runs/gpu-check): check.log and one file per step.
 set -uo pipefail
+export RUST_BACKTRACE=0 NO_COLOR=1
 cd "$(dirname "$0")/../.."
 BACKEND=cuda
 while [ $# -gt 0 ]; do
@@ -57,15 +58,19 @@ fi
 XTASK=(cargo run --quiet -p xtask "${FEATURES[@]}" --)
 step build cargo build -p xtask "${FEATURES[@]}"
 if [ "$BACKEND" = cuda ]; then
-    step parity cargo test -p llava --features cuda --test parity --test half -- cuda
+    step parity cargo test --workspace --features llava/cuda --test parity --test half -- cuda
 else
-    step parity cargo test -p llava --test parity --test half
+    # --workspace: the tests' own feature set, so nothing is rebuilt after `cargo test --workspace`.
+    step parity cargo test --workspace --test parity --test half
 fi
 step demo-model "${XTASK[@]}" demo-model --out "$OUT/demo-model"
 step generate-demo "${XTASK[@]}" generate --backend "$BACKEND" --model "$OUT/demo-model" \
     --prompt "USER: What is in the picture? ASSISTANT:" --max-new-tokens 32
 for dtype in f16 bf16; do
-    step "generate-$dtype" "${XTASK[@]}" generate --backend "$BACKEND" --model "tests/fixtures/half/$dtype" \
+    # The half-precision fixtures (kept in their dtype) with the demo's tokenizer beside them.
+    rm -rf "$OUT/half-$dtype" && cp -r "tests/fixtures/half/$dtype" "$OUT/half-$dtype"
+    cp "$OUT"/demo-model/tokenizer* "$OUT/half-$dtype/"
+    step "generate-$dtype" "${XTASK[@]}" generate --backend "$BACKEND" --model "$OUT/half-$dtype" \
         --max-new-tokens 16
 done
 step demo-towers "${XTASK[@]}" demo-towers --out "$OUT/towers"

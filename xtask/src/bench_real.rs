@@ -180,7 +180,7 @@ fn run_json(cmd: &mut Command) -> Result<RunReport> {
 }
 
 pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
-    let threads = rayon::current_num_threads();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     let exe = std::env::current_exe()?;
     let script = root.join("scripts/bench/real_ref.py");
