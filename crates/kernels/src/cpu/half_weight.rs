@@ -16,6 +16,7 @@ use crate::cpu::flex::{
     MatrixLayout, autodiff_primitive, flex_any, flex_f32, flex_tensor, from_autodiff, from_f32, is_autodiff_flex,
     matrix_layout, values,
 };
+use crate::cpu::skinny::OutPtr;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -184,12 +185,6 @@ unsafe fn widen_f16_avx512(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// Output pointer shared by the threads; each writes a disjoint set of columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `x [m, k] · w [k, n]`, one column block of `w` per task.
 fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> {
     let mut out = Vec::<f32>::with_capacity(m * n);
@@ -198,7 +193,6 @@ fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> 
         let columns = b * COLUMNS..((b + 1) * COLUMNS).min(n);
         let width = columns.len();
         let (rs, cs) = w.column_block(columns.clone(), block);
-        let ptr = ptr;
         // SAFETY: this task alone writes columns `columns` of every row of `out`, which holds
         // m × n floats; the block is a `[k, width]` operand with strides (rs, cs).
         unsafe {
@@ -206,7 +200,7 @@ fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> 
                 m,
                 k,
                 width,
-                ptr.0.add(columns.start),
+                ptr.get().add(columns.start),
                 n,
                 (x.as_ptr(), k, 1),
                 (block.as_ptr(), rs, cs),
@@ -227,7 +221,6 @@ fn backward_input(dy: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> V
         let rows = b * ROWS..((b + 1) * ROWS).min(k);
         let height = rows.len();
         let (rs, cs) = w.row_block_transposed(rows.clone(), block);
-        let ptr = ptr;
         // SAFETY: this task alone writes columns `rows` of every row of `dx` (m × k floats); the
         // block is the `[n, height]` operand w[rows, :]ᵀ with strides (rs, cs).
         unsafe {
@@ -235,7 +228,7 @@ fn backward_input(dy: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> V
                 m,
                 n,
                 height,
-                ptr.0.add(rows.start),
+                ptr.get().add(rows.start),
                 k,
                 (dy.as_ptr(), n, 1),
                 (block.as_ptr(), rs, cs),

@@ -74,9 +74,17 @@ pub(crate) fn skinny_linear<B: Backend>(
 
 /// Output pointer shared by the threads; each writes a disjoint set of columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer, through a method so that closures capture the whole (Send + Sync) wrapper
+    /// rather than its raw-pointer field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// A weight element the panels read: f32, or f16/bf16 converted to f32 as each 32-column run
 /// is loaded (decoding is bound by reading the weights, so half the bytes is nearly half the
@@ -315,7 +323,6 @@ pub fn matmul_dots<W: PanelWeight>(x: &[f32], wt: &[W], out: &mut [f32], m: usiz
     let tasks = n.div_ceil(chunk);
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |task: usize| {
-        let ptr = ptr; // the whole wrapper, not its raw-pointer field, is captured (Send + Sync)
         let (j0, j1) = (task * chunk, ((task + 1) * chunk).min(n));
         let mut i0 = 0;
         while i0 < m {
@@ -323,7 +330,7 @@ pub fn matmul_dots<W: PanelWeight>(x: &[f32], wt: &[W], out: &mut [f32], m: usiz
             let x_rows = &x[i0 * k..(i0 + rows) * k];
             // SAFETY: outputs [j0, j1) of rows i0.. are written by this task only.
             unsafe {
-                let out_rows = ptr.0.add(i0 * n);
+                let out_rows = ptr.get().add(i0 * n);
                 match rows {
                     1 => dots_dispatch::<1, W>(x_rows, wt, out_rows, k, n, j0, j1),
                     2 => dots_dispatch::<2, W>(x_rows, wt, out_rows, k, n, j0, j1),
@@ -430,9 +437,9 @@ unsafe fn dots_avx512<const M: usize, W: PanelWeight>(
         let mut a0 = [_mm512_setzero_ps(); M];
         for c in (0..whole).step_by(16) {
             let w0 = unsafe { load16(r0.add(c)) };
-            for i in 0..M {
+            for (i, a) in a0.iter_mut().enumerate() {
                 let xv = unsafe { _mm512_loadu_ps(xp.add(i * k + c)) };
-                a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
+                *a = _mm512_fmadd_ps(xv, w0, *a);
             }
         }
         finish(j, &a0);
