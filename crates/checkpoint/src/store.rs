@@ -170,11 +170,29 @@ impl WeightStore {
         let numel: usize = info.shape.iter().product();
         let data = match &info.location {
             Location::Safetensors { offset } => {
-                let mut bytes = vec![0u8; numel * info.dtype.size()];
                 let mut file = File::open(path).map_err(io_err(path))?;
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
-                file.read_exact(&mut bytes).map_err(io_err(path))?;
-                decode(&bytes, stored, target, info.shape.clone(), None).flatten()
+                if cfg!(target_endian = "little") && stored == target {
+                    // Read straight into the typed buffer: the file's little-endian bytes are the
+                    // values (one copy, from the page cache, instead of bytes then values).
+                    let shape = info.shape.clone();
+                    Some(match stored {
+                        DType::F16 => {
+                            TensorData::new(read_values::<f16>(&mut file, numel).map_err(io_err(path))?, shape)
+                        }
+                        DType::BF16 => {
+                            TensorData::new(read_values::<bf16>(&mut file, numel).map_err(io_err(path))?, shape)
+                        }
+                        DType::F64 => {
+                            TensorData::new(read_values::<f64>(&mut file, numel).map_err(io_err(path))?, shape)
+                        }
+                        _ => TensorData::new(read_values::<f32>(&mut file, numel).map_err(io_err(path))?, shape),
+                    })
+                } else {
+                    let mut bytes = vec![0u8; numel * info.dtype.size()];
+                    file.read_exact(&mut bytes).map_err(io_err(path))?;
+                    decode(&bytes, stored, target, info.shape.clone(), None).flatten()
+                }
             }
             Location::Torch { entry, offset, stride } => {
                 let storage = pickle::read_entry(path, entry)?;
@@ -391,6 +409,17 @@ fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
             (name, info)
         })
         .collect())
+}
+
+/// Plain floating-point values (every bit pattern is a value) read from `file`'s next bytes, in the
+/// host's byte order (the caller checked it is little-endian, as safetensors stores them).
+fn read_values<T: Copy + Default>(file: &mut File, n: usize) -> std::io::Result<Vec<T>> {
+    let mut values = vec![T::default(); n];
+    // SAFETY: T is f16, bf16, f32 or f64: no padding, valid for any bytes; the slice covers
+    // exactly the vector's initialised elements.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+    file.read_exact(bytes)?;
+    Ok(values)
 }
 
 /// Where a PyTorch tensor sits in its storage (elements).
