@@ -182,20 +182,18 @@ impl Exporter {
 
     /// Grows the first dimension of tensor `name` to `rows`, filling new rows with the mean of
     /// the existing ones (how Hugging Face initialises embeddings of added tokens), in the
-    /// tensor's own dtype. Returns false when there is no such 2-D tensor.
-    pub fn pad_rows_with_mean(&mut self, name: &str, rows: usize) -> bool {
-        let Some(entry) = self.tensors.get_mut(name) else { return false };
+    /// tensor's own dtype. Returns false when there is no such 2-D tensor; a passed-through
+    /// tensor that cannot be read is an error (never a silently unpadded matrix).
+    pub fn pad_rows_with_mean(&mut self, name: &str, rows: usize) -> Result<bool> {
+        let Some(entry) = self.tensors.get_mut(name) else { return Ok(false) };
         let shape = entry.shape();
         if shape.len() != 2 || shape[0] >= rows {
-            return shape.len() == 2;
+            return Ok(shape.len() == 2);
         }
         let dtype = entry.dtype();
         let mut values = match entry {
             Entry::Values(data) => data.clone().convert_dtype(DType::F32).into_vec::<f32>().expect("f32"),
-            Entry::Stored { store, name, shape, .. } => match store.read_f32(name, shape) {
-                Ok(values) => values,
-                Err(_) => return false,
-            },
+            Entry::Stored { store, name, shape, .. } => store.read_f32(name, shape)?,
         };
         let (n, d) = (shape[0], shape[1]);
         let mut mean = vec![0f32; d];
@@ -208,7 +206,7 @@ impl Exporter {
             values.extend_from_slice(&mean);
         }
         *entry = Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype));
-        true
+        Ok(true)
     }
 
     /// Moves every tensor of `other` into this exporter (same names win from `other`).

@@ -50,8 +50,8 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// The dtype tensor `path` will have in memory.
     fn target(&self, path: &str) -> DType {
-        let stored = self.store.info(path).and_then(|i| i.dtype.burn()).unwrap_or(DType::F32);
-        let wanted = self.dtype.unwrap_or(if stored == DType::F64 { DType::F32 } else { stored });
+        let held = self.store.info(path).and_then(|i| i.dtype.held()).unwrap_or(DType::F32);
+        let wanted = self.dtype.unwrap_or(held);
         if B::supports_dtype(&self.device, wanted) { wanted } else { DType::F32 }
     }
 

@@ -44,6 +44,12 @@ impl StoredDtype {
         }
     }
 
+    /// The dtype a tensor is held in when no other is asked for: as stored, f64 as f32 (no model
+    /// computes in f64); `None` for integer and boolean buffers.
+    pub fn held(self) -> Option<DType> {
+        self.burn().map(|d| if d == DType::F64 { DType::F32 } else { d })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StoredDtype::F16 => "F16",
@@ -163,7 +169,8 @@ impl WeightStore {
         let unsupported =
             |dtype: &str| WeightsError::Dtype { name: name.to_string(), dtype: dtype.into(), path: path.clone() };
         let stored = info.dtype.burn().ok_or_else(|| unsupported(info.dtype.name()))?;
-        let target = match dtype.unwrap_or(if stored == DType::F64 { DType::F32 } else { stored }) {
+        let held = info.dtype.held().unwrap_or(stored);
+        let target = match dtype.unwrap_or(held) {
             t @ (DType::F32 | DType::F16 | DType::BF16 | DType::F64) => t,
             other => return Err(unsupported(&format!("{other:?} (as the requested dtype)"))),
         };

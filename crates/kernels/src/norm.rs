@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 /// - `x`: `[..., width]`, `gamma`: `[width]`, output: as `x`
 pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, epsilon: f64) -> Tensor<B, D> {
     // A half-precision weight under f32 activations: its exact values, widened (it is small).
-    let gamma = if gamma.dtype() == x.dtype() { gamma } else { gamma.cast(x.dtype()) };
+    let gamma = gamma.cast(x.dtype());
     #[cfg(feature = "flex")]
     return crate::cpu::norm::rms_norm(x, gamma, epsilon);
     #[cfg(not(feature = "flex"))]
@@ -30,14 +30,13 @@ pub fn layer_norm<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     use burn::tensor::DType;
     let dtype = x.dtype();
-    let f32 = |t: Tensor<B, 1>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
-    let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
+    let x = x.cast(DType::F32);
     let (var, mean) = x.clone().var_mean_bias(D - 1);
     let normalised = (x - mean) / (var + epsilon).sqrt();
-    let y = normalised * f32(gamma).unsqueeze();
+    let y = normalised * gamma.cast(DType::F32).unsqueeze();
     let y = match beta {
-        Some(beta) => y + f32(beta).unsqueeze(),
+        Some(beta) => y + beta.cast(DType::F32).unsqueeze(),
         None => y,
     };
-    if dtype == DType::F32 { y } else { y.cast(dtype) }
+    y.cast(dtype)
 }

@@ -37,9 +37,7 @@ pub fn attention<B: Backend>(
 /// on backends without a mixed kernel).
 pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
     let dtype = x.dtype();
-    let cast2 = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
-    let cast1 = |t: Tensor<B, 1>| if t.dtype() == dtype { t } else { t.cast(dtype) };
-    burn::tensor::module::linear(x, cast2(weight), bias.map(cast1))
+    burn::tensor::module::linear(x, weight.cast(dtype), bias.map(|b| b.cast(dtype)))
 }
 
 /// Burn's `silu(gate) * up`.
@@ -68,8 +66,7 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>
     let dtype = x.dtype();
     let x = x.cast(DType::F32);
     let inv_rms = (x.clone().square().mean_dim(D - 1) + epsilon).sqrt().recip();
-    let gamma = if gamma.dtype() == dtype { gamma } else { gamma.cast(dtype) };
-    gamma.unsqueeze() * (x * inv_rms).cast(dtype)
+    gamma.cast(dtype).unsqueeze() * (x * inv_rms).cast(dtype)
 }
 
 /// [`crate::cross_entropy_with_grad()`] as Burn operations.

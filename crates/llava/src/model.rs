@@ -113,7 +113,7 @@ impl<B: Backend> Llava<B> {
         // Image features follow the text embeddings' dtype (they differ only when the vision
         // tower and the LLM were loaded in different dtypes).
         let embeds_dtype = text_embeds.as_ref().map(|e| e.dtype()).unwrap_or_else(|| self.llm.activation_dtype());
-        let image_features = image_features.map(|f| if f.dtype() == embeds_dtype { f } else { f.cast(embeds_dtype) });
+        let image_features = image_features.map(|f| f.cast(embeds_dtype));
         let image_tokens = image_features.as_ref().map_or(0, |f| f.dims()[1]);
         if let Some(f) = &image_features {
             assert_eq!(f.dims()[0], n_images, "{} image feature sets for {} <image> positions", f.dims()[0], n_images);

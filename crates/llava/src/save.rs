@@ -133,8 +133,8 @@ fn save_llava_hf<B: Backend>(
     let mut e = export_vision(model, "vision_tower.vision_model", frozen)?;
     e.scope("multi_modal_projector", |e| model.projector.export(ProjectorNaming::LlavaHf, e));
     e.extend(export_llm(model, "language_model.model", "language_model.lm_head", frozen)?);
-    e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab);
-    e.pad_rows_with_mean("language_model.lm_head.weight", vocab);
+    e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab)?;
+    e.pad_rows_with_mean("language_model.lm_head.weight", vocab)?;
     e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
     let mut text = config.text.clone();
     text.vocab_size = vocab;

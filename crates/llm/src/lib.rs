@@ -399,9 +399,7 @@ impl<B: Backend> LlamaModel<B> {
     /// They come in [`LlamaModel::activation_dtype`]: f32 on the CPU whatever the weights'
     /// dtype, the weights' own elsewhere.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let embeds = self.embed_tokens.forward(ids);
-        let dtype = self.activation_dtype();
-        if embeds.dtype() == dtype { embeds } else { embeds.cast(dtype) }
+        self.embed_tokens.forward(ids).cast(self.activation_dtype())
     }
 
     /// The dtype the decoder's activations run in for this model's weights.
@@ -448,7 +446,7 @@ impl<B: Backend> LlamaModel<B> {
             None => {
                 let [b, s, d] = hidden.dims();
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
-                let w = if w.dtype() == hidden.dtype() { w } else { w.cast(hidden.dtype()) };
+                let w = w.cast(hidden.dtype());
                 let v = w.dims()[0];
                 hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
             }

@@ -311,7 +311,7 @@ struct CastParams(DType);
 
 impl<B: Backend> ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        param.map(|t| if t.dtype() == self.0 { t } else { t.cast(self.0) })
+        param.map(|t| t.cast(self.0))
     }
 }
 

@@ -242,7 +242,7 @@ impl<B: Backend> ClipEmbeddings<B> {
         // The convolution runs in the weights' dtype; what follows in the activations' (f32 on
         // the CPU, where the kernels read half-precision weights directly).
         let activations = llava_kernels::activation_dtype::<B>(weights);
-        let to_activations = |t: Tensor<B, 3>| if t.dtype() == activations { t } else { t.cast(activations) };
+        let to_activations = |t: Tensor<B, 3>| t.cast(activations);
         let patches = self.patch_embedding.forward(pixels); // [b, d, gh, gw]
         let [b, d, gh, gw] = patches.dims();
         let patches = to_activations(patches.reshape([b, d, gh * gw]).swap_dims(1, 2)); // [b, n, d]

@@ -244,27 +244,8 @@ unsafe fn panel_avx512<const M: usize, W: PanelWeight>(
                         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(per_line * line) as *const i8) };
                     }
                 }
-                let (w_lo, w_hi) = unsafe {
-                    match W::KIND {
-                        WeightKind::F32 => {
-                            (_mm512_loadu_ps(row as *const f32), _mm512_loadu_ps((row as *const f32).add(16)))
-                        }
-                        WeightKind::BF16 => {
-                            // Widen 16-bit lanes to 32 and shift them into the high half: exact.
-                            let lo = _mm256_loadu_si256(row as *const __m256i);
-                            let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
-                            (
-                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo))),
-                                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi))),
-                            )
-                        }
-                        WeightKind::F16 => {
-                            let lo = _mm256_loadu_si256(row as *const __m256i);
-                            let hi = _mm256_loadu_si256((row as *const __m256i).add(1));
-                            (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
-                        }
-                    }
-                };
+                // 32 weights as two f32 vectors (half precision widened exactly).
+                let (w_lo, w_hi) = unsafe { (load16(row), load16(row.add(16))) };
                 for i in 0..M {
                     let xv = _mm512_set1_ps(unsafe { *xp.add(i * k + kk) });
                     lo[i] = _mm512_fmadd_ps(xv, w_lo, lo[i]);
