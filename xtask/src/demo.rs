@@ -48,13 +48,38 @@ pub struct DemoTowersArgs {
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Other sizes than the demo's (for memory and speed measurements): the LLM's width.
+    #[arg(long)]
+    pub llm_hidden: Option<usize>,
+    #[arg(long)]
+    pub llm_intermediate: Option<usize>,
+    #[arg(long)]
+    pub llm_layers: Option<usize>,
+    #[arg(long)]
+    pub vision_hidden: Option<usize>,
+    #[arg(long)]
+    pub vision_layers: Option<usize>,
+    /// The vision tower's image size (a multiple of its patch size, 14).
+    #[arg(long)]
+    pub image_size: Option<usize>,
 }
 
-/// The demo's towers, randomly initialised, as Hugging Face directories.
+/// The demo's towers (or towers of other sizes), randomly initialised, as Hugging Face directories.
 pub fn demo_towers(args: DemoTowersArgs, root: &Path) -> Result<()> {
     let paths = DemoPaths::new(root);
-    let out = args.out.unwrap_or_else(|| paths.runs().join("demo-towers"));
-    Ok(llava_demo::write_demo_towers(&out.join("clip"), &out.join("llm"), &paths.tokenizer(), args.seed)?)
+    let out = args.out.clone().unwrap_or_else(|| paths.runs().join("demo-towers"));
+    let mut config = llava_demo::demo_config();
+    let text = &mut config.text;
+    text.hidden_size = args.llm_hidden.unwrap_or(text.hidden_size);
+    text.intermediate_size = args.llm_intermediate.unwrap_or(text.intermediate_size);
+    text.num_hidden_layers = args.llm_layers.unwrap_or(text.num_hidden_layers);
+    let vision = &mut config.vision;
+    vision.hidden_size = args.vision_hidden.unwrap_or(vision.hidden_size);
+    vision.intermediate_size = 2 * vision.hidden_size;
+    vision.num_hidden_layers = args.vision_layers.unwrap_or(vision.num_hidden_layers);
+    vision.image_size = args.image_size.unwrap_or(vision.image_size);
+    config.validate().map_err(|reason| anyhow::anyhow!("demo-towers: {reason}"))?;
+    Ok(llava_demo::write_towers(&config, &out.join("clip"), &out.join("llm"), &paths.tokenizer(), args.seed)?)
 }
 
 #[derive(Args, Debug)]
@@ -110,6 +135,7 @@ pub fn demo(root: &Path) -> Result<()> {
         max_steps: None,
         run_dir: None,
         backend: BackendKind::fastest(),
+        memory: Default::default(),
     };
     crate::train_cmds::stage(demo_args(), Stage::One, root)?;
     crate::train_cmds::stage(demo_args(), Stage::Two, root)?;

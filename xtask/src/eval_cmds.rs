@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::chat::{ChatSession, choose_template};
 use llava::generate::SamplingConfig;
+use llava::plan::GenerationShape;
 use llava_eval::predict::{ImageSource, PredictOptions, ScienceRunner, predict_to_file, read_questions};
 use llava_eval::scienceqa::{load_problems, load_split};
 use llava_eval::score::{Fallback, SqaResult, format_table, read_answers, read_results, score_answers, score_results};
@@ -65,7 +66,7 @@ fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Resu
         bail!("--chunk-idx {} is not one of --num-chunks {} chunks (0-based)", args.chunk_idx, args.num_chunks);
     }
     let questions = read_questions(&args.questions)?;
-    let loaded = args.model.load::<B>(device)?;
+    let (loaded, plan) = args.model.load_planned::<B>(device, &|_| args.shape(&questions), Some("--batch-size"))?;
     let (template_name, template) = choose_template(args.template.as_deref(), args.model.model.as_deref())?;
     let model_id = args
         .model
@@ -90,7 +91,38 @@ fn sqa_predict_on<B: Backend>(device: &B::Device, args: &SqaPredictArgs) -> Resu
         tracing::info!("{answered}/{all} answered ({rate:.1} questions/s)");
     })?;
     tracing::info!("answers in {}", args.out.display());
+    if let Some(line) = llava::plan::peak_report(&plan) {
+        tracing::info!("{line}");
+    }
     Ok(())
+}
+
+impl SqaPredictArgs {
+    /// A batch of the longest question (its tokens bounded by its bytes, plus the template's and
+    /// the instruction's), one image each.
+    pub fn shape(&self, questions: &[llava_eval::predict::Question]) -> GenerationShape {
+        let longest = questions.iter().map(|q| q.human.len()).max().unwrap_or(0);
+        GenerationShape {
+            batch: self.batch_size.max(1).min(questions.len().max(1)),
+            text_tokens: longest + 256,
+            images: 1,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+}
+
+impl ChatArgs {
+    /// A conversation as long as the model's context (the chat's KV cache at its largest).
+    pub fn shape(&self, config: &llava::LlavaConfig) -> GenerationShape {
+        let images = usize::from(self.image.is_some());
+        let context = config.max_length.max(config.image_tokens() * images + 1);
+        GenerationShape {
+            batch: 1,
+            text_tokens: context.saturating_sub(config.image_tokens() * images + self.max_new_tokens).max(1),
+            images,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -165,7 +197,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
 /// The reference CLI (`llava/serve/cli.py`) on standard input, one user turn per line; the reply
 /// streams to standard output. Commands: `/image PATH`, `/reset`, `/exit`.
 fn chat_on<B: Backend>(device: &B::Device, args: &ChatArgs) -> Result<()> {
-    let loaded = args.model.load::<B>(device)?;
+    let (loaded, _plan) = args.model.load_planned::<B>(device, &|c| args.shape(c), None)?;
     let (template_name, template) = choose_template(args.template.as_deref(), args.model.model.as_deref())?;
     tracing::info!("template {template_name}; commands: /image PATH, /reset, /exit");
     let sampling = SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed };

@@ -8,6 +8,7 @@ mod data_cmds;
 mod demo;
 mod eval_cmds;
 mod model_cmds;
+mod plan_cmds;
 mod train_cmds;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ enum Command {
     Demo,
     /// Benchmark the input pipeline against the reference's Python pipeline (samples/s).
     BenchPipeline(bench::BenchPipelineArgs),
+    /// The memory plan of a generate, chat, sqa-predict, stage1 or stage2 run (same arguments),
+    /// before anything is loaded: weights, optimizer state, activations, KV cache, peak, capacity.
+    Plan(plan_cmds::PlanArgs),
     /// Stage 1 (feature alignment): train the projector, vision and LLM frozen.
     Stage1(train_cmds::StageArgs),
     /// Stage 2 (end-to-end): train projector and LLM, vision frozen.
@@ -90,6 +94,10 @@ fn checkout_root(given: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf())
 }
 
+/// A failed allocation ends with an error message instead of an abort.
+#[global_allocator]
+static ALLOCATOR: llava::oom::ReportingAllocator = llava::oom::ReportingAllocator;
+
 fn main() -> Result<()> {
     llava::tune_allocator();
     tracing_subscriber::fmt()
@@ -112,6 +120,7 @@ fn main() -> Result<()> {
         Command::BenchPipeline(args) => bench::bench_pipeline(args, &root),
         Command::BenchReal(args) => bench_real::bench_real(args, &root),
         Command::BenchRealOne(args) => bench_real::bench_real_one(args),
+        Command::Plan(args) => plan_cmds::plan(args, &root),
         Command::Stage1(args) => train_cmds::stage(args, llava_trainer::Stage::One, &root),
         Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two, &root),
         Command::Chat(args) => eval_cmds::chat(args),

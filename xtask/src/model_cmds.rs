@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::backend::BackendKind;
 use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
-use llava::load::{LoadOptions, LoadedLlava, WeightsDtype, load_dir, load_parts};
+use llava::load::{LoadOptions, LoadedLlava, WeightsDtype, describe_parts, load_dir, load_parts, resolve_dir};
+use llava::plan::{GenerationShape, MemoryPlan, PlanDtypes, generation_plan, held_dtypes};
 use llava::{PaddingSide, SelectFeature};
 use llava_checkpoint::{Exporter, SaveDtype};
 use llava_data::image::AspectMode;
@@ -48,7 +50,31 @@ pub struct ModelArgs {
     /// precision), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: WeightsDtype,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
+
+/// The memory check before a run loads anything.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MemoryArgs {
+    /// The memory the run may use (e.g. 24GiB): checked against the run's memory plan instead of
+    /// the memory available now (the CPU) or nothing (GPU backends, whose memory Burn does not report).
+    #[arg(long, value_parser = llava::plan::parse_bytes, value_name = "SIZE")]
+    pub memory_limit: Option<u64>,
+    /// Start even when the memory plan says the run does not fit.
+    #[arg(long)]
+    pub ignore_memory_plan: bool,
+}
+
+impl MemoryArgs {
+    /// The capacity to check a plan against (`None`: no check).
+    pub fn capacity(&self, backend: BackendKind) -> Option<llava::plan::Capacity> {
+        if self.ignore_memory_plan { None } else { llava::plan::capacity(backend, self.memory_limit) }
+    }
+}
+
+/// Batch and lengths of a generation, decided from the model's configuration.
+pub type ShapeFor<'a> = &'a dyn Fn(&llava::LlavaConfig) -> GenerationShape;
 
 impl ModelArgs {
     /// A checkpoint directory with every other option at its default.
@@ -64,21 +90,93 @@ impl ModelArgs {
             image_aspect: None,
             backend,
             dtype: WeightsDtype::default(),
+            memory: MemoryArgs::default(),
         }
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            vision_tower: self.vision_tower.clone(),
+            hf_cache: self.hf_cache.clone(),
+            image_aspect: self.image_aspect,
+            dtype: self.dtype.0,
+        }
+    }
+
+    /// The memory plan of a generation with this model (configs and checkpoint headers only),
+    /// and what would change it: the other weight dtypes, and a smaller batch where `batch_flag`
+    /// names the option that sets it.
+    pub fn plan<B: Backend>(
+        &self, device: &B::Device, shape: ShapeFor<'_>, batch_flag: Option<&str>,
+    ) -> Result<(MemoryPlan, Vec<(String, u64)>)> {
+        let (config, stored, has_vision) = match (&self.model, &self.clip, &self.llm, &self.projector) {
+            (Some(dir), _, _, _) => {
+                let source =
+                    resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
+                let stored = source.stored_dtypes();
+                (source.config, stored, source.has_vision)
+            }
+            (None, Some(clip), Some(llm), Some(projector)) => {
+                let (config, stored) = describe_parts(
+                    clip,
+                    llm,
+                    projector,
+                    self.select_layer,
+                    SelectFeature::Patch,
+                    self.image_aspect.unwrap_or_default(),
+                )?;
+                (config, stored, true)
+            }
+            _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
+        };
+        let shape = shape(&config);
+        let plan_with = |dtype: Option<DType>, shape: GenerationShape, capacity| {
+            let held = held_dtypes::<B>(stored, dtype, device);
+            let act = llava_kernels::activation_dtype::<B>(held.llm);
+            generation_plan(
+                &config,
+                has_vision,
+                PlanDtypes { stored, held, activations: act },
+                shape,
+                B::name(device),
+                capacity,
+            )
+        };
+        let plan = plan_with(self.dtype.0, shape, self.memory.capacity(self.backend));
+        let mut alternatives = Vec::new();
+        for (flag, dtype) in [("--dtype f16", DType::F16), ("--dtype bf16", DType::BF16)] {
+            let held = held_dtypes::<B>(stored, Some(dtype), device);
+            if held.llm == dtype && Some(dtype) != self.dtype.0 {
+                alternatives.push((flag.to_string(), plan_with(Some(dtype), shape, None).peak()));
+            }
+        }
+        if let Some(flag) = batch_flag {
+            let mut batch = shape.batch / 2;
+            while batch >= 1 {
+                let smaller = GenerationShape { batch, ..shape };
+                alternatives.push((format!("{flag} {batch}"), plan_with(self.dtype.0, smaller, None).peak()));
+                batch /= 2;
+            }
+        }
+        Ok((plan, alternatives))
+    }
+
+    /// Loads the model after its memory plan is checked (refused with a message naming what
+    /// does not fit and what would, unless `--ignore-memory-plan`); returns the plan too.
+    pub fn load_planned<B: Backend>(
+        &self, device: &B::Device, shape: ShapeFor<'_>, batch_flag: Option<&str>,
+    ) -> Result<(LoadedLlava<B>, MemoryPlan)> {
+        let (plan, alternatives) = self.plan::<B>(device, shape, batch_flag)?;
+        tracing::info!("memory plan: peak {} ({})", llava::plan::human(plan.peak()), plan.run);
+        plan.check(&alternatives)?;
+        Ok((self.load(device)?, plan))
     }
 
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<LoadedLlava<B>> {
         let start = Instant::now();
         let loaded = match (&self.model, &self.clip, &self.llm, &self.projector) {
-            (Some(dir), _, _, _) => {
-                let options = LoadOptions {
-                    vision_tower: self.vision_tower.clone(),
-                    hf_cache: self.hf_cache.clone(),
-                    image_aspect: self.image_aspect,
-                    dtype: self.dtype.0,
-                };
-                load_dir::<B>(dir, &options, device).with_context(|| format!("loading {}", dir.display()))?
-            }
+            (Some(dir), _, _, _) => load_dir::<B>(dir, &self.load_options(), device)
+                .with_context(|| format!("loading {}", dir.display()))?,
             (None, Some(clip), Some(llm), Some(projector)) => load_parts::<B>(
                 clip,
                 llm,
@@ -171,8 +269,20 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     llava::with_backend!(args.model.backend, generate_on(&args))
 }
 
+impl GenerateArgs {
+    /// The shape of this generation: one prompt (its tokens bounded by its bytes + BOS).
+    pub fn shape(&self) -> GenerationShape {
+        GenerationShape {
+            batch: 1,
+            text_tokens: self.prompt.replace(llava_data::DEFAULT_IMAGE_TOKEN, "").len() + 1,
+            images: usize::from(self.image.is_some()),
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+}
+
 fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()> {
-    let loaded = args.model.load::<B>(device)?;
+    let (loaded, plan) = args.model.load_planned::<B>(device, &|_| args.shape(), None)?;
     let (ids, pixels) = loaded.prompt_inputs(&args.prompt, args.image.as_deref())?;
     let tokenizer = loaded.tokenizer.as_ref().expect("checked by prompt_inputs");
     let config = GenerationConfig {
@@ -206,5 +316,8 @@ fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()
         "{count} new tokens after a {prompt_len}-token prompt in {secs:.2}s ({:.1} tokens/s)",
         count as f64 / secs.max(1e-9)
     );
+    if let Some(line) = llava::plan::peak_report(&plan) {
+        tracing::info!("{line}");
+    }
     Ok(())
 }

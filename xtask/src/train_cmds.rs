@@ -11,6 +11,8 @@ use llava_trainer::Stage;
 use llava_trainer::config::RunConfig;
 use llava_trainer::run::{RunOptions, RunSummary, run_on};
 
+use crate::model_cmds::MemoryArgs;
+
 #[derive(Args, Debug)]
 pub struct StageArgs {
     /// A run recipe (TOML), e.g. configs/llava-v1.5-7b-stage1.toml. Without it, the bundled demo
@@ -32,23 +34,42 @@ pub struct StageArgs {
     pub run_dir: Option<PathBuf>,
     #[arg(long, default_value_t = BackendKind::fastest())]
     pub backend: BackendKind,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+}
+
+impl StageArgs {
+    /// The recipe this command runs: `--config`, or the demo's (its data and towers written
+    /// first when missing).
+    pub fn recipe(&self, stage: Stage, root: &Path) -> Result<RunConfig> {
+        let cfg = match &self.config {
+            Some(path) => RunConfig::load(path, &self.overrides)?,
+            None => llava_demo::stage_config(&llava_demo::DemoPaths::new(root), stage, &self.overrides)?,
+        };
+        if cfg.stage != stage {
+            bail!(
+                "{} is a stage {:?} recipe; use `cargo xtask stage{}`",
+                self.config.as_deref().unwrap_or(Path::new("the recipe")).display(),
+                cfg.stage,
+                if cfg.stage == Stage::One { 1 } else { 2 }
+            );
+        }
+        Ok(cfg)
+    }
 }
 
 pub fn stage(args: StageArgs, stage: Stage, root: &Path) -> Result<()> {
     let number = if stage == Stage::One { 1 } else { 2 };
-    let options = RunOptions { run_dir: args.run_dir.clone(), resume: args.resume, max_steps: args.max_steps };
+    let options = RunOptions {
+        run_dir: args.run_dir.clone(),
+        resume: args.resume,
+        max_steps: args.max_steps,
+        capacity: args.memory.capacity(args.backend),
+    };
     let started = std::time::Instant::now();
     let summary = match &args.config {
-        Some(path) => {
-            let cfg = RunConfig::load(path, &args.overrides)?;
-            if cfg.stage != stage {
-                bail!(
-                    "{} is a stage {:?} recipe; use `cargo xtask stage{}`",
-                    path.display(),
-                    cfg.stage,
-                    if cfg.stage == Stage::One { 1 } else { 2 }
-                );
-            }
+        Some(_) => {
+            let cfg = args.recipe(stage, root)?;
             llava::with_backend!(args.backend, recipe_on(&cfg, &options))?
         }
         None => llava::with_backend!(args.backend, demo_on(root, stage, &args.overrides, &options))?,

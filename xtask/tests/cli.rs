@@ -718,3 +718,91 @@ fn the_no_argument_demo_runs_both_stages() {
     let msg = err(&s2(path("missing.safetensors"), path("s2b")));
     assert!(msg.contains("run `cargo xtask stage1` first"), "{msg}");
 }
+
+// ---- memory plans ---------------------------------------------------------------------------
+
+/// The ratio plan/measured a run reports at its end (`memory: peak resident … plan/measured R`).
+fn plan_ratio(out: &Output) -> f64 {
+    assert!(out.status.success(), "xtask failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.contains("memory: peak resident")).unwrap_or_else(|| panic!("{stderr}"));
+    line.rsplit("plan/measured ").next().unwrap().trim_end_matches(')').trim().parse().unwrap()
+}
+
+#[test]
+fn the_memory_plan_is_within_15_percent_of_the_measured_peak() {
+    // A mid-size model (an 88M-parameter LLM 768 wide, a 4-layer CLIP at 112 px): large enough
+    // that weights, optimizer state and activations, not the process, make the peak.
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let towers = t.join("towers");
+    ok(&xtask(&[
+        "demo-towers",
+        "--out",
+        towers.to_str().unwrap(),
+        "--llm-hidden",
+        "768",
+        "--llm-intermediate",
+        "2048",
+        "--llm-layers",
+        "6",
+        "--vision-hidden",
+        "256",
+        "--vision-layers",
+        "4",
+        "--image-size",
+        "112",
+    ]));
+    // Every sample truncated to 72 positions (64 image tokens + text), 4 per micro-batch.
+    let common = ["--set", "training.model_max_length=72", "--set", "training.per_device_batch_size=4"];
+    let within = |ratio: f64, what: &str| assert!((0.85..=1.15).contains(&ratio), "{what}: plan/measured {ratio}");
+
+    let s1 = recipe(t, "s1", "one", "plain", None);
+    let run1 = t.join("run1");
+    let mut args = vec!["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1.to_str().unwrap()];
+    args.extend(common);
+    args.extend(["--set", "training.bf16=true", "--max-steps", "2"]);
+    within(plan_ratio(&xtask(&args)), "stage 1 (bf16)");
+
+    let s2 = recipe(t, "s2", "two", "v1", Some(&run1.join("mm_projector.safetensors")));
+    let run2 = t.join("run2");
+    let mut args = vec!["stage2", "--config", s2.to_str().unwrap(), "--run-dir", run2.to_str().unwrap()];
+    args.extend(common);
+    args.extend(["--set", "training.bf16=false", "--max-steps", "2"]);
+    within(plan_ratio(&xtask(&args)), "stage 2 (f32)");
+    // `plan` prints the same plan as JSON, without loading anything.
+    args[0] = "stage2";
+    let mut plan_args = vec!["plan", "--json"];
+    plan_args.extend(&args);
+    let plan: serde_json::Value = serde_json::from_str(&ok(&xtask(&plan_args))).unwrap();
+    let phases: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert!(phases.contains(&"a training step") && phases.contains(&"writing a checkpoint"), "{plan:#}");
+    assert!(plan["held"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap().starts_with("AdamW")));
+    assert_eq!(plan["fits"], true, "{plan:#}");
+
+    let model = run2.join("model");
+    let m = model.to_str().unwrap();
+    let image = image();
+    let generate = ["--model", m, "--image", image.to_str().unwrap(), "--prompt", PROMPT, "--max-new-tokens", "16"];
+    within(plan_ratio(&xtask(&[&["generate"][..], &generate].concat())), "generate (f32)");
+}
+
+#[test]
+fn runs_that_do_not_fit_are_refused_before_loading_and_a_failed_allocation_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let m = model.to_str().unwrap();
+    // A limit below the plan's peak: refused with what does not fit and what would.
+    let msg = err(&xtask(&["generate", "--model", m, "--prompt", "hi", "--memory-limit", "2MiB"]));
+    assert!(msg.contains("does not fit") && msg.contains("LLM weights") && msg.contains("2.0 MiB"), "{msg}");
+    // A KV cache of a trillion positions: refused by the plan, naming the cache.
+    let huge = ["generate", "--model", m, "--prompt", "hi", "--max-new-tokens", "1000000000000"];
+    let msg = err(&xtask(&huge));
+    assert!(msg.contains("does not fit") && msg.contains("KV cache"), "{msg}");
+    // Past the plan, the allocation itself fails: an error message and exit status, no abort.
+    let out = xtask(&[&huge[..], &["--ignore-memory-plan"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(llava::oom::EXIT_CODE), "{stderr}");
+    assert!(stderr.contains("error: out of memory: an allocation of"), "{stderr}");
+    assert!(!stderr.contains("memory allocation of") && !stderr.contains("backtrace"), "{stderr}");
+}

@@ -43,20 +43,34 @@ enum Entry {
     Values(TensorData),
     /// A tensor of a checkpoint, read only when the file is written (so a frozen tower is never
     /// held twice) and written with its stored bytes' values.
-    Stored { store: Arc<WeightStore>, name: String, shape: Vec<usize>, dtype: DType },
+    Stored {
+        store: Arc<WeightStore>,
+        name: String,
+        shape: Vec<usize>,
+        dtype: DType,
+        /// Rows written after the stored ones ([`Exporter::pad_rows_with_mean`]), in `dtype`.
+        extra_rows: Option<TensorData>,
+    },
+    /// A name and shape only ([`Exporter::declaring`]): a tensor to be passed through.
+    Declared { shape: Vec<usize>, dtype: DType },
 }
 
 impl Entry {
     fn shape(&self) -> Vec<usize> {
         match self {
             Entry::Values(data) => data.shape.to_vec(),
-            Entry::Stored { shape, .. } => shape.clone(),
+            Entry::Stored { shape, extra_rows: None, .. } | Entry::Declared { shape, .. } => shape.clone(),
+            Entry::Stored { shape, extra_rows: Some(extra), .. } => {
+                let mut shape = shape.clone();
+                shape[0] += extra.shape[0];
+                shape
+            }
         }
     }
     fn dtype(&self) -> DType {
         match self {
             Entry::Values(data) => data.dtype,
-            Entry::Stored { dtype, .. } => *dtype,
+            Entry::Stored { dtype, .. } | Entry::Declared { dtype, .. } => *dtype,
         }
     }
 }
@@ -66,11 +80,21 @@ impl Entry {
 pub struct Exporter {
     prefix: Vec<String>,
     tensors: BTreeMap<String, Entry>,
+    /// Record names, shapes and dtypes only (no values are copied).
+    declare_only: bool,
 }
 
 impl Exporter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An exporter that records each exported tensor's name, shape and dtype without copying its
+    /// values: for a module whose every tensor is then [`Exporter::pass_through`]-ed from the
+    /// checkpoint it was loaded from (a frozen tower), so that saving never holds a copy of it.
+    /// [`Exporter::save`] refuses a declared tensor that was not passed through.
+    pub fn declaring() -> Self {
+        Self { declare_only: true, ..Self::default() }
     }
 
     /// Runs `f` with `name` pushed onto the name prefix.
@@ -99,7 +123,11 @@ impl Exporter {
     }
 
     pub fn tensor<B: Backend, const D: usize>(&mut self, name: &str, t: &Tensor<B, D>) {
-        self.data(name, t.to_data());
+        if self.declare_only {
+            self.tensors.insert(self.path(name), Entry::Declared { shape: t.dims().to_vec(), dtype: t.dtype() });
+        } else {
+            self.data(name, t.to_data());
+        }
     }
 
     pub fn param<B: Backend, const D: usize>(&mut self, name: &str, p: &Param<Tensor<B, D>>) {
@@ -110,9 +138,9 @@ impl Exporter {
     pub fn linear<B: Backend>(&mut self, name: &str, l: &Linear<B>) {
         // `[in, out]`.transpose() is the `[out, in]` view; its data comes out in that order (for
         // a loaded weight, which is that transpose already, without reordering).
-        let transposed = l.weight.val().transpose().to_data();
+        let transposed = l.weight.val().transpose();
         self.scope(name, |e| {
-            e.data("weight", transposed);
+            e.tensor("weight", &transposed);
             if let Some(b) = &l.bias {
                 e.param("bias", b);
             }
@@ -148,7 +176,7 @@ impl Exporter {
                 });
             }
             let dtype = info.dtype.burn().unwrap_or(DType::F32);
-            *entry = Entry::Stored { store: Arc::clone(store), name: source, shape, dtype };
+            *entry = Entry::Stored { store: Arc::clone(store), name: source, shape, dtype, extra_rows: None };
             replaced += 1;
         }
         Ok(replaced)
@@ -191,21 +219,34 @@ impl Exporter {
             return Ok(shape.len() == 2);
         }
         let dtype = entry.dtype();
-        let mut values = match entry {
-            Entry::Values(data) => data.clone().convert_dtype(DType::F32).into_vec::<f32>().expect("f32"),
-            Entry::Stored { store, name, shape, .. } => store.read_f32(name, shape)?,
-        };
         let (n, d) = (shape[0], shape[1]);
-        let mut mean = vec![0f32; d];
-        for row in values.chunks(d) {
-            for (m, v) in mean.iter_mut().zip(row) {
-                *m += v / n as f32;
+        let mean_of = |values: &[f32]| {
+            let mut mean = vec![0f32; d];
+            for row in values.chunks(d) {
+                for (m, v) in mean.iter_mut().zip(row) {
+                    *m += v / n as f32;
+                }
             }
+            mean
+        };
+        match entry {
+            Entry::Values(data) => {
+                let mut values = data.clone().convert_dtype(DType::F32).into_vec::<f32>().expect("f32");
+                let mean = mean_of(&values);
+                for _ in n..rows {
+                    values.extend_from_slice(&mean);
+                }
+                *entry = Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype));
+            }
+            // The stored rows stay in the checkpoint (read again while writing); only the new
+            // rows are held.
+            Entry::Stored { store, name, shape, extra_rows, .. } => {
+                let mean = mean_of(&store.read_f32(name, shape)?);
+                let extra: Vec<f32> = (n..rows).flat_map(|_| mean.iter().copied()).collect();
+                *extra_rows = Some(TensorData::new(extra, [rows - n, d]).convert_dtype(dtype));
+            }
+            Entry::Declared { .. } => return Ok(false),
         }
-        for _ in n..rows {
-            values.extend_from_slice(&mean);
-        }
-        *entry = Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype));
         Ok(true)
     }
 
@@ -235,6 +276,12 @@ impl Exporter {
             let meta: serde_json::Map<String, serde_json::Value> =
                 metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
             header.insert("__metadata__".into(), meta.into());
+        }
+        if let Some((name, _)) = self.tensors.iter().find(|(_, e)| matches!(e, Entry::Declared { .. })) {
+            return Err(WeightsError::Missing {
+                name: name.clone(),
+                hint: " (declared for a pass-through, but no checkpoint provided it)".into(),
+            });
         }
         let mut offset = 0usize;
         for (name, entry) in &self.tensors {
@@ -266,13 +313,23 @@ impl Exporter {
                 let data = match entry {
                     Entry::Values(data) if data.dtype == target => std::borrow::Cow::Borrowed(data),
                     Entry::Values(data) => std::borrow::Cow::Owned(data.clone().convert_dtype(target)),
-                    Entry::Stored { store, name, shape, .. } => match store.read(name, shape, Some(target)) {
-                        Ok(data) => std::borrow::Cow::Owned(data),
-                        Err(e) => {
-                            failed = Some(e);
-                            return Err(std::io::Error::other("a passed-through tensor could not be read"));
+                    Entry::Stored { store, name, shape, extra_rows, .. } => {
+                        match store.read(name, shape, Some(target)) {
+                            Ok(data) => {
+                                if let Some(extra) = extra_rows {
+                                    f.write_all(data.as_bytes())?;
+                                    std::borrow::Cow::Owned(extra.clone().convert_dtype(target))
+                                } else {
+                                    std::borrow::Cow::Owned(data)
+                                }
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                return Err(std::io::Error::other("a passed-through tensor could not be read"));
+                            }
                         }
-                    },
+                    }
+                    Entry::Declared { .. } => unreachable!("checked before writing"),
                 };
                 // Little-endian, as safetensors stores them (every supported target is).
                 f.write_all(data.as_bytes())?;

@@ -143,6 +143,23 @@ impl WeightStore {
         self.tensors.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))
     }
 
+    /// The dtype in which tensors under `prefix` (`""`: all) are held when none is asked for
+    /// ([`StoredDtype::held`]), by bytes: the one holding most of them. `None` when no
+    /// floating-point tensor is there. Reads headers only, for memory plans.
+    pub fn dominant_dtype(&self, prefix: &str) -> Option<DType> {
+        let mut bytes: Vec<(DType, u64)> = Vec::new();
+        let dotted = if prefix.is_empty() { String::new() } else { format!("{prefix}.") };
+        for (_, info) in self.tensors.range(dotted.clone()..).take_while(|(k, _)| k.starts_with(&dotted)) {
+            let Some(dtype) = info.dtype.held() else { continue };
+            let n = info.shape.iter().product::<usize>() as u64 * info.dtype.size() as u64;
+            match bytes.iter_mut().find(|(d, _)| *d == dtype) {
+                Some((_, total)) => *total += n,
+                None => bytes.push((dtype, n)),
+            }
+        }
+        bytes.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
     /// Reads a tensor as f32, checking its shape, and marks it used.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let data = self.read(name, expected, Some(DType::F32))?;

@@ -152,9 +152,16 @@ pub fn write_demo_model(out: &Path, tokenizer_dir: &Path, seed: u64) -> Result<(
 /// exactly like openai/clip-vit-large-patch14 and a Vicuna directory: `clip` (CLIPVisionModel)
 /// and `llm` (LlamaForCausalLM with the tokenizer files of `tokenizer_dir`).
 pub fn write_demo_towers(clip: &Path, llm: &Path, tokenizer_dir: &Path, seed: u64) -> Result<(), DemoError> {
+    write_towers(&demo_config(), clip, llm, tokenizer_dir, seed)
+}
+
+/// Random towers of any `config`'s shape (the demo's, or larger ones for memory and speed
+/// measurements), written as [`write_demo_towers`] writes the demo's.
+pub fn write_towers(
+    config: &LlavaConfig, clip: &Path, llm: &Path, tokenizer_dir: &Path, seed: u64,
+) -> Result<(), DemoError> {
     let device = Default::default();
     Cpu::seed(&device, seed);
-    let config = demo_config();
     let model = config.init::<Cpu>(&device);
     std::fs::create_dir_all(clip).map_err(io(clip))?;
     std::fs::create_dir_all(llm).map_err(io(llm))?;

@@ -60,6 +60,16 @@ pub fn activation_dtype<B: burn::tensor::backend::Backend>(weights: burn::tensor
     weights
 }
 
+/// Whether products of half-precision tensors on `B` compute through f32 copies of their
+/// operands (Flex and `Autodiff<Flex>`: a bf16 training step holds an f32 copy of the matrix it
+/// multiplies by), for memory plans.
+pub fn half_products_widen<B: burn::tensor::backend::Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    return crate::cpu::flex::is_flex::<B>() || crate::cpu::flex::is_autodiff_flex::<B>();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// One AdamW step, Burn's and `torch.optim.AdamW`'s formula:
 /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
 /// `p ← p·(1 − lr·wd) − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`. Returns `[param, m, v]`.

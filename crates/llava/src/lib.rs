@@ -22,6 +22,8 @@ pub mod chat;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod oom;
+pub mod plan;
 pub mod save;
 
 use std::path::{Path, PathBuf};

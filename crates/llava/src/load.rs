@@ -190,19 +190,113 @@ pub fn detect_layout(config: &serde_json::Value) -> Layout {
 pub fn load_dir<B: Backend>(
     dir: &Path, options: &LoadOptions, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
-    let config_path = dir.join("config.json");
-    let json = read_json(&config_path)?;
+    let resolved = resolve_dir(dir, options)?;
     let tokenizer = load_tokenizer_if_present(dir)?;
-    match detect_layout(&json) {
-        Layout::LlavaHf => load_llava_hf(dir, &json, tokenizer, options, device),
-        Layout::Original => load_original(dir, &json, tokenizer, options, device),
-        Layout::TextOnly => load_text_only(dir, &json, tokenizer, options, device),
+    resolved.load(tokenizer, options.dtype, device)
+}
+
+/// What a model directory holds, read from its configs and checkpoint headers only (no weight
+/// is read): enough for a memory plan, and what [`load_dir`] then loads.
+pub struct ModelSource {
+    pub layout: Layout,
+    pub config: LlavaConfig,
+    /// False for a plain LLM directory.
+    pub has_vision: bool,
+    store: WeightStore,
+    /// The CLIP tower's own checkpoint (original layout, tower not embedded).
+    tower_store: Option<WeightStore>,
+    prefixes: Prefixes,
+    naming: ProjectorNaming,
+    processor_dir: PathBuf,
+}
+
+/// Where each part's tensors are named in its store.
+struct Prefixes {
+    vision: &'static str,
+    projector: &'static str,
+    llm: &'static str,
+    head: &'static str,
+}
+
+/// The dtype each part is stored in (the dtype holding most of its bytes; `None` when the part
+/// has no floating-point tensors in the checkpoint, e.g. a text-only directory's vision tower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartDtypes {
+    pub vision: Option<DType>,
+    pub projector: Option<DType>,
+    pub llm: Option<DType>,
+}
+
+impl ModelSource {
+    /// Each part's stored dtype, from the checkpoint headers.
+    pub fn stored_dtypes(&self) -> PartDtypes {
+        let vision = if !self.has_vision {
+            None
+        } else if let Some(tower) = &self.tower_store {
+            tower.dominant_dtype("")
+        } else {
+            self.store.dominant_dtype(self.prefixes.vision)
+        };
+        PartDtypes {
+            vision,
+            projector: if self.has_vision { self.store.dominant_dtype(self.prefixes.projector) } else { None },
+            llm: self.store.dominant_dtype(self.prefixes.llm),
+        }
+    }
+
+    /// Loads the weights (`dtype`: as [`LoadOptions::dtype`]).
+    pub fn load<B: Backend>(
+        self, tokenizer: Option<Tokenizer>, dtype: Option<DType>, device: &B::Device,
+    ) -> Result<LoadedLlava<B>, LlavaError> {
+        let Self { layout, config, has_vision, store, tower_store, prefixes, naming, processor_dir } = self;
+        let root = Loader::<B>::new(&store, device).with_dtype(dtype);
+        let llm = LlamaModel::load(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head))?;
+        if !has_vision {
+            store.ensure_all_used()?;
+            // A minimal placeholder tower keeps one model type for both cases; it is never run.
+            let model = Llava {
+                vision: config.vision.init(device),
+                projector: config.projector_config().init(device),
+                llm,
+                select_layer: config.select_layer,
+                select_feature: config.select_feature,
+            };
+            let processor = ProcessorConfig::clip(config.vision.image_size);
+            return Ok(LoadedLlava { model, config, processor, tokenizer, layout, has_vision });
+        }
+        let vision = match &tower_store {
+            Some(tower) => {
+                let model = ClipVisionModel::load_hf(&config.vision, &Loader::new(tower, device).with_dtype(dtype))?;
+                tower.ensure_all_used()?;
+                model
+            }
+            None => ClipVisionModel::load(&config.vision, &root.pp(prefixes.vision))?,
+        };
+        let model = Llava {
+            vision,
+            projector: Projector::load(&config.projector_config(), naming, &root.pp(prefixes.projector))?,
+            llm,
+            select_layer: config.select_layer,
+            select_feature: config.select_feature,
+        };
+        store.ensure_all_used()?;
+        let processor = processor_for(&processor_dir, &config)?;
+        Ok(LoadedLlava { model, config, processor, tokenizer, layout, has_vision })
     }
 }
 
-fn load_llava_hf<B: Backend>(
-    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
-) -> Result<LoadedLlava<B>, LlavaError> {
+/// Reads `dir`'s configs and checkpoint headers: its layout, the model's configuration and where
+/// every part's tensors are (see [`ModelSource`]).
+pub fn resolve_dir(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
+    let json = read_json(&dir.join("config.json"))?;
+    match detect_layout(&json) {
+        Layout::LlavaHf => resolve_llava_hf(dir, &json, options),
+        Layout::Original => resolve_original(dir, &json, options),
+        Layout::TextOnly => resolve_text_only(dir, &json),
+    }
+}
+
+fn resolve_llava_hf(dir: &Path, json: &serde_json::Value, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
     let vision =
@@ -223,13 +317,23 @@ fn load_llava_hf<B: Backend>(
         other => return Err(bad(format!("unknown vision_feature_select_strategy `{other}`"))),
     };
     let store = WeightStore::open(dir)?;
-    let (lm, head, tower, proj) = if store.has_prefix("model.language_model.") {
-        ("model.language_model", "lm_head", "model.vision_tower.vision_model", "model.multi_modal_projector")
+    let prefixes = if store.has_prefix("model.language_model.") {
+        Prefixes {
+            llm: "model.language_model",
+            head: "lm_head",
+            vision: "model.vision_tower.vision_model",
+            projector: "model.multi_modal_projector",
+        }
     } else {
-        ("language_model.model", "language_model.lm_head", "vision_tower.vision_model", "multi_modal_projector")
+        Prefixes {
+            llm: "language_model.model",
+            head: "language_model.lm_head",
+            vision: "vision_tower.vision_model",
+            projector: "multi_modal_projector",
+        }
     };
-    let (projector, naming) = ProjectorConfig::detect(&store, proj)
-        .ok_or_else(|| bad(format!("no projector weights under `{proj}` in {}", dir.display())))?;
+    let (projector, naming) = ProjectorConfig::detect(&store, prefixes.projector)
+        .ok_or_else(|| bad(format!("no projector weights under `{}` in {}", prefixes.projector, dir.display())))?;
     let config = LlavaConfig {
         vision,
         text,
@@ -244,22 +348,19 @@ fn load_llava_hf<B: Backend>(
             .unwrap_or(4096) as usize,
     };
     config.validate().map_err(bad)?;
-    let root = Loader::<B>::new(&store, device).with_dtype(options.dtype);
-    let model = Llava {
-        vision: ClipVisionModel::load(&config.vision, &root.pp(tower))?,
-        projector: Projector::load(&config.projector_config(), naming, &root.pp(proj))?,
-        llm: LlamaModel::load(&config.text, &root.pp(lm), &root.pp(head))?,
-        select_layer,
-        select_feature,
-    };
-    store.ensure_all_used()?;
-    let processor = processor_for(dir, &config)?;
-    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::LlavaHf, has_vision: true })
+    Ok(ModelSource {
+        layout: Layout::LlavaHf,
+        config,
+        has_vision: true,
+        store,
+        tower_store: None,
+        prefixes,
+        naming,
+        processor_dir: dir.to_path_buf(),
+    })
 }
 
-fn load_original<B: Backend>(
-    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
-) -> Result<LoadedLlava<B>, LlavaError> {
+fn resolve_original(dir: &Path, json: &serde_json::Value, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
     let text = LlamaConfig::from_hf_json(json).map_err(bad)?;
@@ -310,43 +411,33 @@ fn load_original<B: Backend>(
         )));
     }
     let store = WeightStore::open(dir)?;
-    let root = Loader::<B>::new(&store, device).with_dtype(options.dtype);
-    let proj_prefix = "model.mm_projector";
-    let naming = ProjectorConfig::detect(&store, proj_prefix)
+    let prefixes = Prefixes {
+        llm: "model",
+        head: "lm_head",
+        vision: "model.vision_tower.vision_tower.vision_model",
+        projector: "model.mm_projector",
+    };
+    let naming = ProjectorConfig::detect(&store, prefixes.projector)
         .map(|(_, naming)| naming)
-        .ok_or_else(|| bad(format!("no projector weights under `{proj_prefix}` in {}", dir.display())))?;
+        .ok_or_else(|| bad(format!("no projector weights under `{}` in {}", prefixes.projector, dir.display())))?;
     // Some checkpoints embed the (frozen) tower; otherwise it comes from its own directory.
-    let embedded_tower = "model.vision_tower.vision_tower.vision_model";
-    let vision_model = if store.has_prefix(embedded_tower) {
-        ClipVisionModel::load(&config.vision, &root.pp(embedded_tower))?
-    } else {
-        let tower_store = WeightStore::open(&tower_dir)?;
-        let tower =
-            ClipVisionModel::load_hf(&config.vision, &Loader::new(&tower_store, device).with_dtype(options.dtype))?;
-        tower_store.ensure_all_used()?;
-        tower
-    };
-    let model = Llava {
-        vision: vision_model,
-        projector: Projector::load(&config.projector_config(), naming, &root.pp(proj_prefix))?,
-        llm: LlamaModel::load(&config.text, &root.pp("model"), &root.pp("lm_head"))?,
-        select_layer: config.select_layer,
-        select_feature: config.select_feature,
-    };
-    store.ensure_all_used()?;
-    let processor = processor_for(&tower_dir, &config)?;
-    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+    let tower_store = if store.has_prefix(prefixes.vision) { None } else { Some(WeightStore::open(&tower_dir)?) };
+    Ok(ModelSource {
+        layout: Layout::Original,
+        config,
+        has_vision: true,
+        store,
+        tower_store,
+        prefixes,
+        naming,
+        processor_dir: tower_dir,
+    })
 }
 
-fn load_text_only<B: Backend>(
-    dir: &Path, json: &serde_json::Value, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
-) -> Result<LoadedLlava<B>, LlavaError> {
+fn resolve_text_only(dir: &Path, json: &serde_json::Value) -> Result<ModelSource, LlavaError> {
     let config_path = dir.join("config.json");
     let text = LlamaConfig::from_hf_json(json).map_err(|r| LlavaError::config(&config_path, r))?;
     let store = WeightStore::open(dir)?;
-    let llm = LlamaModel::load_hf(&text, &Loader::new(&store, device).with_dtype(options.dtype))?;
-    store.ensure_all_used()?;
-    // A minimal placeholder tower keeps one model type for both cases; it is never run.
     let vision = ClipVisionConfig {
         hidden_size: 8,
         intermediate_size: 8,
@@ -365,20 +456,15 @@ fn load_text_only<B: Backend>(
         max_length: text.max_position_embeddings,
         text,
     };
-    let model = Llava {
-        vision: config.vision.init(device),
-        projector: config.projector_config().init(device),
-        llm,
-        select_layer: -1,
-        select_feature: SelectFeature::Patch,
-    };
-    Ok(LoadedLlava {
-        model,
-        processor: ProcessorConfig::clip(14),
-        config,
-        tokenizer,
+    Ok(ModelSource {
         layout: Layout::TextOnly,
+        config,
         has_vision: false,
+        store,
+        tower_store: None,
+        prefixes: Prefixes { llm: "model", head: "lm_head", vision: "", projector: "" },
+        naming: ProjectorNaming::Original,
+        processor_dir: dir.to_path_buf(),
     })
 }
 
@@ -392,20 +478,9 @@ pub fn load_parts<B: Backend>(
     clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
     image_aspect: AspectMode, dtype: Option<DType>, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
-    let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
-    let text = LlamaConfig::from_hf_dir(llm_dir)?;
+    let (config, _) = describe_parts(clip_dir, llm_dir, projector_file, select_layer, select_feature, image_aspect)?;
     let proj_store = WeightStore::open(projector_file)?;
-    let (prefix, projector, naming) = detect_projector_file(&proj_store, projector_file)?;
-    let config = LlavaConfig {
-        vision,
-        projector,
-        select_layer,
-        select_feature,
-        image_aspect,
-        max_length: text.max_position_embeddings,
-        text,
-    };
-    config.validate().map_err(|r| LlavaError::config(projector_file, r))?;
+    let (prefix, _, naming) = detect_projector_file(&proj_store, projector_file)?;
     let clip_store = WeightStore::open(clip_dir)?;
     let llm_store = WeightStore::open(llm_dir)?;
     let model = Llava {
@@ -425,6 +500,34 @@ pub fn load_parts<B: Backend>(
     let processor = processor_for(clip_dir, &config)?;
     let tokenizer = load_tokenizer_if_present(llm_dir)?;
     Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+}
+
+/// The configuration and stored dtypes of separate parts (as [`load_parts`] takes them), from
+/// their configs and checkpoint headers only.
+pub fn describe_parts(
+    clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
+    image_aspect: AspectMode,
+) -> Result<(LlavaConfig, PartDtypes), LlavaError> {
+    let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
+    let text = LlamaConfig::from_hf_dir(llm_dir)?;
+    let proj_store = WeightStore::open(projector_file)?;
+    let (prefix, projector, _) = detect_projector_file(&proj_store, projector_file)?;
+    let config = LlavaConfig {
+        vision,
+        projector,
+        select_layer,
+        select_feature,
+        image_aspect,
+        max_length: text.max_position_embeddings,
+        text,
+    };
+    config.validate().map_err(|r| LlavaError::config(projector_file, r))?;
+    let dtypes = PartDtypes {
+        vision: WeightStore::open(clip_dir)?.dominant_dtype(""),
+        projector: proj_store.dominant_dtype(prefix),
+        llm: WeightStore::open(llm_dir)?.dominant_dtype(""),
+    };
+    Ok((config, dtypes))
 }
 
 /// Where the projector is inside a standalone projector file (`mm_projector.bin` /

@@ -91,9 +91,11 @@ pub fn save_model<B: Backend>(
 fn export_llm<B: Backend>(
     model: &Llava<B>, model_scope: &str, lm_head_scope: &str, frozen: &FrozenSources,
 ) -> Result<Exporter, LlavaError> {
-    let mut e = Exporter::new();
+    // A frozen LLM is only declared (names and shapes, checked against its source), never copied.
+    let store = frozen.llm_store()?;
+    let mut e = if store.is_some() { Exporter::declaring() } else { Exporter::new() };
     model.llm.export(&mut e, model_scope, lm_head_scope);
-    if let Some(store) = frozen.llm_store()? {
+    if let Some(store) = store {
         e.pass_through(model_scope, &store, "model")?;
         e.pass_through(lm_head_scope, &store, "lm_head")?;
     }
@@ -102,9 +104,10 @@ fn export_llm<B: Backend>(
 
 /// The vision tower's tensors under `scope`, passed through from `frozen.vision`.
 fn export_vision<B: Backend>(model: &Llava<B>, scope: &str, frozen: &FrozenSources) -> Result<Exporter, LlavaError> {
-    let mut e = Exporter::new();
+    let source = frozen.vision_store()?;
+    let mut e = if source.is_some() { Exporter::declaring() } else { Exporter::new() };
     e.scope(scope, |e| model.vision.export(e));
-    if let Some((store, prefix)) = frozen.vision_store()? {
+    if let Some((store, prefix)) = source {
         e.pass_through(scope, &store, prefix)?;
     }
     Ok(e)
@@ -130,7 +133,10 @@ fn save_llava_hf<B: Backend>(
         }
     };
     let vocab = config.text.vocab_size.max((image_token + 1).div_ceil(64) * 64);
-    let mut e = export_vision(model, "vision_tower.vision_model", frozen)?;
+    // The towers' exporters may only declare their tensors (pass-through); the projector's
+    // values go into an exporter of their own.
+    let mut e = Exporter::new();
+    e.extend(export_vision(model, "vision_tower.vision_model", frozen)?);
     e.scope("multi_modal_projector", |e| model.projector.export(ProjectorNaming::LlavaHf, e));
     e.extend(export_llm(model, "language_model.model", "language_model.lm_head", frozen)?);
     e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab)?;
@@ -166,7 +172,8 @@ fn save_original<B: Backend>(
     write_json(&tower_dir.join("config.json"), &llava_vision_encoder::hf_config_json(&config.vision))?;
     write_processor(&config.vision.image_size, &tower_dir)?;
 
-    let mut e = export_llm(model, "model", "lm_head", frozen)?;
+    let mut e = Exporter::new();
+    e.extend(export_llm(model, "model", "lm_head", frozen)?);
     e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
     e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
     let mut json = config.text.to_hf_json();

@@ -119,3 +119,45 @@ fn a_requested_dtype_overrides_the_stored_one() {
         assert_eq!(found[0].0, requested);
     }
 }
+
+/// Float elements of a checkpoint's weights (buffers, `position_ids` and older transformers'
+/// `rotary_emb.inv_freq`, are not weights: no model holds them).
+fn float_elements(dir: &Path, prefix: &str) -> u64 {
+    let store = WeightStore::open(dir).unwrap();
+    let names: Vec<String> = store.names().map(str::to_string).collect();
+    names
+        .iter()
+        .filter(|n| n.starts_with(prefix) && !n.ends_with("position_ids") && !n.ends_with("rotary_emb.inv_freq"))
+        .map(|n| store.info(n).unwrap())
+        .filter(|i| i.dtype.burn().is_some())
+        .map(|i| i.shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
+#[test]
+fn the_memory_plan_counts_every_weight_transformers_wrote_in_its_stored_dtype() {
+    let parity = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    let cases = [
+        (fixture("f16"), vec![(fixture("f16"), "")], Some(DType::F16)),
+        (fixture("bf16"), vec![(fixture("bf16"), "")], Some(DType::BF16)),
+        (parity.join("hf-mlp"), vec![(parity.join("hf-mlp"), "")], Some(DType::F32)),
+        // The CLIP directory is a whole CLIPModel; the tower is its `vision_model`.
+        (
+            parity.join("orig-linear"),
+            vec![(parity.join("orig-linear"), ""), (parity.join("orig-linear/clip"), "vision_model.")],
+            Some(DType::F32),
+        ),
+    ];
+    for (dir, checkpoints, dtype) in cases {
+        // gen_model_parity.py writes the original layout's LLM and projector as a bf16 `.bin`
+        // (the reference's own format) beside an f32 CLIP tower.
+        let original = dir.ends_with("orig-linear");
+        let expected = if original { (dtype, Some(DType::BF16), Some(DType::BF16)) } else { (dtype, dtype, dtype) };
+        let source = llava::load::resolve_dir(&dir, &LoadOptions::default()).unwrap();
+        let (vision, projector, llm) = llava::plan::parameter_counts(&source.config);
+        let stored: u64 = checkpoints.iter().map(|(dir, prefix)| float_elements(dir, prefix)).sum();
+        assert_eq!(vision + projector + llm, stored, "{}", dir.display());
+        let dtypes = source.stored_dtypes();
+        assert_eq!((dtypes.vision, dtypes.projector, dtypes.llm), expected, "{}", dir.display());
+    }
+}

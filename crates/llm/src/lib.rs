@@ -145,6 +145,19 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// The number of weights the model holds (as [`LlamaConfig::init`] or a loaded checkpoint
+    /// holds them: the LM head counted unless tied). For memory plans: no weight is read.
+    pub fn num_parameters(&self) -> u64 {
+        let (d, inter) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let q = (self.num_attention_heads * self.head_dim()) as u64;
+        let kv = (self.num_kv_heads() * self.head_dim()) as u64;
+        let attention = d * q + 2 * d * kv + q * d + if self.attention_bias { q + 2 * kv + d } else { 0 };
+        let mlp = 3 * d * inter + if self.mlp_bias { 2 * inter + d } else { 0 };
+        let layer = attention + mlp + 2 * d;
+        let embed = self.vocab_size as u64 * d;
+        embed + self.num_hidden_layers as u64 * layer + d + if self.tie_word_embeddings { 0 } else { embed }
+    }
+
     /// All end-of-sequence ids.
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {

@@ -54,7 +54,7 @@ impl ProjectorKind {
         }
     }
 
-    fn depth(&self) -> usize {
+    pub fn depth(&self) -> usize {
         match self {
             Self::Linear => 1,
             Self::MlpGelu { depth } => *depth,
@@ -95,6 +95,12 @@ pub struct ProjectorConfig {
 }
 
 impl ProjectorConfig {
+    /// The number of weights (every layer has a bias). For memory plans: no weight is read.
+    pub fn num_parameters(&self) -> u64 {
+        let (v, t) = (self.vision_hidden as u64, self.text_hidden as u64);
+        (v * t + t) + (self.kind.depth() as u64 - 1) * (t * t + t)
+    }
+
     /// Random initialisation as PyTorch's `nn.Linear` default (uniform ±1/sqrt(fan_in)).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Projector<B> {
         let layers = (0..self.kind.depth())

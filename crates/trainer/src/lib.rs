@@ -28,6 +28,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod metrics;
+pub mod plan;
 pub mod run;
 pub mod schedule;
 

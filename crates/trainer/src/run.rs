@@ -45,6 +45,8 @@ pub enum TrainError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("the loss became {loss} at step {step}; the last checkpoint is kept in {dir}")]
     NonFinite { loss: f64, step: usize, dir: PathBuf },
+    #[error(transparent)]
+    DoesNotFit(#[from] llava::plan::DoesNotFit),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -60,6 +62,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop after this many optimizer steps (the schedule still spans the whole run).
     pub max_steps: Option<usize>,
+    /// Refuse to start, before anything is loaded or written, when the run's memory plan
+    /// ([`plan_run`]) does not fit this capacity (`None`: no check).
+    pub capacity: Option<llava::plan::Capacity>,
 }
 
 /// What a finished run reports.
@@ -81,11 +86,8 @@ pub fn weights_dtype<B: AutodiffBackend>(cfg: &RunConfig, device: &B::Device) ->
     if cfg.training.bf16 && B::supports_dtype(device, DType::BF16) { DType::BF16 } else { DType::F32 }
 }
 
-/// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
-/// or from the stage-1 file (stage 2), weights in [`weights_dtype`].
-pub fn build_model<B: AutodiffBackend>(
-    cfg: &RunConfig, device: &B::Device,
-) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
+/// The model a run trains, from the towers' configs (no weight is read).
+pub fn model_config(cfg: &RunConfig) -> Result<LlavaConfig, LlavaError> {
     let vision = ClipVisionConfig::from_hf_dir(&cfg.model.vision_tower)?;
     let text = LlamaConfig::from_hf_dir(&cfg.model.llm)?;
     let kind = ProjectorKind::parse(&cfg.model.projector_type)
@@ -102,6 +104,38 @@ pub fn build_model<B: AutodiffBackend>(
         max_length: cfg.training.model_max_length,
     };
     config.validate().map_err(|reason| LlavaError::config(&cfg.model.vision_tower, reason))?;
+    Ok(config)
+}
+
+/// The memory plan of `cfg` on `device` ([`crate::plan`]), checked against `capacity` when one is
+/// given, and what the user could change to fit (each with its peak).
+pub fn plan_run<B: AutodiffBackend>(
+    cfg: &RunConfig, device: &B::Device, capacity: Option<llava::plan::Capacity>,
+) -> Result<(llava::plan::MemoryPlan, Vec<(String, u64)>), TrainError> {
+    let config = model_config(cfg)?;
+    let validation = match &cfg.data.val_data_path {
+        Some(path) => LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?.len(),
+        None => 0,
+    };
+    let stored = llava::load::PartDtypes {
+        vision: WeightStore::open(&cfg.model.vision_tower)?.dominant_dtype(""),
+        projector: None,
+        llm: WeightStore::open(&cfg.model.llm)?.dominant_dtype(""),
+    };
+    let widened = llava_kernels::half_products_widen::<B>();
+    let shape =
+        crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened);
+    let plan = crate::plan::training_plan(&config, &shape, B::name(device), capacity);
+    let alternatives = crate::plan::alternatives(&config, &shape, B::supports_dtype(device, DType::BF16));
+    Ok((plan, alternatives))
+}
+
+/// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
+/// or from the stage-1 file (stage 2), weights in [`weights_dtype`].
+pub fn build_model<B: AutodiffBackend>(
+    cfg: &RunConfig, device: &B::Device,
+) -> Result<(Llava<B>, LlavaConfig, ProcessorConfig, Tokenizer), LlavaError> {
+    let config = model_config(cfg)?;
     let clip_store = WeightStore::open(&cfg.model.vision_tower)?;
     let llm_store = WeightStore::open(&cfg.model.llm)?;
     let dtype = Some(weights_dtype::<B>(cfg, device));
@@ -246,6 +280,9 @@ pub fn run<B: AutodiffBackend>(
     cfg: &RunConfig, options: &RunOptions, device: &B::Device,
 ) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+    let (plan, alternatives) = plan_run::<B>(cfg, device, options.capacity.clone())?;
+    tracing::info!("memory plan: peak {} ({})", llava::plan::human(plan.peak()), plan.run);
+    plan.check(&alternatives)?;
     let ckpt_dir = run_dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
@@ -257,6 +294,7 @@ pub fn run<B: AutodiffBackend>(
     }
 
     let (mut model, llava_config, processor, tokenizer) = build_model::<B>(cfg, device)?;
+    llava::plan::log_resident("after loading");
     // Optional LLM text pretraining (stage 1 of the demo): done once, reused on resume.
     let pretrained_llm = run_dir.join("llm");
     match &cfg.text_pretrain {
@@ -311,6 +349,7 @@ pub fn run<B: AutodiffBackend>(
     let total_steps = optim.total_steps;
     let max_length = optim.max_length;
     let mut trainer = Trainer::new(model, cfg.stage, optim);
+    llava::plan::log_resident("with the trainer");
     if cfg.training.bf16 {
         if B::supports_dtype(device, DType::BF16) {
             tracing::info!("bf16 mixed precision: f32 master weights, bf16 forward and backward");
@@ -423,6 +462,7 @@ pub fn run<B: AutodiffBackend>(
             progress.finish();
             tracing::info!("step {}: validation loss {v:.4}", trainer.step);
         }
+        llava::plan::log_resident(&format!("after step {}", trainer.step));
         if trainer.step % cfg.checkpoint.save_steps.max(1) == 0 || trainer.step == stop_at {
             let saved = checkpoint::save(
                 &trainer,
@@ -431,6 +471,7 @@ pub fn run<B: AutodiffBackend>(
                 serde_json::json!({ "position": position }),
             )?;
             tracing::debug!("checkpoint {}", saved.display());
+            llava::plan::log_resident("after the checkpoint");
         }
     }
     progress.finish();
@@ -445,6 +486,7 @@ pub fn run<B: AutodiffBackend>(
             .then(|| if cfg.text_pretrain.is_some() { pretrained_llm.clone() } else { cfg.model.llm.clone() }),
     };
     llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm, &frozen)?;
+    llava::plan::log_resident("after saving the model");
     let all = read_metrics(&metrics_path).map_err(io(&metrics_path))?;
     let points: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
     let val_points: Vec<(f64, f64)> = all.iter().filter_map(|m| m.val_loss.map(|v| (m.step as f64, v))).collect();
@@ -454,6 +496,9 @@ pub fn run<B: AutodiffBackend>(
         tracing::warn!("{skipped} samples were skipped (see the warnings above)");
     }
     let final_val_loss = all.iter().rev().find_map(|m| m.val_loss);
+    if let Some(line) = llava::plan::peak_report(&plan) {
+        tracing::info!("{line}");
+    }
     Ok(RunSummary {
         run_dir,
         steps: trainer.step,

@@ -146,6 +146,16 @@ impl ClipVisionConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The number of weights the tower holds (as [`ClipVisionConfig::init`] or a loaded
+    /// checkpoint holds them). For memory plans: no weight is read.
+    pub fn num_parameters(&self) -> u64 {
+        let (d, inter) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let patch = d * self.num_channels as u64 * (self.patch_size as u64).pow(2);
+        let embeddings = patch + d + (self.num_patches() as u64 + 1) * d;
+        let layer = 4 * (d * d + d) + (d * inter + inter) + (inter * d + d) + 2 * 2 * d;
+        embeddings + 2 * 2 * d + self.num_hidden_layers as u64 * layer
+    }
+
     /// Patches per image (without the class token).
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)

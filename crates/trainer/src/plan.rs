@@ -1,0 +1,243 @@
+//! The memory plan of a training run ([`llava::plan`] for the vocabulary): what stage 1 or 2 holds
+//! for its whole run (frozen towers in the run's weight dtype, the trainable parameters' f32
+//! masters and AdamW moments, validation batches) and in each phase (loading, a training step
+//! with its saved activations, gradients and loss, a checkpoint write, the final save).
+//!
+//! Sequences are planned at `training.model_max_length`, the longest a sample can be after
+//! truncation (a batch is padded to its longest sample), with every position supervised: the
+//! plan is the run's worst step.
+
+use burn::tensor::DType;
+use llava::LlavaConfig;
+use llava::plan::{
+    Capacity, MemoryPlan, PlanEntry, PlanPhase, RUNTIME_BYTES, dtype_bytes, dtype_name, parameter_counts,
+};
+
+use crate::Stage;
+use crate::config::RunConfig;
+
+/// What shapes a training plan: the recipe's model and batch, and the dtype the run holds its
+/// weights in ([`crate::run::weights_dtype`]).
+#[derive(Debug, Clone)]
+pub struct TrainingShape {
+    pub stage: Stage,
+    pub micro_batch: usize,
+    pub accumulation: usize,
+    pub sequence: usize,
+    pub weights: DType,
+    pub gradient_checkpointing: bool,
+    /// Validation samples, preprocessed once and held (their pixels).
+    pub validation_samples: usize,
+    /// Text pretraining of the LLM before stage 1 (the demo's): batch size.
+    pub text_pretrain_batch: Option<usize>,
+    /// The towers' stored dtypes (a conversion at load reads each tensor's bytes first).
+    pub stored: llava::load::PartDtypes,
+    /// Half-precision products compute through f32 copies ([`llava_kernels::half_products_widen`]).
+    pub widened_products: bool,
+}
+
+impl TrainingShape {
+    /// The shape `cfg` asks for, with weights in `weights`.
+    pub fn from_recipe(
+        cfg: &RunConfig, weights: DType, validation_samples: usize, stored: llava::load::PartDtypes,
+        widened_products: bool,
+    ) -> Self {
+        Self {
+            stage: cfg.stage,
+            micro_batch: cfg.training.per_device_batch_size.max(1),
+            accumulation: cfg.gradient_accumulation_steps(1).max(1),
+            sequence: cfg.training.model_max_length,
+            weights,
+            gradient_checkpointing: cfg.training.gradient_checkpointing,
+            validation_samples,
+            text_pretrain_batch: cfg.text_pretrain.as_ref().map(|p| p.batch_size),
+            stored,
+            widened_products,
+        }
+    }
+}
+
+/// Activations one LLM layer keeps for the backward pass over `tokens` positions of `rows`
+/// sequences: the residual stream and both normed inputs, q/k/v and their rotated copies, the
+/// attention's probabilities (f32) and context, the MLP's gate, up and product. Under gradient
+/// checkpointing the element-wise results are recomputed instead (the inputs of the matrix
+/// products stay).
+pub fn llm_layer_saved(config: &LlavaConfig, rows: usize, tokens: usize, act: DType, checkpointing: bool) -> u64 {
+    let t = &config.text;
+    let n = (rows * tokens) as u64;
+    let a = dtype_bytes(act);
+    let (d, inter) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let q = (t.num_attention_heads * t.head_dim()) as u64;
+    let kv = (t.num_kv_heads() * t.head_dim()) as u64;
+    let probs = (rows * t.num_attention_heads * tokens * tokens) as u64 * 4;
+    let per_token = if checkpointing { 2 * d + 2 * q + 2 * kv + 2 * inter } else { 4 * d + 3 * q + 3 * kv + 3 * inter };
+    n * a * per_token + probs
+}
+
+/// The plan of a training run of `config` shaped as `shape`.
+pub fn training_plan(
+    config: &LlavaConfig, shape: &TrainingShape, device: impl Into<String>, capacity: Option<Capacity>,
+) -> MemoryPlan {
+    let (vision, projector, llm) = parameter_counts(config);
+    let w = shape.weights;
+    let wb = dtype_bytes(w);
+    let mixed = w != DType::F32;
+    let trainable = projector + if shape.stage == Stage::Two { llm } else { 0 };
+    let rows = shape.micro_batch;
+    let images = rows; // one image per sample, the LLaVA datasets' case
+    let tokens = shape.sequence;
+    let n = (rows * tokens) as u64;
+    // Image positions are never supervised (their labels are -100).
+    let supervised = (rows * tokens.saturating_sub(config.image_tokens())) as u64;
+    let act = w;
+    let a = dtype_bytes(act);
+    let t = &config.text;
+    let (d, inter, vocab) = (t.hidden_size as u64, t.intermediate_size as u64, t.vocab_size as u64);
+
+    let mut held = vec![
+        PlanEntry::new("process (code, thread pools, tokenizer)", RUNTIME_BYTES),
+        PlanEntry::new(
+            format!("vision tower, frozen ({} parameters, {})", llava::plan::count(vision), dtype_name(w)),
+            vision * wb,
+        ),
+    ];
+    match shape.stage {
+        Stage::One => held.push(PlanEntry::new(
+            format!("LLM, frozen ({} parameters, {})", llava::plan::count(llm), dtype_name(w)),
+            llm * wb,
+        )),
+        Stage::Two => {
+            held.push(PlanEntry::new(format!("LLM, trainable ({} parameters, f32)", llava::plan::count(llm)), llm * 4))
+        }
+    }
+    held.push(PlanEntry::new(
+        format!("projector, trainable ({} parameters, f32)", llava::plan::count(projector)),
+        projector * 4,
+    ));
+    held.push(PlanEntry::new(
+        format!("AdamW moments of the {} trainable parameters (2 × f32)", llava::plan::count(trainable)),
+        trainable * 8,
+    ));
+    let v = &config.vision;
+    let pixels_per_image = (v.num_channels * v.image_size * v.image_size) as u64 * 4;
+    if shape.validation_samples > 0 {
+        held.push(PlanEntry::new(
+            format!("validation batches ({} samples' pixels)", shape.validation_samples),
+            shape.validation_samples as u64 * pixels_per_image,
+        ));
+    }
+
+    let mut loading = vec![PlanEntry::new(
+        "the largest tensor's bytes while they are converted",
+        llava::plan::load_buffer_bytes(config, shape.stored.llm, w),
+    )];
+    if mixed && shape.stage == Stage::Two {
+        loading.push(PlanEntry::new(
+            format!("the LLM as loaded ({}), until its f32 masters exist", dtype_name(w)),
+            llm * wb,
+        ));
+    }
+    let mut phases = vec![PlanPhase::new("loading", loading)];
+
+    let layers = t.num_hidden_layers as u64;
+    let saved = layers * llm_layer_saved(config, rows, tokens, act, shape.gradient_checkpointing);
+    let patches = (config.image_tokens() * images) as u64;
+    let vision_out = patches * (v.hidden_size as u64 + 2 * d * config.projector.depth() as u64) * a;
+    let mut step = vec![
+        PlanEntry::new(
+            format!(
+                "activations kept for the backward pass ({rows} × {tokens} tokens{})",
+                if shape.gradient_checkpointing { ", gradient checkpointing" } else { "" }
+            ),
+            saved + vision_out + n * d * a * 2,
+        ),
+        PlanEntry::new(
+            "activation gradients of one layer (f32)".to_string(),
+            n * 4 * (2 * d + 3 * inter) + (rows * t.num_attention_heads * tokens * tokens) as u64 * 4,
+        ),
+        PlanEntry::new("logits and their gradient on supervised positions (f32)", supervised * vocab * 4 * 2),
+        PlanEntry::new("vision tower activations (no gradient)", llava::plan::vision_activations(config, images, act)),
+        PlanEntry::new("parameter gradients (f32)", trainable * 4),
+    ];
+    if mixed {
+        step.push(PlanEntry::new(
+            format!("the trainable parameters cast to {} for the forward pass", dtype_name(w)),
+            trainable * wb,
+        ));
+    }
+    if mixed && shape.widened_products {
+        // Measured on Flex: the LM head's product (and its gradient's) through an f32 copy.
+        step.push(PlanEntry::new(
+            "f32 copies of the largest matrix for half-precision products (CPU)",
+            2 * llava::plan::largest_matrix(config) * 4,
+        ));
+    }
+    phases.push(PlanPhase::new("a training step", step));
+    phases.push(PlanPhase::new(
+        "writing a checkpoint",
+        vec![PlanEntry::new("the trainable parameters' record (f32 values)", trainable * 4)],
+    ));
+    // Saving in the llava-hf layout grows the embedding and the LM head by the `<image>` row:
+    // a trainable matrix is copied and extended, a frozen one read once for its mean row.
+    let embed = (t.vocab_size * t.hidden_size) as u64 * 4;
+    let padding = if shape.stage == Stage::Two { 2 * embed } else { embed };
+    phases.push(PlanPhase::new(
+        "saving the model",
+        vec![
+            PlanEntry::new("trainable tensors held by the exporter (f32)", trainable * 4),
+            PlanEntry::new("the embedding matrices padded for `<image>` (f32)", padding),
+        ],
+    ));
+    if let (Stage::One, Some(batch)) = (shape.stage, shape.text_pretrain_batch) {
+        let rows = batch.max(1);
+        let n = (rows * tokens) as u64;
+        phases.push(PlanPhase::new(
+            "text pretraining of the LLM",
+            vec![
+                PlanEntry::new("the LLM's f32 masters, gradients and AdamW moments", llm * (4 + 4 + 8)),
+                PlanEntry::new(
+                    format!("activations ({rows} × {tokens} tokens)"),
+                    layers * llm_layer_saved(config, rows, tokens, DType::F32, shape.gradient_checkpointing)
+                        + n * vocab * 4 * 2,
+                ),
+            ],
+        ));
+    }
+    let stage = match shape.stage {
+        Stage::One => 1,
+        Stage::Two => 2,
+    };
+    MemoryPlan {
+        run: format!(
+            "stage {stage} (micro-batch {rows} × {tokens} tokens, weights {}{})",
+            dtype_name(w),
+            if shape.gradient_checkpointing { ", gradient checkpointing" } else { "" }
+        ),
+        device: device.into(),
+        held,
+        phases,
+        capacity,
+    }
+}
+
+/// What a user could change to make a run fit, each with its plan's peak: gradient checkpointing,
+/// smaller micro-batches (the same global batch, more accumulation), bf16 weights.
+pub fn alternatives(config: &LlavaConfig, shape: &TrainingShape, bf16_supported: bool) -> Vec<(String, u64)> {
+    let peak = |s: &TrainingShape| training_plan(config, s, "", None).peak();
+    let mut out = Vec::new();
+    if !shape.gradient_checkpointing {
+        let s = TrainingShape { gradient_checkpointing: true, ..shape.clone() };
+        out.push(("--set training.gradient_checkpointing=true".to_string(), peak(&s)));
+    }
+    let mut micro = shape.micro_batch / 2;
+    while micro >= 1 {
+        let s = TrainingShape { micro_batch: micro, ..shape.clone() };
+        out.push((format!("--set training.per_device_batch_size={micro}"), peak(&s)));
+        micro /= 2;
+    }
+    if shape.weights == DType::F32 && bf16_supported {
+        let s = TrainingShape { weights: DType::BF16, ..shape.clone() };
+        out.push(("--set training.bf16=true".to_string(), peak(&s)));
+    }
+    out
+}
