@@ -80,11 +80,11 @@ fn message(bytes: usize, out: &mut impl Write) {
         b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
         b => (b as f64 / 1024.0, "KiB"),
     };
-    let _ = write!(
+    let _ = writeln!(
         out,
         "error: out of memory: an allocation of {value:.1} {unit} ({bytes} bytes) failed. \
          `cargo xtask plan` with the same arguments shows what the run needs; a smaller batch, \
-         fewer new tokens, half-precision weights (--dtype bf16) or gradient checkpointing need less.\n"
+         fewer new tokens, half-precision weights (--dtype bf16) or gradient checkpointing need less."
     );
 }
 

@@ -456,7 +456,7 @@ mod tests {
             let mut out = vec![0f32; m * n];
             matmul_rows(&x, &w, &mut out, m, k, n);
             for (got, want) in out.iter().zip(reference(&x, &w, m, k, n)) {
-                assert!((*got as f64 - want).abs() < 1e-4, "m={m} k={k} n={n}: {got} vs {want}");
+                assert!((*got as f64 - want).abs() < 1e-4 + 2e-6 * want.abs(), "m={m} k={k} n={n}: {got} vs {want}");
             }
         }
     }
@@ -479,7 +479,10 @@ mod tests {
                 (out_f16, widened(w_f16.iter().map(|v| v.to_f32()).collect())),
             ] {
                 for (got, want) in out.iter().zip(want) {
-                    assert!((*got as f64 - want).abs() < 1e-4, "m={m} k={k} n={n}: {got} vs {want}");
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-4 + 2e-6 * want.abs(),
+                        "m={m} k={k} n={n}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -496,7 +499,10 @@ mod tests {
             let mut out = vec![0f32; m * n];
             matmul_dots(&x, &wt, &mut out, m, k, n);
             for (got, want) in out.iter().zip(reference(&x, &w, m, k, n)) {
-                assert!((*got as f64 - want).abs() < 1e-4, "f32 m={m} k={k} n={n}: {got} vs {want}");
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4 + 2e-6 * want.abs(),
+                    "f32 m={m} k={k} n={n}: {got} vs {want}"
+                );
             }
             let wt_bf16: Vec<bf16> = wt.iter().map(|&v| bf16::from_f32(v)).collect();
             let wt_f16: Vec<f16> = wt.iter().map(|&v| f16::from_f32(v)).collect();
@@ -512,7 +518,10 @@ mod tests {
                 (out_f16, widened(wt_f16.iter().map(|v| v.to_f32()).collect())),
             ] {
                 for (got, want) in out.iter().zip(want) {
-                    assert!((*got as f64 - want).abs() < 1e-4, "half m={m} k={k} n={n}: {got} vs {want}");
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-4 + 2e-6 * want.abs(),
+                        "half m={m} k={k} n={n}: {got} vs {want}"
+                    );
                 }
             }
         }
