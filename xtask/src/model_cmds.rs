@@ -143,10 +143,11 @@ impl ModelArgs {
             )
         };
         let plan = plan_with(self.dtype.0, shape, self.memory.capacity(self.backend));
+        let current = held_dtypes::<B>(stored, self.dtype.0, device).llm;
         let mut alternatives = Vec::new();
         for (flag, dtype) in [("--dtype f16", DType::F16), ("--dtype bf16", DType::BF16)] {
             let held = held_dtypes::<B>(stored, Some(dtype), device);
-            if held.llm == dtype && Some(dtype) != self.dtype.0 {
+            if held.llm == dtype && dtype != current {
                 alternatives.push((flag.to_string(), plan_with(Some(dtype), shape, None).peak()));
             }
         }

@@ -171,6 +171,38 @@ pub struct Sample {
 }
 
 impl LlavaDataset {
+    /// The longest tokenized text among the `candidates` records with the most text (by bytes),
+    /// templated as [`LlavaDataset::sample`] does but without reading any image: `(longest with
+    /// an image, longest without)`, in tokens, the `<image>` marker not counted (a sample is that
+    /// many tokens plus the image's). For memory plans: the sequence a batch will be padded to.
+    /// Records that do not preprocess are skipped (training skips them too).
+    pub fn longest_text_tokens(
+        &self, tokenizer: &Tokenizer, config: &SampleConfig, candidates: usize,
+    ) -> (usize, usize) {
+        let bytes = |r: &Record| r.conversations.iter().map(|t| t.value.len()).sum::<usize>();
+        let mut order: Vec<usize> = (0..self.records.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(bytes(&self.records[i])));
+        let (mut with_image, mut without) = (0, 0);
+        for &i in order.iter().take(candidates) {
+            let record = &self.records[i];
+            let mut turns = record.conversations.clone();
+            let has_image = record.image.is_some();
+            if has_image {
+                preprocess_multimodal(&mut turns, &config.template, &config.options);
+            }
+            let Ok(processed) = preprocess(&turns, tokenizer, &config.template, has_image, &config.options) else {
+                continue;
+            };
+            let text = processed.input_ids.iter().filter(|&&id| id != crate::IMAGE_TOKEN_INDEX).count();
+            if has_image {
+                with_image = with_image.max(text);
+            } else {
+                without = without.max(text);
+            }
+        }
+        (with_image, without)
+    }
+
     /// `LazySupervisedDataset.__getitem__(i)`: image loaded and preprocessed, `<image>` moved to
     /// the front of its turn, the conversation templated, tokenized and masked.
     pub fn sample(&self, i: usize, tokenizer: &Tokenizer, config: &SampleConfig) -> Result<Sample, DatasetError> {

@@ -124,3 +124,20 @@ fn brief_instructions_put_the_image_before_or_after() {
     assert!(turns.iter().any(|t| t[0].value.ends_with("\n<image>")));
     assert!(turns.iter().all(|t| t[1].value == "a cat"));
 }
+
+#[test]
+fn the_longest_text_is_the_longest_sample_without_its_image() {
+    // What memory plans pad a batch to: the longest sample, found without reading any image.
+    let (json, images) = lcs();
+    let dataset = LlavaDataset::open(&json, &images, OnError::Stop).unwrap();
+    let tokenizer = tokenizer();
+    for template in ["plain", "v1"] {
+        let config = config(template);
+        let longest = (0..dataset.len())
+            .map(|i| dataset.sample(i, &tokenizer, &config).unwrap().input_ids.iter().filter(|&&t| t != -200).count())
+            .max()
+            .unwrap();
+        let (with_image, without) = dataset.longest_text_tokens(&tokenizer, &config, dataset.len());
+        assert_eq!((with_image, without), (longest, 0), "{template}");
+    }
+}

@@ -3,9 +3,9 @@
 //! masters and AdamW moments, validation batches) and in each phase (loading, a training step
 //! with its saved activations, gradients and loss, a checkpoint write, the final save).
 //!
-//! Sequences are planned at `training.model_max_length`, the longest a sample can be after
-//! truncation (a batch is padded to its longest sample), with every position supervised: the
-//! plan is the run's worst step.
+//! Sequences are planned at the longest the run's data gives (the longest texts tokenized and
+//! templated, plus the image's tokens; at most `training.model_max_length`; a batch is padded to
+//! its longest sample), with every text position supervised: the plan is the run's worst step.
 
 use burn::tensor::DType;
 use llava::LlavaConfig;
@@ -61,8 +61,10 @@ impl TrainingShape {
 /// sequences: the residual stream and both normed inputs, q/k/v and their rotated copies, the
 /// attention's probabilities (f32) and context, the MLP's gate, up and product. Under gradient
 /// checkpointing the element-wise results are recomputed instead (the inputs of the matrix
-/// products stay).
-pub fn llm_layer_saved(config: &LlavaConfig, rows: usize, tokens: usize, act: DType, checkpointing: bool) -> u64 {
+/// products stay); with `frozen` weights (stage 1) the products' inputs are not kept at all.
+pub fn llm_layer_saved(
+    config: &LlavaConfig, rows: usize, tokens: usize, act: DType, checkpointing: bool, frozen: bool,
+) -> u64 {
     let t = &config.text;
     let n = (rows * tokens) as u64;
     let a = dtype_bytes(act);
@@ -70,7 +72,13 @@ pub fn llm_layer_saved(config: &LlavaConfig, rows: usize, tokens: usize, act: DT
     let q = (t.num_attention_heads * t.head_dim()) as u64;
     let kv = (t.num_kv_heads() * t.head_dim()) as u64;
     let probs = (rows * t.num_attention_heads * tokens * tokens) as u64 * 4;
-    let per_token = if checkpointing { 2 * d + 2 * q + 2 * kv + 2 * inter } else { 4 * d + 3 * q + 3 * kv + 3 * inter };
+    let per_token = match (frozen, checkpointing) {
+        // Frozen weights need no weight gradients, so the products keep no inputs: only the norms'
+        // inputs, the attention's q/k/v and the MLP's gate and up stay.
+        (true, _) => 2 * d + q + 2 * kv + 2 * inter,
+        (false, true) => 2 * d + 2 * q + 2 * kv + 2 * inter,
+        (false, false) => 4 * d + 3 * q + 3 * kv + 3 * inter,
+    };
     n * a * per_token + probs
 }
 
@@ -140,7 +148,8 @@ pub fn training_plan(
     let mut phases = vec![PlanPhase::new("loading", loading)];
 
     let layers = t.num_hidden_layers as u64;
-    let saved = layers * llm_layer_saved(config, rows, tokens, act, shape.gradient_checkpointing);
+    let frozen_llm = shape.stage == Stage::One;
+    let saved = layers * llm_layer_saved(config, rows, tokens, act, shape.gradient_checkpointing, frozen_llm);
     let patches = (config.image_tokens() * images) as u64;
     let vision_out = patches * (v.hidden_size as u64 + 2 * d * config.projector.depth() as u64) * a;
     let mut step = vec![
@@ -197,7 +206,7 @@ pub fn training_plan(
                 PlanEntry::new("the LLM's f32 masters, gradients and AdamW moments", llm * (4 + 4 + 8)),
                 PlanEntry::new(
                     format!("activations ({rows} × {tokens} tokens)"),
-                    layers * llm_layer_saved(config, rows, tokens, DType::F32, shape.gradient_checkpointing)
+                    layers * llm_layer_saved(config, rows, tokens, DType::F32, shape.gradient_checkpointing, false)
                         + n * vocab * 4 * 2,
                 ),
             ],

@@ -123,11 +123,30 @@ pub fn plan_run<B: AutodiffBackend>(
         llm: WeightStore::open(&cfg.model.llm)?.dominant_dtype(""),
     };
     let widened = llava_kernels::half_products_widen::<B>();
-    let shape =
+    let mut shape =
         crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened);
+    shape.sequence = longest_sequence(cfg, &config)?;
     let plan = crate::plan::training_plan(&config, &shape, B::name(device), capacity);
     let alternatives = crate::plan::alternatives(&config, &shape, B::supports_dtype(device, DType::BF16));
     Ok((plan, alternatives))
+}
+
+/// The longest spliced sequence the run's data gives (its longest texts tokenized and templated,
+/// plus the image's tokens), at most `training.model_max_length`: what a micro-batch is padded to.
+fn longest_sequence(cfg: &RunConfig, config: &LlavaConfig) -> Result<usize, TrainError> {
+    let template = conv_template(&cfg.data.template)
+        .ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
+    let tokenizer = Tokenizer::from_path(&cfg.model.llm).map_err(LlavaError::from)?;
+    let dataset = LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?;
+    let sample_config = SampleConfig {
+        template,
+        processor: ProcessorConfig::clip(config.vision.image_size),
+        aspect: config.image_aspect,
+        options: PreprocessOptions { model_max_length: cfg.training.model_max_length, ..Default::default() },
+    };
+    let (with_image, without) = dataset.longest_text_tokens(&tokenizer, &sample_config, 256);
+    let longest = (with_image + config.image_tokens()).max(without);
+    Ok(longest.min(cfg.training.model_max_length).max(1))
 }
 
 /// Builds the model of a run: CLIP and LLaMA from their directories, the projector fresh (stage 1)
