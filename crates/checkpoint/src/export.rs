@@ -36,11 +36,23 @@ impl SaveDtype {
     }
 }
 
+/// A module's tensor, read out of it only when the file is written: saving a trainable model
+/// never holds a second copy of its weights (only the tensor being written).
+struct Deferred(Box<dyn Fn() -> TensorData>);
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
 /// One tensor to write.
 #[derive(Debug)]
 enum Entry {
     /// Values held in memory, in their own dtype.
     Values(TensorData),
+    /// A tensor of a module (a cheap handle on it, no copy), as `shape` and `dtype`.
+    Tensor { shape: Vec<usize>, dtype: DType, data: Deferred },
     /// A tensor of a checkpoint, read only when the file is written (so a frozen tower is never
     /// held twice) and written with its stored bytes' values.
     Stored {
@@ -59,6 +71,7 @@ impl Entry {
     fn shape(&self) -> Vec<usize> {
         match self {
             Entry::Values(data) => data.shape.to_vec(),
+            Entry::Tensor { shape, .. } => shape.clone(),
             Entry::Stored { shape, extra_rows: None, .. } | Entry::Declared { shape, .. } => shape.clone(),
             Entry::Stored { shape, extra_rows: Some(extra), .. } => {
                 let mut shape = shape.clone();
@@ -70,6 +83,7 @@ impl Entry {
     fn dtype(&self) -> DType {
         match self {
             Entry::Values(data) => data.dtype,
+            Entry::Tensor { dtype, .. } => *dtype,
             Entry::Stored { dtype, .. } | Entry::Declared { dtype, .. } => *dtype,
         }
     }
@@ -122,12 +136,17 @@ impl Exporter {
         self.tensors.insert(self.path(name), Entry::Values(data));
     }
 
+    /// A module's tensor, in its own dtype. Its values are read when the file is written (the
+    /// exporter holds a handle on the tensor, not a copy).
     pub fn tensor<B: Backend, const D: usize>(&mut self, name: &str, t: &Tensor<B, D>) {
-        if self.declare_only {
-            self.tensors.insert(self.path(name), Entry::Declared { shape: t.dims().to_vec(), dtype: t.dtype() });
+        let (shape, dtype) = (t.dims().to_vec(), t.dtype());
+        let entry = if self.declare_only {
+            Entry::Declared { shape, dtype }
         } else {
-            self.data(name, t.to_data());
-        }
+            let t = t.clone();
+            Entry::Tensor { shape, dtype, data: Deferred(Box::new(move || t.to_data())) }
+        };
+        self.tensors.insert(self.path(name), entry);
     }
 
     pub fn param<B: Backend, const D: usize>(&mut self, name: &str, p: &Param<Tensor<B, D>>) {
@@ -229,15 +248,17 @@ impl Exporter {
             }
             mean
         };
-        match entry {
-            Entry::Values(data) => {
-                let mut values = data.clone().convert_dtype(DType::F32).into_vec::<f32>().expect("f32");
-                let mean = mean_of(&values);
-                for _ in n..rows {
-                    values.extend_from_slice(&mean);
-                }
-                *entry = Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype));
+        let padded = |data: TensorData| {
+            let mut values = data.convert_dtype(DType::F32).into_vec::<f32>().expect("f32");
+            let mean = mean_of(&values);
+            for _ in n..rows {
+                values.extend_from_slice(&mean);
             }
+            Entry::Values(TensorData::new(values, [rows, d]).convert_dtype(dtype))
+        };
+        match entry {
+            Entry::Values(data) => *entry = padded(data.clone()),
+            Entry::Tensor { data, .. } => *entry = padded((data.0)()),
             // The stored rows stay in the checkpoint (read again while writing); only the new
             // rows are held.
             Entry::Stored { store, name, shape, extra_rows, .. } => {
@@ -313,6 +334,7 @@ impl Exporter {
                 let data = match entry {
                     Entry::Values(data) if data.dtype == target => std::borrow::Cow::Borrowed(data),
                     Entry::Values(data) => std::borrow::Cow::Owned(data.clone().convert_dtype(target)),
+                    Entry::Tensor { data, .. } => std::borrow::Cow::Owned((data.0)().convert_dtype(target)),
                     Entry::Stored { store, name, shape, extra_rows, .. } => {
                         match store.read(name, shape, Some(target)) {
                             Ok(data) => {

@@ -186,17 +186,16 @@ pub fn training_plan(
         "writing a checkpoint",
         vec![PlanEntry::new("the trainable parameters' record (f32 values)", trainable * 4)],
     ));
-    // Saving in the llava-hf layout grows the embedding and the LM head by the `<image>` row:
-    // a trainable matrix is copied and extended, a frozen one read once for its mean row.
+    // Saving writes one tensor at a time, read out of the module or the frozen source. The
+    // llava-hf layout grows the embedding and the LM head by the `<image>` row: trainable ones are
+    // held padded until written; frozen ones stay in their source (read once for the mean row).
     let embed = (t.vocab_size * t.hidden_size) as u64 * 4;
-    let padding = if shape.stage == Stage::Two { 2 * embed } else { embed };
-    phases.push(PlanPhase::new(
-        "saving the model",
-        vec![
-            PlanEntry::new("trainable tensors held by the exporter (f32)", trainable * 4),
-            PlanEntry::new("the embedding matrices padded for `<image>` (f32)", padding),
-        ],
-    ));
+    let mut save =
+        vec![PlanEntry::new("the tensor being read or written (f32)", llava::plan::largest_matrix(config) * 4)];
+    if shape.stage == Stage::Two {
+        save.push(PlanEntry::new("the embedding and LM head padded for `<image>` (f32)", 2 * embed));
+    }
+    phases.push(PlanPhase::new("saving the model", save));
     if let (Stage::One, Some(batch)) = (shape.stage, shape.text_pretrain_batch) {
         let rows = batch.max(1);
         let n = (rows * tokens) as u64;
