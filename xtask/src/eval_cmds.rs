@@ -103,6 +103,7 @@ impl SqaPredictArgs {
     pub fn shape(&self, questions: &[llava_eval::predict::Question]) -> GenerationShape {
         let longest = questions.iter().map(|q| q.human.len()).max().unwrap_or(0);
         GenerationShape {
+            command: "sqa-predict",
             batch: self.batch_size.max(1).min(questions.len().max(1)),
             text_tokens: longest + 256,
             images: 1,
@@ -117,6 +118,7 @@ impl ChatArgs {
         let images = usize::from(self.image.is_some());
         let context = config.max_length.max(config.image_tokens() * images + 1);
         GenerationShape {
+            command: "chat",
             batch: 1,
             text_tokens: context.saturating_sub(config.image_tokens() * images + self.max_new_tokens).max(1),
             images,

@@ -274,6 +274,7 @@ impl GenerateArgs {
     /// The shape of this generation: one prompt (its tokens bounded by its bytes + BOS).
     pub fn shape(&self) -> GenerationShape {
         GenerationShape {
+            command: "generate",
             batch: 1,
             text_tokens: self.prompt.replace(llava_data::DEFAULT_IMAGE_TOKEN, "").len() + 1,
             images: usize::from(self.image.is_some()),

@@ -351,6 +351,8 @@ pub fn count(n: u64) -> String {
 /// The shape of a generation run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GenerationShape {
+    /// The command, for the plan's title (`generate`, `chat`, `sqa-predict`).
+    pub command: &'static str,
     /// Prompts decoded together.
     pub batch: usize,
     /// Text tokens of the longest prompt (BOS included, `<image>` excluded).
@@ -465,7 +467,7 @@ pub fn generation_plan(
         ],
     ));
     MemoryPlan {
-        run: format!("generate (batch {rows}, {tokens} prompt tokens, {} new)", shape.max_new_tokens),
+        run: format!("{} (batch {rows}, {tokens} prompt tokens, {} new)", shape.command, shape.max_new_tokens),
         device: device.into(),
         held: held_entries,
         phases,
