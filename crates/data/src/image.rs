@@ -145,14 +145,71 @@ impl ProcessorConfig {
 
 /// Decodes an image file as 8-bit RGB the way PIL's `.convert("RGB")` does for common modes
 /// (alpha dropped without compositing; grayscale and palette expanded).
+///
+/// Bounded: a file must be a regular file of at most [`MAX_IMAGE_FILE_BYTES`], and decode to at
+/// most [`MAX_IMAGE_PIXELS`] pixels (PIL's decompression-bomb limit, where the reference raises
+/// `DecompressionBombError`); anything else is an error naming the file, never an exhausted memory.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    use std::io::Read;
     let err = |reason: String| ImageError::Decode { path: path.to_path_buf(), reason };
-    // One read, then decode from memory with the format sniffed from the bytes (not the
-    // extension): cheaper than a buffered reader, and a mislabelled file still decodes.
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let format = image::guess_format(&bytes).map_err(|e| err(e.to_string()))?;
-    let img = image::load_from_memory_with_format(&bytes, format).map_err(|e| err(e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(err(format!("{} bytes, more than the {MAX_IMAGE_FILE_BYTES} an image may have", meta.len())));
+    }
+    // One read (bounded even if the file grows meanwhile), then decode from memory with the format
+    // sniffed from the bytes (not the extension): a mislabelled file still decodes.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;
+    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        return Err(err(format!("{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} PIL accepts (decompression bomb)")));
+    }
+    reader =
+        image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    reader.no_limits();
+    let img = reader.decode().map_err(|e| err(e.to_string()))?;
     Ok(to_rgb(img))
+}
+
+/// The largest image file read (bytes).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
+/// The most pixels an image may decode to: PIL's `Image.MAX_IMAGE_PIXELS` × 2, where PIL refuses.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// The longest side a resized or padded image may have: far beyond any model's input, and small
+/// enough that the resampling tables of a 1 × 10,000,000 image cannot exhaust memory.
+pub const MAX_RESIZED_SIDE: u64 = 1 << 16;
+
+/// Checks that preprocessing `w × h` under `mode` stays bounded (the shortest edge resized to
+/// `config.shortest_edge` scales the other side by the aspect ratio; padding squares the longest).
+pub fn check_preprocessable(
+    path: &Path, w: u32, h: u32, config: &ProcessorConfig, mode: AspectMode,
+) -> Result<(), ImageError> {
+    let (w, h) = (w as u64, h as u64);
+    let (short, long) = (w.min(h).max(1), w.max(h));
+    let resized_long = match mode {
+        AspectMode::Crop if config.do_resize => long * config.shortest_edge as u64 / short,
+        AspectMode::Crop => long,
+        AspectMode::Pad => long.max(config.shortest_edge as u64),
+    };
+    if resized_long > MAX_RESIZED_SIDE || (mode == AspectMode::Pad && long * long > MAX_IMAGE_PIXELS) {
+        return Err(ImageError::Decode {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{w}x{h} pixels: preprocessing would make a side of {resized_long} pixels (at most {MAX_RESIZED_SIDE}); \
+                 the aspect ratio is too extreme for a {:?} image",
+                mode
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Conversion to RGB as PIL's `Image.open(p).convert("RGB")`: alpha is dropped (not composited),
@@ -266,7 +323,9 @@ pub fn preprocess(img: &RgbImage, config: &ProcessorConfig, mode: AspectMode) ->
 
 /// Loads and preprocesses an image file.
 pub fn load_and_preprocess(path: &Path, config: &ProcessorConfig, mode: AspectMode) -> Result<Vec<f32>, ImageError> {
-    Ok(preprocess(&load_rgb(path)?, config, mode))
+    let img = load_rgb(path)?;
+    check_preprocessable(path, img.width(), img.height(), config, mode)?;
+    Ok(preprocess(&img, config, mode))
 }
 
 // ---- PIL's bicubic resampling (libImaging/Resample.c), 8 bits per channel -----------------

@@ -78,3 +78,23 @@ fn unreadable_images_name_the_file() {
         .to_string();
     assert!(err.contains("/no/such/image.jpg"), "{err}");
 }
+
+#[test]
+fn hostile_images_are_errors_naming_the_file_not_exhausted_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ProcessorConfig::clip(224);
+    // A valid PNG of a few hundred bytes whose resize would need a 224 × 4,480,000 image.
+    let thin = tmp.path().join("thin.png");
+    image::RgbImage::from_pixel(1, 20_000, image::Rgb([9, 9, 9])).save(&thin).unwrap();
+    for mode in [AspectMode::Crop, AspectMode::Pad] {
+        let msg = load_and_preprocess(&thin, &config, mode).unwrap_err().to_string();
+        assert!(msg.contains("thin.png") && msg.contains("1x20000") && msg.contains("too extreme"), "{msg}");
+    }
+    // Not a regular file: never read until memory runs out.
+    let msg = load_and_preprocess(Path::new("/dev/zero"), &config, AspectMode::Crop).unwrap_err().to_string();
+    assert!(msg.contains("/dev/zero") && msg.contains("not a regular file"), "{msg}");
+    // A panorama far from the limits still preprocesses.
+    let wide = tmp.path().join("wide.png");
+    image::RgbImage::from_pixel(900, 100, image::Rgb([9, 9, 9])).save(&wide).unwrap();
+    assert_eq!(load_and_preprocess(&wide, &config, AspectMode::Crop).unwrap().len(), 3 * 224 * 224);
+}
