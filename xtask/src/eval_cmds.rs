@@ -57,6 +57,9 @@ pub struct SqaPredictArgs {
 }
 
 pub fn sqa_predict(args: SqaPredictArgs) -> Result<()> {
+    SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed }
+        .validate()
+        .map_err(anyhow::Error::msg)?;
     llava::with_backend!(args.model.backend, sqa_predict_on(&args))
 }
 
@@ -193,6 +196,9 @@ pub struct ChatArgs {
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
+    SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed }
+        .validate()
+        .map_err(anyhow::Error::msg)?;
     llava::with_backend!(args.model.backend, chat_on(&args))
 }
 

@@ -267,6 +267,9 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
+    SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed }
+        .validate()
+        .map_err(anyhow::Error::msg)?;
     llava::with_backend!(args.model.backend, generate_on(&args))
 }
 

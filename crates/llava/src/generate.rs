@@ -24,6 +24,20 @@ impl Default for SamplingConfig {
     }
 }
 
+impl SamplingConfig {
+    /// `temperature` finite and not negative, `top_p` in `(0, 1]` (a NaN temperature would
+    /// sample from NaN probabilities).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!("temperature {} must be a finite number ≥ 0 (0 = greedy)", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     pub max_new_tokens: usize,
@@ -186,6 +200,18 @@ mod tests {
     fn draws(config: SamplingConfig, logits: &[f32], n: usize) -> Vec<u32> {
         let mut sampler = Sampler::new(config);
         (0..n).map(|_| sampler.sample(logits)).collect()
+    }
+
+    #[test]
+    fn sampling_parameters_out_of_range_are_refused() {
+        let ok = SamplingConfig::default();
+        assert!(ok.validate().is_ok());
+        for (temperature, top_p) in
+            [(f32::NAN, 1.0), (-0.1, 1.0), (f32::INFINITY, 1.0), (0.7, 0.0), (0.7, 1.5), (0.7, f32::NAN)]
+        {
+            let bad = SamplingConfig { temperature, top_p, seed: 0 };
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

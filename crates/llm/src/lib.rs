@@ -115,6 +115,26 @@ impl LlamaConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(format!("text config: {field} must be at least 1"));
+            }
+        }
+        let finite = self.rms_norm_eps.is_finite() && self.rope_theta.is_finite();
+        if !(finite && self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+            return Err(format!(
+                "text config: rms_norm_eps {} must be finite and not negative, rope_theta {} finite and positive",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act `{}` is not supported (LLaMA uses silu)", self.hidden_act));
         }
@@ -580,6 +600,20 @@ pub fn padded_causal_mask<B: Backend>(valid: &[Vec<bool>], new: usize, device: &
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn zero_sized_configs_are_errors_naming_the_field_not_divisions_by_zero() {
+        for (field, json) in [
+            ("num_attention_heads", serde_json::json!({"num_attention_heads": 0})),
+            ("num_key_value_heads", serde_json::json!({"num_key_value_heads": 0})),
+            ("hidden_size", serde_json::json!({"hidden_size": 0})),
+            ("vocab_size", serde_json::json!({"vocab_size": 0})),
+            ("rope_theta", serde_json::json!({"rope_theta": -1.0})),
+        ] {
+            let err = LlamaConfig::from_hf_json(&json).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
 
     fn tiny(device: &<Flex as burn::tensor::backend::BackendTypes>::Device) -> LlamaModel<Flex> {
         let config = LlamaConfig {

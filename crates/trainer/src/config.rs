@@ -148,7 +148,40 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        value.try_into().map_err(|e: toml::de::Error| ConfigError::File { path: path.into(), reason: e.to_string() })
+        let cfg: Self = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        cfg.validate().map_err(|reason| ConfigError::File { path: path.into(), reason })?;
+        Ok(cfg)
+    }
+
+    /// Values a run cannot use: zero batch sizes or lengths, and learning rates, epochs, warmup,
+    /// weight decay or clipping norms that are negative or not finite.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.training;
+        for (field, value) in [
+            ("training.per_device_batch_size", t.per_device_batch_size),
+            ("training.global_batch_size", t.global_batch_size),
+            ("training.model_max_length", t.model_max_length),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be at least 1"));
+            }
+        }
+        for (field, value) in [
+            ("training.epochs", t.epochs),
+            ("training.learning_rate", t.learning_rate),
+            ("training.weight_decay", t.weight_decay as f64),
+            ("training.max_grad_norm", t.max_grad_norm as f64),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(format!("{field} = {value} must be a finite number ≥ 0"));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            return Err(format!("training.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio));
+        }
+        Ok(())
     }
 
     /// Every relative path of the recipe (towers, projector, data, validation data, text

@@ -92,3 +92,20 @@ fn metrics_are_appended_and_the_loss_curve_is_drawn() {
     let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
     assert!(blue > 100, "the curve is drawn ({blue} pixels)");
 }
+
+#[test]
+fn values_a_run_cannot_use_are_refused_naming_the_field() {
+    let path = configs().join("llava-v1.5-7b-stage2.toml");
+    for (set, field) in [
+        ("training.per_device_batch_size=0", "per_device_batch_size"),
+        ("training.global_batch_size=0", "global_batch_size"),
+        ("training.model_max_length=0", "model_max_length"),
+        ("training.epochs=nan", "epochs"),
+        ("training.learning_rate=-1.0", "learning_rate"),
+        ("training.warmup_ratio=2.0", "warmup_ratio"),
+        ("training.max_grad_norm=inf", "max_grad_norm"),
+    ] {
+        let err = RunConfig::load(&path, &[set.into()]).unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains("llava-v1.5-7b-stage2.toml"), "{set}: {err}");
+    }
+}

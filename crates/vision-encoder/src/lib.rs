@@ -130,6 +130,18 @@ impl ClipVisionConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_channels", self.num_channels),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+        ] {
+            if value == 0 {
+                return Err(format!("vision config: {field} must be at least 1"));
+            }
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -451,4 +463,18 @@ pub fn hf_config_json(config: &ClipVisionConfig) -> serde_json::Value {
         "projection_dim": config.hidden_size,
         "torch_dtype": "float32",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_sized_configs_are_errors_naming_the_field_not_divisions_by_zero() {
+        for field in ["patch_size", "num_attention_heads", "hidden_size", "image_size"] {
+            let json = serde_json::json!({ field: 0 });
+            let err = ClipVisionConfig::from_hf_json(&json).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
 }
