@@ -188,6 +188,10 @@ pub fn peak_report(plan: &MemoryPlan) -> Option<String> {
 /// Logs (at debug level) the resident memory now and at its peak so far, at a named point of a
 /// run: how a plan's phases are checked against the process.
 pub fn log_resident(at: &str) {
+    // Called once per training step: read /proc only when the line will be printed.
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     if let (Some(now), Some(peak)) = (resident_bytes(), peak_resident_bytes()) {
         tracing::debug!("resident {at}: {} (peak so far {})", human(now), human(peak));
     }

@@ -112,11 +112,31 @@ pub fn model_config(cfg: &RunConfig) -> Result<LlavaConfig, LlavaError> {
 pub fn plan_run<B: AutodiffBackend>(
     cfg: &RunConfig, device: &B::Device, capacity: Option<llava::plan::Capacity>,
 ) -> Result<(llava::plan::MemoryPlan, Vec<(String, u64)>), TrainError> {
-    let config = model_config(cfg)?;
-    let validation = match &cfg.data.val_data_path {
-        Some(path) => LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?.len(),
-        None => 0,
-    };
+    plan_for::<B>(cfg, &model_config(cfg)?, &RunData::open(cfg)?, device, capacity)
+}
+
+/// The run's datasets, opened once: planned over, then trained on.
+struct RunData {
+    train: LlavaDataset,
+    validation: Option<LlavaDataset>,
+}
+
+impl RunData {
+    fn open(cfg: &RunConfig) -> Result<Self, TrainError> {
+        let train = LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?;
+        let validation = match &cfg.data.val_data_path {
+            Some(path) => Some(LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?),
+            None => None,
+        };
+        Ok(Self { train, validation })
+    }
+}
+
+/// [`plan_run`] with the model's configuration and the datasets already read.
+fn plan_for<B: AutodiffBackend>(
+    cfg: &RunConfig, config: &LlavaConfig, data: &RunData, device: &B::Device, capacity: Option<llava::plan::Capacity>,
+) -> Result<(llava::plan::MemoryPlan, Vec<(String, u64)>), TrainError> {
+    let validation = data.validation.as_ref().map_or(0, LlavaDataset::len);
     let stored = llava::load::PartDtypes {
         vision: WeightStore::open(&cfg.model.vision_tower)?.dominant_dtype(""),
         projector: None,
@@ -125,25 +145,32 @@ pub fn plan_run<B: AutodiffBackend>(
     let widened = llava_kernels::half_products_widen::<B>();
     let mut shape =
         crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened);
-    shape.sequence = longest_sequence(cfg, &config)?;
-    let plan = crate::plan::training_plan(&config, &shape, B::name(device), capacity);
-    let alternatives = crate::plan::alternatives(&config, &shape, B::supports_dtype(device, DType::BF16));
+    shape.sequence = longest_sequence(cfg, config, &data.train)?;
+    let plan = crate::plan::training_plan(config, &shape, B::name(device), capacity);
+    let alternatives = crate::plan::alternatives(config, &shape, B::supports_dtype(device, DType::BF16));
     Ok((plan, alternatives))
+}
+
+/// How the run turns records into samples: the recipe's template and length, the model's aspect mode.
+fn sample_config(
+    cfg: &RunConfig, config: &LlavaConfig, processor: ProcessorConfig,
+) -> Result<SampleConfig, TrainError> {
+    let template = conv_template(&cfg.data.template)
+        .ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
+    Ok(SampleConfig {
+        template,
+        processor,
+        aspect: config.image_aspect,
+        options: PreprocessOptions { model_max_length: cfg.training.model_max_length, ..Default::default() },
+    })
 }
 
 /// The longest spliced sequence the run's data gives (its longest texts tokenized and templated,
 /// plus the image's tokens), at most `training.model_max_length`: what a micro-batch is padded to.
-fn longest_sequence(cfg: &RunConfig, config: &LlavaConfig) -> Result<usize, TrainError> {
-    let template = conv_template(&cfg.data.template)
-        .ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
+fn longest_sequence(cfg: &RunConfig, config: &LlavaConfig, dataset: &LlavaDataset) -> Result<usize, TrainError> {
     let tokenizer = Tokenizer::from_path(&cfg.model.llm).map_err(LlavaError::from)?;
-    let dataset = LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?;
-    let sample_config = SampleConfig {
-        template,
-        processor: ProcessorConfig::clip(config.vision.image_size),
-        aspect: config.image_aspect,
-        options: PreprocessOptions { model_max_length: cfg.training.model_max_length, ..Default::default() },
-    };
+    // No image is read, so the processor does not matter here.
+    let sample_config = sample_config(cfg, config, ProcessorConfig::clip(config.vision.image_size))?;
     let (with_image, without) = dataset.longest_text_tokens(&tokenizer, &sample_config, 256);
     let longest = (with_image + config.image_tokens()).max(without);
     Ok(longest.min(cfg.training.model_max_length).max(1))
@@ -299,7 +326,8 @@ pub fn run<B: AutodiffBackend>(
     cfg: &RunConfig, options: &RunOptions, device: &B::Device,
 ) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
-    let (plan, alternatives) = plan_run::<B>(cfg, device, options.capacity.clone())?;
+    let data = RunData::open(cfg)?;
+    let (plan, alternatives) = plan_for::<B>(cfg, &model_config(cfg)?, &data, device, options.capacity.clone())?;
     tracing::info!("memory plan: peak {} ({})", llava::plan::human(plan.peak()), plan.run);
     plan.check(&alternatives)?;
     let ckpt_dir = run_dir.join("checkpoints");
@@ -339,24 +367,17 @@ pub fn run<B: AutodiffBackend>(
         }
         None => {}
     }
-    let template = conv_template(&cfg.data.template)
-        .ok_or_else(|| TrainError::Config(format!("data.template: unknown `{}`", cfg.data.template)))?;
-    let dataset = Arc::new(LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?);
+    let RunData { train, validation } = data;
+    let dataset = Arc::new(train);
     if dataset.is_empty() {
         return Err(TrainError::Config(format!("{}: no usable records", cfg.data.data_path.display())));
     }
-    let sample_config = Arc::new(SampleConfig {
-        template,
-        processor: processor.clone(),
-        aspect: llava_config.image_aspect,
-        options: PreprocessOptions { model_max_length: cfg.training.model_max_length, ..Default::default() },
-    });
+    let sample_config = Arc::new(sample_config(cfg, &llava_config, processor.clone())?);
     let image_shape = processor.output_shape();
     let micro = cfg.training.per_device_batch_size;
     // Validation batches, preprocessed once.
-    let val_batches: Vec<Batch<B::InnerBackend>> = match &cfg.data.val_data_path {
-        Some(path) => {
-            let val = LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?;
+    let val_batches: Vec<Batch<B::InnerBackend>> = match validation {
+        Some(val) => {
             let samples: Vec<Sample> =
                 (0..val.len()).filter_map(|i| val.sample(i, &tokenizer, &sample_config).ok()).collect();
             samples.chunks(micro.max(1)).map(|c| to_batch(c, image_shape, device)).collect()
