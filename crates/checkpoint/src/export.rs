@@ -326,7 +326,7 @@ impl Exporter {
             header_bytes.push(b' ');
         }
         let mut failed = None;
-        crate::write_atomically(path, |f| {
+        llava_io::write_atomically(path, |f| {
             f.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
             f.write_all(&header_bytes)?;
             for entry in self.tensors.values() {

@@ -27,13 +27,11 @@
 //! }
 //! ```
 
-mod atomic;
 mod export;
 mod loader;
 mod pickle;
 mod store;
 
-pub use atomic::write_atomically;
 pub use export::{Exporter, SaveDtype};
 pub use loader::Loader;
 pub use store::{StoredDtype, TensorInfo, WeightStore};

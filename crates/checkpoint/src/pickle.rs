@@ -1,8 +1,14 @@
 //! A reader for PyTorch's `torch.save` format (a zip archive holding `data.pkl` and one entry per
 //! storage), enough to index a state dict without executing any Python: the pickle opcodes that
 //! `torch.save` emits are interpreted, and only `torch._utils._rebuild_tensor_v2`,
-//! `_rebuild_parameter` and `collections.OrderedDict` are understood as callables. Anything else
-//! becomes an opaque object and is ignored.
+//! `_rebuild_parameter` and `collections.OrderedDict` are understood as callables, and the storage
+//! classes as names. Any other global is refused with its name (as `torch.load(weights_only=True)`
+//! refuses it), never executed nor silently skipped.
+//!
+//! Every allocation is bounded by the file before it is made: `data.pkl` is read only up to
+//! [`MAX_PICKLE_BYTES`], the values the machine builds (memo copies included) may not exceed
+//! [`WORK_PER_PICKLE_BYTE`] nodes per byte of pickle, and a storage entry is read only as far as
+//! the tensors that view it reach, however large its header says it inflates.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,6 +16,27 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::{Result, WeightsError, io_err};
+
+/// The largest `data.pkl` read (a 70B model's state dict pickles to about 1 MB).
+pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
+/// Values (nodes) the machine may build per byte of pickle: a memo bomb, where every `BINGET`
+/// doubles a nested list, is refused long before it exhausts memory.
+pub const WORK_PER_PICKLE_BYTE: usize = 64;
+
+/// The globals a state dict may name: tensor rebuilders, the dict class, storage classes.
+fn is_known_global(module: &str, name: &str) -> bool {
+    match module {
+        "torch._utils" => {
+            matches!(
+                name,
+                "_rebuild_tensor" | "_rebuild_tensor_v2" | "_rebuild_parameter" | "_rebuild_parameter_with_state"
+            )
+        }
+        "collections" => name == "OrderedDict",
+        "torch" => name.ends_with("Storage"),
+        _ => false,
+    }
+}
 
 /// One tensor of a state dict, located inside the archive.
 #[derive(Debug, Clone)]
@@ -66,11 +93,12 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, TorchTensor)>> {
         .ok_or_else(|| format_err(path, "no data.pkl in the archive"))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let mut bytes = Vec::new();
-    archive
-        .by_name(&pkl_name)
-        .map_err(|e| format_err(path, e.to_string()))?
-        .read_to_end(&mut bytes)
-        .map_err(io_err(path))?;
+    let entry = archive.by_name(&pkl_name).map_err(|e| format_err(path, e.to_string()))?;
+    let limit = inflation_limit(entry.compressed_size()).min(MAX_PICKLE_BYTES);
+    entry.take(limit + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(format_err(path, format!("data.pkl inflates past {limit} bytes (a zip bomb, not a state dict)")));
+    }
     let root = Machine::new(&bytes, &prefix).run().map_err(|e| format_err(path, format!("data.pkl: {e}")))?;
 
     let mut dict = root;
@@ -94,14 +122,49 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, TorchTensor)>> {
     Ok(out)
 }
 
-/// Reads the raw bytes of one storage entry.
-pub fn read_entry(path: &Path, entry: &str) -> Result<Vec<u8>> {
+/// Reads the first `needed` bytes of one storage entry (what the tensor viewing it reaches): an
+/// entry whose header claims more, or which inflates to more, is never read past them.
+pub fn read_entry(path: &Path, entry: &str, needed: usize) -> Result<Vec<u8>> {
     let mut archive = open_archive(path)?;
-    let mut file =
+    let file =
         archive.by_name(entry).map_err(|e| format_err(path, format!("storage `{entry}`: {e} (truncated file?)")))?;
-    let mut bytes = Vec::with_capacity(file.size() as usize);
-    file.read_to_end(&mut bytes).map_err(io_err(path))?;
+    // Checked before allocating: the entry's own size (a stored entry's is its bytes in the file;
+    // a deflated one may claim at most `inflation_limit` of what it occupies).
+    if needed as u64 > file.size() {
+        return Err(format_err(
+            path,
+            format!("storage `{entry}` holds {} bytes, its tensors need {needed} (truncated file?)", file.size()),
+        ));
+    }
+    if file.size() > inflation_limit(file.compressed_size()) {
+        return Err(format_err(
+            path,
+            format!(
+                "storage `{entry}` claims {} bytes from {} compressed (a zip bomb; torch.save stores storages uncompressed)",
+                file.size(),
+                file.compressed_size()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(needed)
+        .map_err(|_| format_err(path, format!("storage `{entry}`: cannot allocate {needed} bytes for it")))?;
+    file.take(needed as u64).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() < needed {
+        return Err(format_err(
+            path,
+            format!("storage `{entry}` holds {} bytes, its tensors need {needed} (truncated file?)", bytes.len()),
+        ));
+    }
     Ok(bytes)
+}
+
+/// The most bytes an entry of `compressed` bytes may inflate to: torch.save stores entries
+/// uncompressed, so a 64-fold ratio (and 1 MiB for tiny entries) is generous for a real file and
+/// far below what a zip bomb (about 1000-fold) asks for.
+fn inflation_limit(compressed: u64) -> u64 {
+    compressed.saturating_mul(64).max(1 << 20)
 }
 
 struct Machine<'a> {
@@ -110,11 +173,30 @@ struct Machine<'a> {
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
     prefix: &'a str,
+    /// Nodes the machine may still build (see [`WORK_PER_PICKLE_BYTE`]).
+    budget: std::cell::Cell<usize>,
 }
 
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8], prefix: &'a str) -> Self {
-        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), prefix }
+        let budget = data.len().saturating_mul(WORK_PER_PICKLE_BYTE).max(1 << 16);
+        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), prefix, budget: budget.into() }
+    }
+
+    /// A copy of `v` (a memo read or write), paid for from the budget by its node count before
+    /// anything is cloned; `missing` is the error when there is nothing to copy.
+    fn copy(&self, v: Option<&Value>, missing: &str) -> std::result::Result<Value, String> {
+        let v = v.ok_or_else(|| missing.to_string())?;
+        let cost = v.nodes(self.budget.get());
+        if cost >= self.budget.get() {
+            return Err(format!(
+                "the pickle builds more than {} values from {} bytes (a memo bomb?)",
+                self.data.len().saturating_mul(WORK_PER_PICKLE_BYTE).max(1 << 16),
+                self.data.len()
+            ));
+        }
+        self.budget.set(self.budget.get() - cost);
+        Ok(v.clone())
     }
 
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
@@ -215,39 +297,39 @@ impl<'a> Machine<'a> {
                 }
                 b'q' => {
                     let k = self.u8()? as u32;
-                    let top = self.stack.last().ok_or("BINPUT on empty stack")?.clone();
+                    let top = self.copy(self.stack.last(), "BINPUT on empty stack")?;
                     self.memo.insert(k, top);
                 }
                 b'r' => {
                     let k = self.u32()?;
-                    let top = self.stack.last().ok_or("LONG_BINPUT on empty stack")?.clone();
+                    let top = self.copy(self.stack.last(), "LONG_BINPUT on empty stack")?;
                     self.memo.insert(k, top);
                 }
                 0x94 => {
                     let k = self.memo.len() as u32;
-                    let top = self.stack.last().ok_or("MEMOIZE on empty stack")?.clone();
+                    let top = self.copy(self.stack.last(), "MEMOIZE on empty stack")?;
                     self.memo.insert(k, top);
                 }
                 b'h' => {
                     let k = self.u8()? as u32;
-                    let v = self.memo.get(&k).cloned().ok_or("BINGET of unknown memo")?;
+                    let v = self.copy(self.memo.get(&k), "BINGET of unknown memo")?;
                     self.stack.push(v);
                 }
                 b'j' => {
                     let k = self.u32()?;
-                    let v = self.memo.get(&k).cloned().ok_or("LONG_BINGET of unknown memo")?;
+                    let v = self.copy(self.memo.get(&k), "LONG_BINGET of unknown memo")?;
                     self.stack.push(v);
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global(module, name));
+                    self.stack.push(global(module, name)?);
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(global(m, n)?),
                         _ => return Err("STACK_GLOBAL with non-string operands".into()),
                     }
                 }
@@ -401,6 +483,38 @@ impl<'a> Machine<'a> {
             ("collections", "OrderedDict") => Ok(Value::Dict(Vec::new())),
             _ => Ok(Value::Object),
         }
+    }
+}
+
+/// A global the reader knows, or an error naming it.
+fn global(module: String, name: String) -> std::result::Result<Value, String> {
+    if is_known_global(&module, &name) {
+        Ok(Value::Global(module, name))
+    } else {
+        Err(format!(
+            "refuses global `{module}.{name}`: a state dict names only torch's tensor-rebuild functions, storage classes and OrderedDict (this file may run code under torch.load)"
+        ))
+    }
+}
+
+impl Value {
+    /// Nodes in this value; counting stops once it reaches `limit` (the budget left).
+    fn nodes(&self, limit: usize) -> usize {
+        let children: Vec<&Value> = match self {
+            Value::Tuple(v) | Value::List(v) => v.iter().collect(),
+            Value::Dict(pairs) => pairs.iter().flat_map(|(k, v)| [k, v]).collect(),
+            Value::Str(s) => return 1 + s.len() / 64,
+            Value::Bytes(b) => return 1 + b.len() / 64,
+            _ => return 1,
+        };
+        let mut count = 1usize;
+        for c in children {
+            count += c.nodes(limit.saturating_sub(count));
+            if count >= limit {
+                break;
+            }
+        }
+        count
     }
 }
 

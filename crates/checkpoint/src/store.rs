@@ -219,7 +219,21 @@ impl WeightStore {
                 }
             }
             Location::Torch { entry, offset, stride } => {
-                let storage = pickle::read_entry(path, entry)?;
+                // The bytes this view reaches: its last element's position plus one, in elements.
+                let reach = (stride.len() == info.shape.len())
+                    .then(|| {
+                        info.shape.iter().zip(stride.iter()).try_fold(offset.checked_add(1)?, |end, (&d, &s)| {
+                            end.checked_add(d.saturating_sub(1).checked_mul(s)?)
+                        })
+                    })
+                    .flatten()
+                    .map(|end| if numel == 0 { 0 } else { end })
+                    .and_then(|end| end.checked_mul(info.dtype.size()));
+                let needed = reach.ok_or_else(|| WeightsError::Format {
+                    path: path.clone(),
+                    reason: format!("tensor `{name}`: shape {:?} and stride {stride:?} do not fit", info.shape),
+                })?;
+                let storage = pickle::read_entry(path, entry, needed)?;
                 let view = StridedView { offset: *offset, stride };
                 decode(&storage, stored, target, info.shape.clone(), Some(view)).ok_or_else(|| {
                     WeightsError::Format {
@@ -336,7 +350,14 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     })?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let shards: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-    let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+    // Shards live beside their index: a name that leaves the folder is refused, naming it.
+    let files: Vec<PathBuf> = shards
+        .iter()
+        .map(|s| {
+            llava_io::join_inside(dir, Path::new(s), false)
+                .map_err(|e| WeightsError::Format { path: index.to_path_buf(), reason: format!("weight_map: {e}") })
+        })
+        .collect::<Result<_>>()?;
     for f in &files {
         if !f.is_file() {
             return Err(WeightsError::Format {
@@ -365,6 +386,7 @@ fn index_safetensors(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo
         serde_json::from_slice(&header).map_err(|e| format_err(format!("header is not JSON: {e}")))?;
     let data_start = 8 + header_len;
     let mut out = Vec::new();
+    let mut ranges: Vec<(u64, u64, String)> = Vec::new();
     for (name, entry) in json {
         if name == "__metadata__" {
             continue;
@@ -382,57 +404,80 @@ fn index_safetensors(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo
             "BOOL" => StoredDtype::Other("BOOL"),
             other => return Err(format_err(format!("tensor `{name}` has unknown dtype `{other}`"))),
         };
+        // Every dimension a non-negative integer (`[64, -1]` is refused, not read as `[64]`), the
+        // element count and the byte range free of overflow, and the range inside the file.
         let shape: Vec<usize> = entry["shape"]
             .as_array()
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| format_err(format!("tensor `{name}` has no shape")))?;
+            .ok_or_else(|| format_err(format!("tensor `{name}` has no shape")))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                format_err(format!("tensor `{name}`: shape {} has a dimension that is not a size", entry["shape"]))
+            })?;
         let offsets = entry["data_offsets"]
             .as_array()
             .filter(|a| a.len() == 2)
             .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
             .ok_or_else(|| format_err(format!("tensor `{name}` has no data_offsets")))?;
-        if data_start + offsets.1 > file_len {
-            return Err(format_err(format!(
+        if offsets.0 > offsets.1 {
+            return Err(format_err(format!("tensor `{name}`: data_offsets {offsets:?} end before they start")));
+        }
+        let end = data_start.checked_add(offsets.1).filter(|&end| end <= file_len).ok_or_else(|| {
+            format_err(format!(
                 "tensor `{name}` ends at byte {} but the file has {file_len} bytes (truncated download?)",
-                data_start + offsets.1
+                data_start.saturating_add(offsets.1)
+            ))
+        })?;
+        let bytes = shape.iter().try_fold(dtype.size().max(1), |n, &d| n.checked_mul(d));
+        if dtype.size() > 0 && bytes != Some((offsets.1 - offsets.0) as usize) {
+            return Err(format_err(format!(
+                "tensor `{name}`: byte range {offsets:?} does not match shape {shape:?} of {dtype_name}",
+                dtype_name = dtype.name()
             )));
         }
-        let numel: usize = shape.iter().product();
-        if dtype.size() > 0 && (offsets.1 - offsets.0) as usize != numel * dtype.size() {
-            return Err(format_err(format!("tensor `{name}`: byte range does not match shape {shape:?}")));
-        }
+        ranges.push((data_start + offsets.0, end, name.clone()));
         out.push((
             name,
             TensorInfo { shape, dtype, file, location: Location::Safetensors { offset: data_start + offsets.0 } },
         ));
+    }
+    // Two tensors sharing bytes would alias each other's data: refuse overlapping ranges.
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((_, end, first), (start, _, second)) = (&pair[0], &pair[1]);
+        if start < end {
+            return Err(format_err(format!("tensors `{first}` and `{second}` overlap in the file")));
+        }
     }
     Ok(out)
 }
 
 fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
     let tensors: Vec<(String, TorchTensor)> = pickle::read_state_dict(path)?;
-    Ok(tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let dtype = match t.dtype.as_str() {
-                "HalfStorage" => StoredDtype::F16,
-                "BFloat16Storage" => StoredDtype::BF16,
-                "FloatStorage" => StoredDtype::F32,
-                "DoubleStorage" => StoredDtype::F64,
-                "LongStorage" => StoredDtype::Other("I64"),
-                "IntStorage" => StoredDtype::Other("I32"),
-                "BoolStorage" => StoredDtype::Other("BOOL"),
-                _ => StoredDtype::Other("unknown torch storage"),
-            };
-            let info = TensorInfo {
-                shape: t.shape,
-                dtype,
-                file,
-                location: Location::Torch { entry: t.entry, offset: t.offset, stride: t.stride },
-            };
-            (name, info)
-        })
-        .collect())
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = match t.dtype.as_str() {
+            "HalfStorage" => StoredDtype::F16,
+            "BFloat16Storage" => StoredDtype::BF16,
+            "FloatStorage" => StoredDtype::F32,
+            "DoubleStorage" => StoredDtype::F64,
+            "LongStorage" => StoredDtype::Other("I64"),
+            "IntStorage" => StoredDtype::Other("I32"),
+            "BoolStorage" => StoredDtype::Other("BOOL"),
+            _ => StoredDtype::Other("unknown torch storage"),
+        };
+        let bytes = t.shape.iter().try_fold(dtype.size().max(1), |n, &d| n.checked_mul(d));
+        if bytes.is_none_or(|b| b as u64 > u64::MAX / 2) {
+            return Err(WeightsError::Format {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}`: shape {:?} overflows", t.shape),
+            });
+        }
+        let location = Location::Torch { entry: t.entry, offset: t.offset, stride: t.stride };
+        out.push((name, TensorInfo { shape: t.shape, dtype, file, location }));
+    }
+    Ok(out)
 }
 
 /// Plain floating-point values (every bit pattern is a value) read from `file`'s next bytes, in the

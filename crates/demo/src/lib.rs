@@ -273,7 +273,7 @@ pub fn demo_sqa<B: Backend>(
         })?;
         let result = score_answers(&problems, &pids, &read_answers(&answers)?, Fallback::Wrong, 0);
         let result_file = out_dir.join(format!("result-{split}{suffix}.json"));
-        llava_checkpoint::write_atomically(&result_file, |w| {
+        llava_io::write_atomically(&result_file, |w| {
             w.write_all(serde_json::to_string_pretty(&result).expect("json").as_bytes())
         })
         .map_err(io(&result_file))?;

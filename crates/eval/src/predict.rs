@@ -157,7 +157,7 @@ pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, EvalError> {
         kept.push('\n');
     }
     // Rewritten whole or not at all: a kill during the rewrite keeps every answer.
-    llava_checkpoint::write_atomically(path, |w| w.write_all(kept.as_bytes())).map_err(EvalError::io(path))?;
+    llava_io::write_atomically(path, |w| w.write_all(kept.as_bytes())).map_err(EvalError::io(path))?;
     Ok(done)
 }
 

@@ -6,7 +6,7 @@
 //! naming the size that failed and what to do, and exit status [`EXIT_CODE`]. It forwards
 //! everything to the system allocator (so `tune_allocator`'s settings apply); only the failure
 //! path differs, and it allocates nothing (the message is formatted on the stack). Files written
-//! through `llava_checkpoint::write_atomically` keep their previous contents: the process ends
+//! through `llava_io::write_atomically` keep their previous contents: the process ends
 //! before any rename.
 //!
 //! ```ignore

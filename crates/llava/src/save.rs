@@ -23,7 +23,7 @@ use crate::model::{Llava, SelectFeature};
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), LlavaError> {
     let text = serde_json::to_string_pretty(value).expect("json");
-    llava_checkpoint::write_atomically(path, |w| w.write_all(text.as_bytes())).map_err(|e| LlavaError::config(path, e))
+    llava_io::write_atomically(path, |w| w.write_all(text.as_bytes())).map_err(|e| LlavaError::config(path, e))
 }
 
 /// Copies the tokenizer files found in `from` into `to`.
