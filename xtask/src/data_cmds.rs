@@ -149,9 +149,7 @@ pub fn sqa_convert(args: SqaConvertArgs) -> Result<()> {
     let pids = load_split(&args.splits, &args.split)?;
     let samples = convert_split(&problems, &pids, &args.format)?;
     let text = serde_json::to_string_pretty(&samples)?;
-    let tmp = args.out.with_extension("json.partial");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &args.out))
+    llava_io::write_atomically(&args.out, |w| w.write_all(text.as_bytes()))
         .with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(
         "{} samples of split {} in format {} → {}",

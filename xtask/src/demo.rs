@@ -132,6 +132,7 @@ pub fn demo(root: &Path) -> Result<()> {
         config: None,
         overrides: Vec::new(),
         resume: false,
+        allow_config_change: false,
         max_steps: None,
         run_dir: None,
         backend: BackendKind::fastest(),

@@ -169,7 +169,8 @@ pub fn sqa_eval(args: SqaEvalArgs) -> Result<SqaResult> {
     eprintln!("Total: {}, Correct: {}, Accuracy: {:.2}%{img}", result.count, result.correct, result.acc);
     println!("{}", format_table(&result));
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+        let text = serde_json::to_string_pretty(&result)?;
+        llava_io::write_atomically(out, |w| w.write_all(text.as_bytes()))
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(result)

@@ -23,9 +23,14 @@ pub struct StageArgs {
     /// Override any field: `--set training.learning_rate=1e-4` (repeatable).
     #[arg(long = "set")]
     pub overrides: Vec<String>,
-    /// Continue from the newest checkpoint of the run directory.
+    /// Continue from the newest checkpoint of the run directory that verifies (a corrupt or
+    /// truncated newer one is passed over with a warning).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: accept a recipe that differs from the run's saved `config.toml` (without
+    /// it the resume is refused, listing the differences).
+    #[arg(long, requires = "resume")]
+    pub allow_config_change: bool,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -63,6 +68,7 @@ pub fn stage(args: StageArgs, stage: Stage, root: &Path) -> Result<()> {
     let options = RunOptions {
         run_dir: args.run_dir.clone(),
         resume: args.resume,
+        allow_config_change: args.allow_config_change,
         max_steps: args.max_steps,
         capacity: args.memory.capacity(args.backend),
     };

@@ -156,6 +156,23 @@ fn bad_input_gives_clear_errors() {
     let msg = err(&xtask(&["generate", "--model", m, "--prompt", "<image> hi"]));
     assert!(msg.contains("no image was given"), "{msg}");
 
+    // A prompt longer than the model's context is refused, naming both lengths.
+    let long = "hello ".repeat(5000);
+    let msg = err(&xtask(&["generate", "--model", m, "--prompt", &long]));
+    assert!(msg.contains("longer than the model's context") && msg.contains("max_position_embeddings"), "{msg}");
+
+    // wgpu on a machine without a Vulkan driver: an error saying so, not a panic in the runtime.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["generate", "--model", m, "--prompt", "hi", "--backend", "wgpu", "--max-new-tokens", "1"])
+        .env("VK_ICD_FILENAMES", tmp.path().join("no-driver.json"))
+        .env("VK_DRIVER_FILES", tmp.path().join("no-driver.json"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let msg = err(&out);
+    assert!(msg.contains("--backend wgpu: the backend cannot start") && msg.contains("mesa-vulkan-drivers"), "{msg}");
+    assert!(!msg.contains("panicked"), "{msg}");
+
     // A config that does not fit the weights: the error names the tensor and both shapes.
     let bad = tmp.path().join("bad-config");
     copy_dir(&model, &bad);
@@ -584,6 +601,41 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     }
     assert_eq!(c[0]["answer_id"], b[0]["answer_id"], "written answers are kept, not redone");
 
+    // Killed (SIGKILL) in the middle of writing its second answer: the resumed file holds every
+    // answer once, each the uninterrupted run's.
+    let killed = t.join("killed.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "sqa-predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--questions",
+            questions.to_str().unwrap(),
+            "--image-folder",
+            images.to_str().unwrap(),
+            "--out",
+            killed.to_str().unwrap(),
+            "--single-pred-prompt",
+            "--template",
+            "vicuna_v1",
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "6",
+        ])
+        .env(llava_io::fault::KILL_AT, "append:killed.jsonl@2")
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "killed by the kill point");
+    let torn = std::fs::read_to_string(&killed).unwrap();
+    assert_eq!(torn.matches('\n').count(), 1, "one whole answer and a torn one: {torn}");
+    predict(&killed, "1");
+    let d = answers(&killed);
+    assert_eq!(d.len(), 6);
+    for (x, y) in d.iter().zip(&a) {
+        assert_eq!((&x["question_id"], &x["text"]), (&y["question_id"], &y["text"]));
+    }
+
     // --num-chunks 2: chunk 0 answers the first three questions, chunk 1 the other three.
     let (first, second) = (t.join("chunk0.jsonl"), t.join("chunk1.jsonl"));
     predict_chunk(&first, "4", ["2", "0"]);
@@ -805,4 +857,79 @@ fn runs_that_do_not_fit_are_refused_before_loading_and_a_failed_allocation_is_an
     assert_eq!(out.status.code(), Some(llava::oom::EXIT_CODE), "{stderr}");
     assert!(stderr.contains("error: out of memory: an allocation of"), "{stderr}");
     assert!(!stderr.contains("memory allocation of") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+/// Runs `args` with the kill point `kill_at` armed (or killed after `after` by the test), and
+/// checks that it died by SIGKILL.
+fn killed_run(args: &[&str], kill_at: Option<&str>, after: Option<std::time::Duration>) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    command.args(args).env("NO_COLOR", "1").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    if let Some(point) = kill_at {
+        command.env(llava_io::fault::KILL_AT, point);
+    }
+    let mut child = command.spawn().unwrap();
+    if let Some(after) = after {
+        std::thread::sleep(after);
+        let _ = child.kill(); // SIGKILL (it may have finished already: then nothing is killed)
+    }
+    let status = child.wait().unwrap();
+    if kill_at.is_some() {
+        assert_eq!(status.signal(), Some(9), "{kill_at:?} was reached");
+    }
+}
+
+#[test]
+fn runs_killed_at_any_moment_resume_to_bit_identical_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(&xtask(&["demo-towers", "--out", t.join("towers").to_str().unwrap()]));
+    let recipe = recipe(t, "k", "one", "plain", None);
+    let run = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["stage1", "--config", recipe.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let straight = t.join("straight");
+    let started = std::time::Instant::now();
+    ok(&xtask(&run(&straight, &[]).iter().map(String::as_str).collect::<Vec<_>>()));
+    let duration = started.elapsed();
+    let outputs = ["mm_projector.safetensors", "model/model.safetensors", "model/config.json"];
+    let expected: Vec<Vec<u8>> = outputs.iter().map(|f| std::fs::read(straight.join(f)).unwrap()).collect();
+    let expected_losses = losses(&straight);
+
+    // Killed inside each kind of write (named kill points), then at moments spread over the run.
+    let points = [
+        "write:config.toml",
+        "append:metrics.jsonl@2",
+        "commit:checkpoint-2:manifest",
+        "commit:checkpoint-3:manifest",
+        "write:mm_projector.safetensors",
+        "commit:model:manifest",
+        "write:loss.png",
+    ];
+    let timed = [0.25, 0.5, 0.75];
+    for (case, (point, fraction)) in
+        points.iter().map(|p| (Some(*p), None)).chain(timed.iter().map(|f| (None, Some(*f)))).enumerate()
+    {
+        let dir = t.join(format!("case{case}"));
+        let args = run(&dir, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        killed_run(&args, point, fraction.map(|f: f64| duration.mul_f64(f)));
+        let resume = run(&dir, &["--resume"]);
+        ok(&xtask(&resume.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_eq!(losses(&dir), expected_losses, "{point:?} {fraction:?}: the loss curve, no line lost or repeated");
+        for (file, bytes) in outputs.iter().zip(&expected) {
+            assert!(&std::fs::read(dir.join(file)).unwrap() == bytes, "{point:?} {fraction:?}: {file} differs");
+        }
+        llava_io::Manifest::verify(&dir.join("model")).unwrap();
+    }
+
+    // A resume with another recipe is refused, naming the difference; allowed when asked.
+    let dir = t.join("case0");
+    let changed = run(&dir, &["--resume", "--set", "training.learning_rate=2e-3"]);
+    let msg = err(&xtask(&changed.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(msg.contains("training.learning_rate: 0.001 → 0.002") && msg.contains("--allow-config-change"), "{msg}");
+    let allowed = run(&dir, &["--resume", "--allow-config-change", "--set", "training.learning_rate=2e-3"]);
+    ok(&xtask(&allowed.iter().map(String::as_str).collect::<Vec<_>>()));
 }

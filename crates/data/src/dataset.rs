@@ -69,11 +69,22 @@ pub struct LlavaDataset {
     pub source_index: Vec<usize>,
     /// Records skipped at load, with their errors.
     pub skipped: Vec<DatasetError>,
+    /// Image paths may be absolute (for data laid out that way); relative ones are always kept
+    /// inside `image_folder`.
+    pub allow_absolute_images: bool,
 }
 
 impl LlavaDataset {
-    /// Reads and validates a LLaVA JSON file (a JSON array).
+    /// Reads and validates a LLaVA JSON file (a JSON array). A record's image path must stay
+    /// inside `image_folder` (no absolute path, no `..` out of it); see [`Self::open_with`].
     pub fn open(path: &Path, image_folder: &Path, on_error: OnError) -> Result<Self, DatasetError> {
+        Self::open_with(path, image_folder, on_error, false)
+    }
+
+    /// [`Self::open`], with absolute image paths allowed or not.
+    pub fn open_with(
+        path: &Path, image_folder: &Path, on_error: OnError, allow_absolute_images: bool,
+    ) -> Result<Self, DatasetError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| DatasetError::File { path: path.into(), reason: e.to_string() })?;
         let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| DatasetError::File {
@@ -90,7 +101,11 @@ impl LlavaDataset {
                 .unwrap_or_else(|| "?".into());
             let err = |reason: String| DatasetError::Record { path: path.into(), index, id: id.clone(), reason };
             let parsed = serde_json::from_value::<Record>(value).map_err(|e| err(e.to_string())).and_then(|r| {
-                validate(&r).map_err(err)?;
+                validate(&r).map_err(&err)?;
+                if let Some(image) = &r.image {
+                    llava_io::join_inside(image_folder, Path::new(image), allow_absolute_images)
+                        .map_err(|e| err(e.to_string()))?;
+                }
                 Ok(r)
             });
             match parsed {
@@ -105,7 +120,14 @@ impl LlavaDataset {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Self { path: path.into(), image_folder: image_folder.into(), records, source_index, skipped })
+        Ok(Self {
+            path: path.into(),
+            image_folder: image_folder.into(),
+            records,
+            source_index,
+            skipped,
+            allow_absolute_images,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -210,7 +232,8 @@ impl LlavaDataset {
         let mut turns = record.conversations.clone();
         let pixel_values = match &record.image {
             Some(image) => {
-                let path = self.image_folder.join(image);
+                let path = llava_io::join_inside(&self.image_folder, Path::new(image), self.allow_absolute_images)
+                    .map_err(|e| self.record_error(i, e.to_string()))?;
                 let px = load_and_preprocess(&path, &config.processor, config.aspect)
                     .map_err(|e| self.record_error(i, e.to_string()))?;
                 preprocess_multimodal(&mut turns, &config.template, &config.options);
@@ -220,6 +243,19 @@ impl LlavaDataset {
         };
         let processed = preprocess(&turns, tokenizer, &config.template, record.image.is_some(), &config.options)
             .map_err(|e| self.record_error(i, e.to_string()))?;
+        // One image, one place: the reference moves every turn's `<image>` to the front of that
+        // turn, so an image in two turns would need two images (the reference fails inside its
+        // model with an index error; here the record is named instead).
+        let places = processed.input_ids.iter().filter(|&&t| t == crate::IMAGE_TOKEN_INDEX).count();
+        let pixel_values = match (pixel_values, places) {
+            (Some(_), n) if n > 1 => {
+                return Err(self.record_error(i, format!("{n} turns hold `<image>`, but a record has one image")));
+            }
+            // Truncation at model_max_length cut the image's place off: the reference still
+            // encodes the image and uses none of it, which is the same as not giving it.
+            (Some(_), 0) => None,
+            (px, _) => px,
+        };
         Ok(Sample {
             index: i,
             id: record.id_string(),

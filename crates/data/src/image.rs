@@ -134,7 +134,33 @@ impl ProcessorConfig {
         if let Some(s) = triple("image_std")? {
             c.image_std = s;
         }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Values preprocessing cannot use: a zero or non-finite standard deviation (every pixel
+    /// would be NaN or infinite), a non-finite mean or rescale factor, and sizes of zero or past
+    /// [`MAX_RESIZED_SIDE`] (a crop of 10⁹ pixels would be allocated before any image is read).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(s) = self.image_std.iter().find(|s| !(s.is_finite() && **s != 0.0)) {
+            return Err(format!("image_std holds {s}: every value must be finite and not 0"));
+        }
+        if let Some(m) = self.image_mean.iter().find(|m| !m.is_finite()) {
+            return Err(format!("image_mean holds {m}: every value must be finite"));
+        }
+        if !(self.rescale_factor.is_finite() && self.rescale_factor > 0.0) {
+            return Err(format!("rescale_factor = {} must be finite and positive", self.rescale_factor));
+        }
+        for (field, value) in [
+            ("size.shortest_edge", self.shortest_edge),
+            ("crop_size.height", self.crop_height),
+            ("crop_size.width", self.crop_width),
+        ] {
+            if value == 0 || value as u64 > MAX_RESIZED_SIDE {
+                return Err(format!("{field} = {value} must be between 1 and {MAX_RESIZED_SIDE}"));
+            }
+        }
+        Ok(())
     }
 
     /// Side length of the model input (`[3, crop_height, crop_width]`).
@@ -144,7 +170,8 @@ impl ProcessorConfig {
 }
 
 /// Decodes an image file as 8-bit RGB the way PIL's `.convert("RGB")` does for common modes
-/// (alpha dropped without compositing; grayscale and palette expanded).
+/// (alpha dropped without compositing; grayscale and palette expanded). JPEGs are decoded by
+/// libjpeg-turbo's algorithms ([`crate::jpeg`]): the same pixels as PIL, exactly.
 ///
 /// Bounded: a file must be a regular file of at most [`MAX_IMAGE_FILE_BYTES`], and decode to at
 /// most [`MAX_IMAGE_PIXELS`] pixels (PIL's decompression-bomb limit, where the reference raises
@@ -164,6 +191,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     // sniffed from the bytes (not the extension): a mislabelled file still decodes.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
+    if crate::jpeg::is_jpeg(&bytes) {
+        return crate::jpeg::decode(&bytes, MAX_IMAGE_PIXELS).map_err(err);
+    }
     let mut reader =
         image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
     let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;

@@ -8,6 +8,7 @@
 pub mod conversation;
 pub mod dataset;
 pub mod image;
+pub mod jpeg;
 pub mod preprocess;
 pub mod sentencepiece;
 pub mod tokenizer;

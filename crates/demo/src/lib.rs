@@ -163,24 +163,27 @@ pub fn write_towers(
     let device = Default::default();
     Cpu::seed(&device, seed);
     let model = config.init::<Cpu>(&device);
-    std::fs::create_dir_all(clip).map_err(io(clip))?;
-    std::fs::create_dir_all(llm).map_err(io(llm))?;
+    // Each tower folder is complete or absent (a kill while writing leaves no half tower).
+    let clip_out = llava_io::AtomicDir::create(clip).map_err(io(clip))?;
     let mut e = Exporter::new();
     e.scope("vision_model", |e| model.vision.export(e));
-    e.save(&clip.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
-    let clip_config = clip.join("config.json");
+    e.save(&clip_out.path().join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let clip_config = clip_out.path().join("config.json");
     std::fs::write(
         &clip_config,
         serde_json::to_string_pretty(&llava_vision_encoder::hf_config_json(&config.vision)).expect("json"),
     )
     .map_err(io(&clip_config))?;
+    clip_out.commit().map_err(io(clip))?;
+    let llm_out = llava_io::AtomicDir::create(llm).map_err(io(llm))?;
     let mut e = Exporter::new();
     model.llm.export(&mut e, "model", "lm_head");
-    e.save(&llm.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
-    let llm_config = llm.join("config.json");
+    e.save(&llm_out.path().join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let llm_config = llm_out.path().join("config.json");
     std::fs::write(&llm_config, serde_json::to_string_pretty(&config.text.to_hf_json()).expect("json"))
         .map_err(io(&llm_config))?;
-    llava::save::copy_tokenizer_files(tokenizer_dir, llm)?;
+    llava::save::copy_tokenizer_files(tokenizer_dir, llm_out.path())?;
+    llm_out.commit().map_err(io(llm))?;
     tracing::info!("wrote the demo towers to {} and {}", clip.display(), llm.display());
     Ok(())
 }
@@ -188,7 +191,10 @@ pub fn write_towers(
 /// (Re)generates the synthetic shapes dataset in `out`, deterministically from the seed.
 pub fn write_demo_data(out: &Path, seed: u64) -> Result<(), DemoError> {
     let dataset = shapes::build(&shapes::ShapesConfig { seed, ..Default::default() });
-    shapes::write(&dataset, out).map_err(io(out))?;
+    // Complete or absent: a kill while writing leaves no half dataset for the next run to use.
+    let folder = llava_io::AtomicDir::create(out).map_err(io(out))?;
+    shapes::write(&dataset, folder.path()).map_err(io(out))?;
+    folder.commit().map_err(io(out))?;
     tracing::info!("wrote {} images and {} JSON files to {}", dataset.images.len(), dataset.json.len(), out.display());
     Ok(())
 }

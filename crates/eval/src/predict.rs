@@ -3,7 +3,6 @@
 //! single-prediction instruction, the conversation template, greedy (or sampled) generation to EOS,
 //! and one answer line per question. Batched (left padding, KV cache) instead of one at a time.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::EvalError;
@@ -111,7 +110,12 @@ impl<'a, B: Backend> ScienceRunner<'a, B> {
     fn pixels(&self, question: &Question) -> Result<Option<Vec<f32>>, LlavaError> {
         let Some(image) = &question.image else { return Ok(None) };
         Ok(Some(match self.images {
-            ImageSource::File => load_and_preprocess(&self.image_folder.join(image), self.processor, self.aspect)?,
+            ImageSource::File => {
+                // A question's image stays inside the image folder.
+                let path = llava_io::join_inside(&self.image_folder, Path::new(image), false)
+                    .map_err(|e| LlavaError::config(&question.id, e))?;
+                load_and_preprocess(&path, self.processor, self.aspect)?
+            }
             ImageSource::Blank => preprocess(
                 &::image::RgbImage::from_pixel(336, 336, ::image::Rgb([255, 255, 255])),
                 self.processor,
@@ -146,19 +150,29 @@ impl<'a, B: Backend> ScienceRunner<'a, B> {
     }
 }
 
-/// Reads the complete lines of an answers file (a line cut by a kill is dropped) and rewrites the
-/// file with them, so that a resumed run appends after the last whole answer.
+/// The answers already in an answers file, for a resumed run: a torn last line (a kill or a full
+/// disk during its write) is cut off the file, every complete line is kept in the file as it is,
+/// and those that parse as answers are returned (one that does not is named in a warning and
+/// left in place). Nothing is rewritten, so no kill at any moment loses a complete answer.
 pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, EvalError> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
-    let done: Vec<AnswerRecord> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let mut kept = String::new();
-    for a in &done {
-        kept += &serde_json::to_string(a).expect("json");
-        kept.push('\n');
-    }
-    // Rewritten whole or not at all: a kill during the rewrite keeps every answer.
-    llava_io::write_atomically(path, |w| w.write_all(kept.as_bytes())).map_err(EvalError::io(path))?;
-    Ok(done)
+    let recovered = llava_io::lines::recover(path).map_err(EvalError::io(path))?;
+    Ok(recovered
+        .lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .filter_map(|(i, line)| match serde_json::from_str(line) {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                tracing::warn!(
+                    "{} line {}: not an answer ({e}); kept, and its question asked again",
+                    path.display(),
+                    i + 1
+                );
+                None
+            }
+        })
+        .collect())
 }
 
 /// The questions of a LLaVA-format question file (a JSON array of records; the first human turn
@@ -214,13 +228,13 @@ pub fn predict_to_file<B: Backend>(
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(EvalError::io(parent))?;
     }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).map_err(EvalError::io(out))?;
+    let mut log = llava_io::lines::LineLog::append(out).map_err(EvalError::io(out))?;
     // Answer ids are random (shortuuid in the reference), not tied to the sampling seed.
     let mut rng = rand::rng();
     let mut answered = 0usize;
     for batch in todo.chunks(options.batch_size.max(1)) {
         let answers = runner.answer(batch)?;
-        let mut lines = String::new();
+        let mut lines = Vec::with_capacity(batch.len());
         for (q, (prompt, text)) in batch.iter().zip(answers) {
             let record = AnswerRecord {
                 question_id: q.id.clone(),
@@ -230,10 +244,10 @@ pub fn predict_to_file<B: Backend>(
                 model_id: options.model_id.clone(),
                 metadata: serde_json::json!({}),
             };
-            lines += &serde_json::to_string(&record).expect("answers serialise");
-            lines.push('\n');
+            lines.push(serde_json::to_string(&record).map_err(|e| EvalError::io(out)(std::io::Error::other(e)))?);
         }
-        file.write_all(lines.as_bytes()).and_then(|_| file.flush()).map_err(EvalError::io(out))?;
+        // One write per batch: a kill tears at most this batch's last line.
+        log.write_lines(&lines).map_err(EvalError::io(out))?;
         answered += batch.len();
         progress(answered, todo.len());
     }

@@ -9,6 +9,7 @@
 //! - [`lines`]: append-only JSON-lines logs (answers, metrics) whose recovery keeps every complete
 //!   line and drops only a torn tail.
 //! - [`join_inside`]: a path read from a data file, resolved inside its root folder.
+//! - [`fault`]: named kill points inside every write, for the tests that kill a run during each one.
 //! - [`mutations`] and [`CountingAllocator`]: mutated inputs and the peak heap of a piece of code, for tests that bound allocations.
 //!
 //! ```
@@ -25,6 +26,7 @@
 mod atomic;
 mod counting;
 mod dir;
+pub mod fault;
 pub mod lines;
 mod manifest;
 pub mod mutations;

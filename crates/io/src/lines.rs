@@ -59,6 +59,8 @@ pub fn truncate_to_lines(path: &Path, keep: usize) -> std::io::Result<()> {
 /// A log opened for appending whole lines.
 pub struct LineLog {
     file: std::fs::File,
+    /// The file's name, for the fault-injection point of each append.
+    name: String,
 }
 
 impl LineLog {
@@ -67,7 +69,8 @@ impl LineLog {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        Ok(Self { file: std::fs::OpenOptions::new().create(true).append(true).open(path)? })
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        Ok(Self { file: std::fs::OpenOptions::new().create(true).append(true).open(path)?, name })
     }
 
     /// Appends `lines` (each without a newline) with one write, then flushes.
@@ -77,6 +80,12 @@ impl LineLog {
             debug_assert!(!line.as_ref().contains('\n'));
             buf += line.as_ref();
             buf.push('\n');
+        }
+        let point = format!("append:{}", self.name);
+        if crate::fault::armed(&point) {
+            // What a kill in the middle of the write leaves: a torn last line.
+            self.file.write_all(&buf.as_bytes()[..buf.len() / 2])?;
+            crate::fault::kill(&point);
         }
         self.file.write_all(buf.as_bytes())?;
         self.file.flush()

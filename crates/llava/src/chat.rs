@@ -161,7 +161,6 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             self.pixels =
                 Some(crate::image_tensor::<B>(path, &self.loaded.processor, self.loaded.config.image_aspect, &device)?);
             message = format!("{DEFAULT_IMAGE_TOKEN}\n{message}");
-            self.image_sent = true;
         }
         let [user, assistant] = self.template.roles.clone();
         let mut conv = self.history.clone();
@@ -173,6 +172,10 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         if images != given {
             return Err(LlavaError::ImageCount { markers: images, images: given });
         }
+        // A conversation that outgrew the context is refused (the history is kept; /reset starts over).
+        self.loaded.check_context(&ids)?;
+        // The image is sent once it is in a prompt that passed the checks.
+        self.image_sent |= images > 0;
         let config = GenerationConfig {
             max_new_tokens: self.max_new_tokens,
             sampling: self.sampling,

@@ -55,6 +55,10 @@ pub enum LlavaError {
     NoVisionTower { layout: String },
     #[error("{}", image_count_message(*markers, *images))]
     ImageCount { markers: usize, images: usize },
+    #[error(
+        "the prompt is {tokens} tokens ({images} image(s) of {image_tokens} tokens each included), longer than the model's context of {context} (max_position_embeddings)"
+    )]
+    PromptTooLong { tokens: usize, images: usize, image_tokens: usize, context: usize },
     #[error("unknown conversation template `{0}`")]
     UnknownTemplate(String),
     #[error(

@@ -157,7 +157,23 @@ impl<B: Backend> LoadedLlava<B> {
         let pixels = image
             .map(|path| crate::image_tensor::<B>(path, &self.processor, self.config.image_aspect, &device))
             .transpose()?;
-        Ok((llava_data::tokenizer_image_token(tokenizer, prompt), pixels))
+        let ids = llava_data::tokenizer_image_token(tokenizer, prompt);
+        self.check_context(&ids)?;
+        Ok((ids, pixels))
+    }
+
+    /// The length of a prompt once its images are spliced in, refused when it does not fit the
+    /// model's context (`max_position_embeddings`): past it, RoPE positions the model never saw
+    /// give meaningless output, which is worse than an error.
+    pub fn check_context(&self, ids: &[i64]) -> Result<usize, LlavaError> {
+        let images = ids.iter().filter(|&&t| t == llava_data::IMAGE_TOKEN_INDEX).count();
+        let image_tokens = self.config.image_tokens();
+        let tokens = ids.len() - images + images * image_tokens;
+        let context = self.config.text.max_position_embeddings;
+        if tokens > context {
+            return Err(LlavaError::PromptTooLong { tokens, images, image_tokens, context });
+        }
+        Ok(tokens)
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Tensors keep the dtype they are held in (f32 masters as f32, half-precision towers as they
 //! are), and frozen towers whose source checkpoint is named in [`FrozenSources`] are written
-//! through from it unchanged; the write is atomic per file.
+//! through from it unchanged; the folder is written whole or not at all.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,16 +75,20 @@ impl FrozenSources {
     }
 }
 
-/// Writes the whole model into `dir` (see the module docs for the layout chosen).
+/// Writes the whole model into `dir` (see the module docs for the layout chosen). The folder is
+/// complete or absent ([`llava_io::AtomicDir`]: written beside it, a `manifest.json` of every
+/// file's SHA-256 last, then renamed into place, replacing an older `dir` whole).
 pub fn save_model<B: Backend>(
     model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path, frozen: &FrozenSources,
 ) -> Result<(), LlavaError> {
-    std::fs::create_dir_all(dir).map_err(|e| LlavaError::config(dir, e))?;
-    copy_tokenizer_files(tokenizer_dir, dir)?;
+    let out = llava_io::AtomicDir::create(dir).map_err(|e| LlavaError::config(dir, e))?;
+    copy_tokenizer_files(tokenizer_dir, out.path())?;
     match model.projector.kind {
-        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, dir, tokenizer_dir, frozen),
-        _ => save_original(model, config, dir, frozen),
+        ProjectorKind::MlpGelu { depth: 2 } => save_llava_hf(model, config, out.path(), tokenizer_dir, frozen)?,
+        _ => save_original(model, config, out.path(), frozen)?,
     }
+    out.commit().map_err(|e| LlavaError::config(dir, e))?;
+    Ok(())
 }
 
 /// The LLM's tensors under `model_scope` / `lm_head_scope`, passed through from `frozen.llm`.

@@ -1,8 +1,12 @@
 //! Resumable checkpoints: the trainable weights (with their parameter ids, which the optimizer
 //! state is keyed by), the AdamW state, the step counter and the caller's own state (data
-//! position, RNG), written atomically: everything goes into `checkpoint-N.partial/`, which is
-//! renamed to `checkpoint-N/` only when complete, so a crash never leaves a broken checkpoint
-//! under a final name. Only the last `keep` checkpoints are kept.
+//! position, RNG).
+//!
+//! A checkpoint is complete or absent: it is written in a hidden temporary folder, given a
+//! manifest of every file's size and SHA-256 (written last), and renamed to `checkpoint-N/`
+//! ([`llava_io::AtomicDir`]). [`latest_intact`] verifies the manifest before a resume and falls
+//! back to the newest checkpoint that verifies, naming what was wrong with the newer ones. Only
+//! the last `keep` checkpoints are kept.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +14,7 @@ use burn::module::Module;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
+use llava_io::{AtomicDir, Manifest};
 
 use crate::{Stage, Trainer};
 
@@ -19,6 +24,8 @@ pub enum CheckpointError {
     Io { path: PathBuf, reason: String },
     #[error("{path}: checkpoint of stage {found:?}, but this run is stage {expected:?}")]
     Stage { path: PathBuf, found: Stage, expected: Stage },
+    #[error(transparent)]
+    Manifest(#[from] llava_io::ManifestError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -26,6 +33,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct State {
     stage: Stage,
     step: usize,
@@ -37,16 +45,14 @@ fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
     BinFileRecorder::<FullPrecisionSettings>::new()
 }
 
-/// Writes `dir/checkpoint-{step}/` and removes all but the newest `keep` checkpoints.
+/// Writes `dir/checkpoint-{step}/` (complete or absent, with its manifest) and removes all but
+/// the newest `keep` checkpoints.
 pub fn save<B: AutodiffBackend>(
     trainer: &Trainer<B>, dir: &Path, keep: usize, extra: serde_json::Value,
 ) -> Result<PathBuf, CheckpointError> {
     let final_dir = dir.join(format!("checkpoint-{}", trainer.step));
-    let tmp = dir.join(format!("checkpoint-{}.partial", trainer.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let out = AtomicDir::create(&final_dir).map_err(io(&final_dir))?;
+    let tmp = out.path().to_path_buf();
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |e: burn::record::RecorderError| CheckpointError::Io { path, reason: e.to_string() }
@@ -58,53 +64,114 @@ pub fn save<B: AutodiffBackend>(
     }
     rec.record(trainer.optim.to_record(), tmp.join("optimizer")).map_err(err(&tmp))?;
     let state = State { stage: trainer.stage, step: trainer.step, extra };
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&state).expect("json")).map_err(io(&tmp))?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    let text = serde_json::to_string_pretty(&state).map_err(|e| io(&tmp)(std::io::Error::other(e)))?;
+    std::fs::write(tmp.join("state.json"), text).map_err(io(&tmp))?;
+    out.commit().map_err(io(&final_dir))?;
     for old in list(dir)?.into_iter().rev().skip(keep.max(1)) {
         std::fs::remove_dir_all(&old.1).map_err(io(&old.1))?;
     }
     Ok(final_dir)
 }
 
-/// Complete checkpoints in `dir`, oldest first, as `(step, path)`.
+/// Checkpoints in `dir` under their final names, oldest first, as `(step, path)` (a folder a
+/// kill left half-written has a hidden temporary name and is not listed).
 pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CheckpointError> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
-    let mut found: Vec<(usize, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            Some((step, e.path()))
-        })
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let names: Vec<String> =
+        entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // A checkpoint a kill left moved aside between the two renames of a commit is put back.
+    for name in &names {
+        if let Some(step) = name.strip_prefix(".checkpoint-").and_then(|n| n.strip_suffix(".old")) {
+            let target = dir.join(format!("checkpoint-{step}"));
+            AtomicDir::recover(&target).map_err(io(&target))?;
+        }
+    }
+    let mut found: Vec<(usize, PathBuf)> = list_names(dir)?
+        .into_iter()
+        .filter_map(|name| Some((name.strip_prefix("checkpoint-")?.parse().ok()?, dir.join(&name))))
         .collect();
     found.sort();
     Ok(found)
 }
 
+/// A checkpoint that was passed over on resume, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The newest checkpoint in `dir` whose manifest verifies (every file present, of its size and
+/// SHA-256) and whose `state.json` reads, with the newer ones that did not (each logged as a
+/// warning naming the file and the fault). `None` when no checkpoint verifies.
+pub fn latest_intact(dir: &Path) -> Result<(Option<(usize, PathBuf)>, Vec<Rejected>), CheckpointError> {
+    let mut rejected = Vec::new();
+    for (step, path) in list(dir)?.into_iter().rev() {
+        let verdict = Manifest::verify(&path).map_err(|e| e.to_string()).and_then(|_| {
+            read_state(&path).map_err(|e| e.to_string()).and_then(|s| {
+                if s.step == step {
+                    Ok(())
+                } else {
+                    Err(format!("state.json says step {} but the folder is checkpoint-{step}", s.step))
+                }
+            })
+        });
+        match verdict {
+            Ok(()) => return Ok((Some((step, path)), rejected)),
+            Err(reason) => {
+                tracing::warn!("passing over checkpoint {}: {reason}", path.display());
+                rejected.push(Rejected { path, reason });
+            }
+        }
+    }
+    Ok((None, rejected))
+}
+
+fn list_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+    Ok(entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+}
+
+fn read_state(checkpoint: &Path) -> Result<State, CheckpointError> {
+    let path = checkpoint.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    serde_json::from_str(&text).map_err(|e| CheckpointError::Io { path, reason: e.to_string() })
+}
+
+/// The step a checkpoint was written at (from its `state.json`).
+pub fn step_of(checkpoint: &Path) -> Result<usize, CheckpointError> {
+    Ok(read_state(checkpoint)?.step)
+}
+
 /// Restores a checkpoint into `trainer` (built from the same base weights and config): trainable
-/// weights and their ids, optimizer state, step. Returns the caller's `extra` state.
+/// weights and their ids, optimizer state, step. Returns the caller's `extra` state. Call
+/// [`latest_intact`] first to pick a checkpoint that verifies; a record that still does not
+/// decode is an error naming its file.
 pub fn load<B: AutodiffBackend>(
     trainer: &mut Trainer<B>, checkpoint: &Path,
 ) -> Result<serde_json::Value, CheckpointError> {
-    let text = std::fs::read_to_string(checkpoint.join("state.json")).map_err(io(checkpoint))?;
-    let state: State = serde_json::from_str(&text)
-        .map_err(|e| CheckpointError::Io { path: checkpoint.join("state.json"), reason: e.to_string() })?;
+    let state = read_state(checkpoint)?;
     if state.stage != trainer.stage {
         return Err(CheckpointError::Stage { path: checkpoint.into(), found: state.stage, expected: trainer.stage });
     }
-    let err = |e: burn::record::RecorderError| CheckpointError::Io { path: checkpoint.into(), reason: e.to_string() };
     let device = trainer.model.llm.embed_tokens.weight.device();
     let rec = recorder();
+    // Burn's recorder names neither the file nor the fault's place; the file is named here.
+    let err = |name: &str| {
+        let path = checkpoint.join(format!("{name}.bin"));
+        move |e: burn::record::RecorderError| CheckpointError::Io { path, reason: e.to_string() }
+    };
     let model = &mut trainer.model;
     model.projector =
-        model.projector.clone().load_record(rec.load(checkpoint.join("projector"), &device).map_err(err)?);
+        model.projector.clone().load_record(rec.load(checkpoint.join("projector"), &device).map_err(err("projector"))?);
     if state.stage == Stage::Two {
-        model.llm = model.llm.clone().load_record(rec.load(checkpoint.join("llm"), &device).map_err(err)?);
+        model.llm = model.llm.clone().load_record(rec.load(checkpoint.join("llm"), &device).map_err(err("llm"))?);
     }
-    let optim_record = rec.load(checkpoint.join("optimizer"), &device).map_err(err)?;
+    let optim_record = rec.load(checkpoint.join("optimizer"), &device).map_err(err("optimizer"))?;
     trainer.optim = trainer.optim.clone().load_record(optim_record);
     trainer.step = state.step;
     Ok(state.extra)

@@ -1,6 +1,7 @@
 //! Run configuration: TOML recipes in `configs/` (the paper's and LLaVA-1.5's hyperparameters),
 //! every field overridable with `section.field=value`, the resolved config saved with each run.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ pub enum ConfigError {
 
 /// Where the model parts come from (local paths; nothing is downloaded).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelPaths {
     /// CLIP directory (openai/clip-vit-large-patch14[-336] layout).
     pub vision_tower: PathBuf,
@@ -36,6 +38,7 @@ fn default_select_layer() -> i64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub data_path: PathBuf,
     pub image_folder: PathBuf,
@@ -51,6 +54,10 @@ pub struct DataConfig {
     /// Held-out samples (same format) for the validation loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_data_path: Option<PathBuf>,
+    /// Records may name images by absolute path (data laid out that way); otherwise an image path
+    /// must stay inside `image_folder`, and a record whose path leaves it is skipped, named.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_absolute_image_paths: bool,
 }
 
 fn default_aspect() -> String {
@@ -62,6 +69,7 @@ fn default_workers() -> usize {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
     pub epochs: f64,
     pub per_device_batch_size: usize,
@@ -111,6 +119,7 @@ fn default_seed() -> u64 {
 /// The demo uses it because its LLM starts from random weights; real runs start from Vicuna and
 /// leave it out. The result is saved as a LLaMA directory `{run_dir}/llm` for stage 2.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TextPretrainConfig {
     pub data_paths: Vec<PathBuf>,
     pub steps: usize,
@@ -119,6 +128,7 @@ pub struct TextPretrainConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
     pub save_steps: usize,
     pub keep: usize,
@@ -126,6 +136,7 @@ pub struct CheckpointConfig {
 
 /// A whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// The run directory is `runs/{name}`.
     pub name: String,
@@ -148,9 +159,10 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Self = value
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let cfg: Self = value.clone().try_into().map_err(|e: toml::de::Error| ConfigError::File {
+            path: path.into(),
+            reason: explain_unknown_field(&e.to_string(), &value, overrides),
+        })?;
         cfg.validate().map_err(|reason| ConfigError::File { path: path.into(), reason })?;
         Ok(cfg)
     }
@@ -231,6 +243,96 @@ impl RunConfig {
     }
 }
 
+/// A recipe's fields that do not change what a run computes (threads of the input pipeline, how
+/// many checkpoints are kept): a resume may change them freely.
+const NOT_RESULTS: [&str; 2] = ["data.workers", "checkpoint.keep"];
+
+/// The fields whose values differ between two recipes, as `key: old → new` (`(absent)` for a
+/// field one side lacks), sorted by key; [`NOT_RESULTS`] are not counted.
+pub fn differences(old: &toml::Value, new: &toml::Value) -> Vec<String> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten(old, "", &mut a);
+    flatten(new, "", &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "(absent)".to_string();
+    keys.into_iter()
+        .filter(|k| !NOT_RESULTS.contains(&k.as_str()))
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&absent), b.get(k).unwrap_or(&absent));
+            (x != y).then(|| format!("{k}: {x} → {y}"))
+        })
+        .collect()
+}
+
+fn flatten(value: &toml::Value, prefix: &str, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (k, v) in table {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(v, &key, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// serde's "unknown field `x`, expected one of …" made useful: the field's full path in the
+/// recipe, the `--set` it came from, and the closest known name.
+fn explain_unknown_field(message: &str, value: &toml::Value, overrides: &[String]) -> String {
+    let Some((field, rest)) = message.split_once("unknown field `").and_then(|(_, r)| r.split_once('`')) else {
+        return message.to_string();
+    };
+    let known: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let path = find_key(value, field, "").unwrap_or_else(|| field.to_string());
+    let from = overrides
+        .iter()
+        .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == path))
+        .map(|o| format!(" (from the override `{o}`)"))
+        .unwrap_or_default();
+    let hint = closest(field, &known).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+    format!("unknown field `{path}`{from}{hint} (known here: {})", known.join(", "))
+}
+
+/// The dotted path of the first key named `name` in a TOML tree.
+fn find_key(value: &toml::Value, name: &str, prefix: &str) -> Option<String> {
+    let table = value.as_table()?;
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        if k == name {
+            return Some(key);
+        }
+        if let Some(found) = find_key(v, name, &key) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// The known name nearest to `name` by edit distance, when it is near enough to be a typo (at
+/// most a third of the name's length, and at least 1).
+pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|(d, _)| *d <= limit).min().map(|(_, k)| k)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// Sets `a.b.c = value` in a TOML tree; the value is parsed as TOML (number, bool, string…),
 /// and falls back to a plain string.
 pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), ConfigError> {
@@ -249,14 +351,25 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), Co
         })?;
         if i + 1 == parts.len() {
             if !table.contains_key(*part) && i == 0 {
-                return Err(ConfigError::Override(assignment.into(), format!("unknown section or field `{part}`")));
+                let known: Vec<&str> = table.keys().map(String::as_str).collect();
+                let hint = closest(part, &known).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+                return Err(ConfigError::Override(
+                    assignment.into(),
+                    format!("unknown section or field `{part}`{hint}"),
+                ));
             }
             table.insert(part.to_string(), value);
             return Ok(());
         }
-        node = table.get_mut(*part).ok_or_else(|| {
-            ConfigError::Override(assignment.into(), format!("unknown section `{}`", parts[..=i].join(".")))
-        })?;
+        if !table.contains_key(*part) {
+            let known: Vec<&str> = table.keys().map(String::as_str).collect();
+            let hint = closest(part, &known).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+            return Err(ConfigError::Override(
+                assignment.into(),
+                format!("unknown section `{}`{hint}", parts[..=i].join(".")),
+            ));
+        }
+        node = table.get_mut(*part).expect("checked above");
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! What a run reports: one JSON line per optimizer step in `metrics.jsonl`, and a loss-curve PNG
 //! drawn at the end (no plotting dependency: a small rasteriser on the `image` crate).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
@@ -19,23 +18,22 @@ pub struct StepMetrics {
     pub val_loss: Option<f64>,
 }
 
-/// Appends metrics lines, flushing each, so a killed run keeps everything it logged.
+/// Appends metrics lines, one whole line per write, flushed, so a killed run keeps everything
+/// it logged and a full disk tears at most the last line ([`llava_io::lines`]).
 pub struct MetricsWriter {
     path: PathBuf,
-    file: std::fs::File,
+    log: llava_io::lines::LineLog,
 }
 
 impl MetricsWriter {
-    /// Opens `path` for appending (a resumed run continues the same file).
+    /// Opens `path` for appending (a resumed run continues the same file; see [`resume_metrics`]).
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), log: llava_io::lines::LineLog::append(path)? })
     }
 
     pub fn write(&mut self, m: &StepMetrics) -> std::io::Result<()> {
-        let line = serde_json::to_string(m).expect("metrics serialise");
-        writeln!(self.file, "{line}")?;
-        self.file.flush()
+        let line = serde_json::to_string(m).map_err(std::io::Error::other)?;
+        self.log.write_lines(&[line])
     }
 
     pub fn path(&self) -> &Path {
@@ -43,16 +41,48 @@ impl MetricsWriter {
     }
 }
 
-/// Reads a `metrics.jsonl` (a resumed run drops lines past the checkpoint's step itself).
+/// Prepares `metrics.jsonl` for a run that continues at optimizer step `step` (0: a fresh
+/// start): a torn last line (a kill or a full disk during its write) is cut off, every complete
+/// line of an earlier step is kept as it is (one that does not parse included, with a warning),
+/// and the lines from `step` on, which describe steps the resumed run does again, are dropped
+/// with one `ftruncate` (a kill during it leaves the file as it was or shortened, never empty).
+/// Returns how many lines were kept.
+pub fn resume_metrics(path: &Path, step: usize) -> std::io::Result<usize> {
+    let recovered = llava_io::lines::recover(path)?;
+    let mut keep = recovered.lines.len();
+    for (i, line) in recovered.lines.iter().enumerate() {
+        match serde_json::from_str::<StepMetrics>(line) {
+            Ok(m) if m.step >= step => {
+                keep = i;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{} line {}: kept, but it does not read as metrics: {e}", path.display(), i + 1),
+        }
+    }
+    if keep < recovered.lines.len() {
+        llava_io::lines::truncate_to_lines(path, keep)?;
+    }
+    Ok(keep)
+}
+
+/// Reads a `metrics.jsonl`: every complete line that parses (a torn last line and lines that do
+/// not parse are skipped with a warning naming the line).
 pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
     let text = std::fs::read_to_string(path)?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+    Ok(complete
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .filter_map(|(i, l)| match serde_json::from_str(l) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("{} line {}: skipped, not metrics: {e}", path.display(), i + 1);
+                None
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// Draws `(step, loss)` (and an optional second series, e.g. validation loss) as a line chart
@@ -84,7 +114,9 @@ pub fn plot_loss_curve(
             line(&mut img, map(&w[0]), map(&w[1]), color);
         }
     }
-    img.save(path)
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    llava_io::write_atomically(path, |w| w.write_all(&png)).map_err(image::ImageError::IoError)
 }
 
 fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), color: Rgb<u8>) {

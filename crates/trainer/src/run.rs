@@ -26,7 +26,7 @@ use llava_projector::ProjectorKind;
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 
 use crate::config::{RunConfig, TextPretrainConfig};
-use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics};
+use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics, resume_metrics};
 use crate::{Batch, BatchLoss, OptimConfig, Stage, Trainer, batch_loss, checkpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,13 @@ pub enum TrainError {
     NonFinite { loss: f64, step: usize, dir: PathBuf },
     #[error(transparent)]
     DoesNotFit(#[from] llava::plan::DoesNotFit),
+    #[error(
+        "{path}: the run was started with another recipe; resume with --allow-config-change to continue with this one, or start a new run. Differences (saved → now):\n{}",
+        differences.join("\n")
+    )]
+    ConfigChanged { path: PathBuf, differences: Vec<String> },
+    #[error("{path}: {reason}")]
+    Resume { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -58,8 +65,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub struct RunOptions {
     /// Defaults to `runs/{name}`.
     pub run_dir: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the run directory.
+    /// Continue from the newest checkpoint in the run directory that verifies.
     pub resume: bool,
+    /// On resume, accept a recipe that differs from the one the run was started with (the
+    /// differences are logged); without it such a resume is refused, listing them.
+    pub allow_config_change: bool,
     /// Stop after this many optimizer steps (the schedule still spans the whole run).
     pub max_steps: Option<usize>,
     /// Refuse to start, before anything is loaded or written, when the run's memory plan
@@ -123,9 +133,10 @@ struct RunData {
 
 impl RunData {
     fn open(cfg: &RunConfig) -> Result<Self, TrainError> {
-        let train = LlavaDataset::open(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip)?;
+        let absolute = cfg.data.allow_absolute_image_paths;
+        let train = LlavaDataset::open_with(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip, absolute)?;
         let validation = match &cfg.data.val_data_path {
-            Some(path) => Some(LlavaDataset::open(path, &cfg.data.image_folder, OnError::Skip)?),
+            Some(path) => Some(LlavaDataset::open_with(path, &cfg.data.image_folder, OnError::Skip, absolute)?),
             None => None,
         };
         Ok(Self { train, validation })
@@ -297,14 +308,55 @@ fn pretrain_text<B: AutodiffBackend>(
         );
     }
     progress.finish();
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    // Complete or absent (with a manifest): a resume reuses it only when it verifies.
+    let folder = llava_io::AtomicDir::create(out).map_err(io(out))?;
     let mut e = Exporter::new();
     trainer.model.llm.export(&mut e, "model", "lm_head");
-    e.save(&out.join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    e.save(&folder.path().join("model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
     let config_json = serde_json::to_string_pretty(&text_config.to_hf_json()).expect("json");
-    std::fs::write(out.join("config.json"), config_json).map_err(io(out))?;
-    llava::save::copy_tokenizer_files(tokenizer_dir, out)?;
+    std::fs::write(folder.path().join("config.json"), config_json).map_err(io(out))?;
+    llava::save::copy_tokenizer_files(tokenizer_dir, folder.path())?;
+    folder.commit().map_err(io(out))?;
     Ok(trainer.model)
+}
+
+/// Whether an output folder is complete (its manifest verifies); a fault is logged.
+fn intact(dir: &Path) -> bool {
+    llava_io::AtomicDir::recover(dir).ok();
+    match llava_io::Manifest::verify(dir) {
+        Ok(_) => true,
+        Err(e) if dir.exists() => {
+            tracing::warn!("{e}: it is written again");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// A resume's recipe against the one saved when the run started: refused when they differ,
+/// unless `allow` (then the differences are logged and the new recipe is saved).
+fn check_config_unchanged(saved: &Path, cfg: &RunConfig, allow: bool) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(saved) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(saved)(e)),
+    };
+    let old: toml::Value = toml::from_str(&text)
+        .map_err(|e| TrainError::Resume { path: saved.to_path_buf(), reason: format!("not a recipe: {e}") })?;
+    let new: toml::Value = toml::from_str(&cfg.to_toml()).expect("a recipe reads back");
+    let differences = crate::config::differences(&old, &new);
+    if differences.is_empty() {
+        return Ok(());
+    }
+    if allow {
+        tracing::warn!(
+            "{}: resuming with a changed recipe (--allow-config-change): {}",
+            saved.display(),
+            differences.join("; ")
+        );
+        return Ok(());
+    }
+    Err(TrainError::ConfigChanged { path: saved.to_path_buf(), differences })
 }
 
 /// [`run`] on the inference backend `B`, with the autodiff strategy the recipe asks for:
@@ -331,8 +383,26 @@ pub fn run<B: AutodiffBackend>(
     tracing::info!("memory plan: peak {} ({})", llava::plan::human(plan.peak()), plan.run);
     plan.check(&alternatives)?;
     let ckpt_dir = run_dir.join("checkpoints");
+    let config_path = run_dir.join("config.toml");
+    if options.resume {
+        check_config_unchanged(&config_path, cfg, options.allow_config_change)?;
+    }
+    if !options.resume {
+        // Starting over: an earlier run's checkpoints would otherwise be mixed with this run's
+        // (a later --resume could continue the other run).
+        let earlier = checkpoint::list(&ckpt_dir)?;
+        if !earlier.is_empty() {
+            tracing::warn!(
+                "{}: starting over without --resume, so the {} checkpoint(s) of an earlier run are removed",
+                ckpt_dir.display(),
+                earlier.len()
+            );
+            std::fs::remove_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
+        }
+    }
     std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
+    let toml = cfg.to_toml();
+    llava_io::write_atomically(&config_path, |w| w.write_all(toml.as_bytes())).map_err(io(&config_path))?;
     B::seed(device, cfg.training.seed);
     if cfg.training.gradient_checkpointing {
         tracing::info!(
@@ -348,7 +418,7 @@ pub fn run<B: AutodiffBackend>(
         Some(_) if cfg.stage == Stage::Two => {
             return Err(TrainError::Config("text_pretrain: only stage 1 pretrains the LLM".into()));
         }
-        Some(_) if options.resume && pretrained_llm.join("model.safetensors").is_file() => {
+        Some(_) if options.resume && intact(&pretrained_llm) => {
             let store = WeightStore::open(&pretrained_llm)?;
             let root = Loader::new(&store, device).with_dtype(Some(weights_dtype::<B>(cfg, device)));
             model.llm = LlamaModel::load_hf(&llava_config.text, &root).map_err(LlavaError::from)?;
@@ -415,23 +485,44 @@ pub fn run<B: AutodiffBackend>(
         .collect();
 
     let mut position = 0usize;
-    if options.resume
-        && let Some((_, latest)) = checkpoint::list(&ckpt_dir)?.pop()
-    {
-        let extra = checkpoint::load(&mut trainer, &latest)?;
-        position = extra["position"].as_u64().unwrap_or(0) as usize;
-        tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
+    if options.resume {
+        match checkpoint::latest_intact(&ckpt_dir)? {
+            (Some((_, latest)), rejected) => {
+                let extra = checkpoint::load(&mut trainer, &latest)?;
+                let state = latest.join("state.json");
+                position = extra["position"].as_u64().ok_or_else(|| TrainError::Resume {
+                    path: state.clone(),
+                    reason: "extra.position is missing or not a sample index".into(),
+                })? as usize;
+                if trainer.step > total_steps || position > order.len() {
+                    return Err(TrainError::Resume {
+                        path: state,
+                        reason: format!(
+                            "step {} of {total_steps}, sample {position} of {}: past the end of this run",
+                            trainer.step,
+                            order.len()
+                        ),
+                    });
+                }
+                if !rejected.is_empty() {
+                    tracing::warn!(
+                        "{} newer checkpoint(s) did not verify (see above); resuming from {}",
+                        rejected.len(),
+                        latest.display()
+                    );
+                }
+                tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
+            }
+            (None, rejected) if !rejected.is_empty() => {
+                tracing::warn!("no checkpoint in {} verifies (see above): starting from step 0", ckpt_dir.display());
+            }
+            (None, _) => tracing::info!("no checkpoint in {}: starting from step 0", ckpt_dir.display()),
+        }
     }
-    // Metrics past the resumed step belong to the killed run's future: drop them.
+    // Metrics from the resumed step on describe steps this run does again: dropped; every
+    // complete line before it is kept.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: Vec<StepMetrics> =
-        read_metrics(&metrics_path).unwrap_or_default().into_iter().filter(|m| m.step < trainer.step).collect();
-    let mut text = String::new();
-    for m in &kept {
-        text += &serde_json::to_string(m).expect("json");
-        text.push('\n');
-    }
-    std::fs::write(&metrics_path, text).map_err(io(&metrics_path))?;
+    resume_metrics(&metrics_path, trainer.step).map_err(io(&metrics_path))?;
     let mut metrics = MetricsWriter::open(&metrics_path).map_err(io(&metrics_path))?;
 
     let stop_at = options.max_steps.map_or(total_steps, |m| m.min(total_steps));

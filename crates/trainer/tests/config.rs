@@ -109,3 +109,66 @@ fn values_a_run_cannot_use_are_refused_naming_the_field() {
         assert!(err.contains(field) && err.contains("llava-v1.5-7b-stage2.toml"), "{set}: {err}");
     }
 }
+
+#[test]
+fn unknown_fields_in_a_recipe_or_an_override_are_refused_with_the_nearest_name() {
+    let path = configs().join("llava-v1.5-7b-stage2.toml");
+    let err = RunConfig::load(&path, &["training.learnin_rate=5".into()]).unwrap_err().to_string();
+    assert!(err.contains("training.learnin_rate"), "{err}");
+    assert!(err.contains("did you mean `learning_rate`"), "{err}");
+    assert!(err.contains("from the override `training.learnin_rate=5`"), "{err}");
+    let err = RunConfig::load(&path, &["trainng.seed=1".into()]).unwrap_err().to_string();
+    assert!(err.contains("did you mean `training`"), "{err}");
+
+    // The same typo written in the file itself.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replace("[checkpoint]", "[checkpoint]\nsave_step = 3");
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, text).unwrap();
+    let err = RunConfig::load(&typo, &[]).unwrap_err().to_string();
+    assert!(err.contains("typo.toml") && err.contains("checkpoint.save_step"), "{err}");
+    assert!(err.contains("did you mean `save_steps`"), "{err}");
+}
+
+#[test]
+fn recipe_differences_name_each_changed_field() {
+    let old: toml::Value = toml::from_str("[training]\nlearning_rate = 0.001\nseed = 1\n[data]\nworkers = 2").unwrap();
+    let new: toml::Value =
+        toml::from_str("[training]\nlearning_rate = 0.002\nseed = 1\nbf16 = true\n[data]\nworkers = 8").unwrap();
+    assert_eq!(
+        llava_trainer::config::differences(&old, &new),
+        ["training.bf16: (absent) → true", "training.learning_rate: 0.001 → 0.002"],
+        "the input pipeline's thread count is not a difference in results"
+    );
+    assert!(llava_trainer::config::differences(&old, &old).is_empty());
+}
+
+#[test]
+fn mutated_recipes_and_overrides_load_or_are_named_errors_never_panics() {
+    use llava_io::mutations::mutations;
+    let path = configs().join("llava-v1.5-7b-stage2.toml");
+    let seed = std::fs::read(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mutated = dir.path().join("recipe.toml");
+    let mut errors = 0;
+    for (i, input) in mutations(&seed, 300, 21).into_iter().enumerate() {
+        std::fs::write(&mutated, &input).unwrap();
+        let outcome = std::panic::catch_unwind(|| RunConfig::load(&mutated, &[]).map(|_| ()));
+        match outcome.unwrap_or_else(|_| panic!("mutation {i}: the recipe reader panicked")) {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(e.to_string().contains("recipe.toml"), "mutation {i}: {e}");
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors > 0 && errors < 300, "{errors}");
+    // Overrides: mutations of valid assignments, each alone.
+    let assignments = "training.learning_rate=2e-5\ndata.template=\"v1\"\nmodel.select_layer=-2\ncheckpoint.keep=3";
+    for (i, input) in mutations(assignments.as_bytes(), 300, 22).into_iter().enumerate() {
+        let text = String::from_utf8_lossy(&input).into_owned();
+        let overrides: Vec<String> = text.lines().map(String::from).collect();
+        let outcome = std::panic::catch_unwind(|| RunConfig::load(&path, &overrides).map(|_| ()));
+        assert!(outcome.is_ok(), "override mutation {i} ({overrides:?}): the reader panicked");
+    }
+}

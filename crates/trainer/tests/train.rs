@@ -360,3 +360,69 @@ fn bf16_mixed_precision_overfits_one_sample() {
     let (first, last) = overfit(trainer);
     assert!(last < 0.1 && first > 2.0, "loss {first} → {last}");
 }
+
+/// Every file of a checkpoint (relative paths), from its manifest.
+fn checkpoint_files(dir: &Path) -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(llava_io::MANIFEST_FILE)).unwrap()).unwrap();
+    manifest["files"].as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn a_truncated_flipped_or_deleted_file_of_the_newest_checkpoint_falls_back_to_the_previous_one() {
+    use llava_trainer::checkpoint::{latest_intact, load, save};
+    let device = Default::default();
+    let b = batch::<B>(&device, &[sample(1)]);
+    let mut trainer = Trainer::new(model(&device), Stage::Two, config(1e-3, 1));
+    let clean = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        trainer.micro_step(&b).unwrap();
+        save(&trainer, clean.path(), 2, serde_json::json!({ "position": trainer.step })).unwrap();
+    }
+    let newest = clean.path().join("checkpoint-2");
+    let files = checkpoint_files(&newest);
+    assert!(files.len() >= 4 && files.contains(&"state.json".to_string()), "{files:?}");
+    assert_eq!(latest_intact(clean.path()).unwrap().0.unwrap().0, 2);
+
+    let mut tried = 0;
+    for file in files.iter().chain(std::iter::once(&llava_io::MANIFEST_FILE.to_string())) {
+        for fault in ["truncate", "flip", "delete"] {
+            let tmp = tempfile::tempdir().unwrap();
+            for step in [1, 2] {
+                let from = clean.path().join(format!("checkpoint-{step}"));
+                let to = tmp.path().join(format!("checkpoint-{step}"));
+                std::fs::create_dir_all(&to).unwrap();
+                for f in checkpoint_files(&from).iter().chain(std::iter::once(&llava_io::MANIFEST_FILE.to_string())) {
+                    std::fs::copy(from.join(f), to.join(f)).unwrap();
+                }
+            }
+            let target = tmp.path().join("checkpoint-2").join(file);
+            let mut bytes = std::fs::read(&target).unwrap();
+            match fault {
+                "truncate" => {
+                    bytes.truncate(bytes.len() / 2);
+                    std::fs::write(&target, &bytes).unwrap();
+                }
+                "flip" => {
+                    let at = bytes.len() / 3;
+                    bytes[at] ^= 0x04;
+                    std::fs::write(&target, &bytes).unwrap();
+                }
+                _ => std::fs::remove_file(&target).unwrap(),
+            }
+            let (found, rejected) = latest_intact(tmp.path()).unwrap();
+            let (step, path) = found.unwrap_or_else(|| panic!("{fault} {file}: no fallback"));
+            assert_eq!(step, 1, "{fault} {file}");
+            assert_eq!(rejected.len(), 1, "{fault} {file}");
+            assert!(rejected[0].path.ends_with("checkpoint-2"), "{fault} {file}");
+            // The warning names the faulty file (or the missing manifest).
+            let named = if file == llava_io::MANIFEST_FILE { "manifest" } else { file.as_str() };
+            assert!(rejected[0].reason.contains(named), "{fault} {file}: {}", rejected[0].reason);
+            let mut resumed = Trainer::new(model(&device), Stage::Two, config(1e-3, 1));
+            let extra = load(&mut resumed, &path).unwrap();
+            assert_eq!((resumed.step, extra["position"].as_u64()), (1, Some(1)), "{fault} {file}");
+            tried += 1;
+        }
+    }
+    assert_eq!(tried, 3 * (files.len() + 1));
+}
