@@ -933,3 +933,37 @@ fn runs_killed_at_any_moment_resume_to_bit_identical_results() {
     let allowed = run(&dir, &["--resume", "--allow-config-change", "--set", "training.learning_rate=2e-3"]);
     ok(&xtask(&allowed.iter().map(String::as_str).collect::<Vec<_>>()));
 }
+
+#[test]
+fn bad_records_are_named_and_skipped_or_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(&xtask(&["demo-towers", "--out", t.join("towers").to_str().unwrap()]));
+    // The bundled samples, one with an image path that leaves the image folder and one whose
+    // image is in two turns.
+    let data = repo().join("datasets/lcs558k-sample");
+    let mut records = read_json(&data.join("blip_laion_cc_sbu_16.json"));
+    records[3]["image"] = "../../../etc/passwd".into();
+    records[5]["conversations"][1]["value"] = "<image>\nand again".into();
+    let bad_data = t.join("bad.json");
+    std::fs::write(&bad_data, records.to_string()).unwrap();
+    let recipe_path = recipe(t, "bad", "one", "plain", None);
+    let text = std::fs::read_to_string(&recipe_path).unwrap();
+    let original = data.join("blip_laion_cc_sbu_16.json");
+    std::fs::write(&recipe_path, text.replace(original.to_str().unwrap(), bad_data.to_str().unwrap())).unwrap();
+    let run = |dir: &str, extra: &[&str]| {
+        let run_dir = t.join(dir);
+        let mut a = vec!["stage1", "--config", recipe_path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        xtask(&a)
+    };
+    // Skipped by default, each named.
+    let out = run("skip", &["--max-steps", "2"]);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("record 3") && log.contains("climbs out of"), "{log}");
+    assert!(log.contains("turns hold `<image>`"), "{log}");
+    // `data.on_bad_record = "stop"`: the run ends with the first one.
+    let msg = err(&run("stop", &["--set", "data.on_bad_record=\"stop\""]));
+    assert!(msg.contains("bad.json") && msg.contains("record 3") && msg.contains("climbs out of"), "{msg}");
+}

@@ -108,7 +108,7 @@ pub struct Rejected {
 /// The newest checkpoint in `dir` whose manifest verifies (every file present, of its size and
 /// SHA-256) and whose `state.json` reads, with the newer ones that did not (each logged as a
 /// warning naming the file and the fault). `None` when no checkpoint verifies.
-pub fn latest_intact(dir: &Path) -> Result<(Option<(usize, PathBuf)>, Vec<Rejected>), CheckpointError> {
+pub fn latest_intact(dir: &Path) -> Result<Intact, CheckpointError> {
     let mut rejected = Vec::new();
     for (step, path) in list(dir)?.into_iter().rev() {
         let verdict = Manifest::verify(&path).map_err(|e| e.to_string()).and_then(|_| {
@@ -121,14 +121,22 @@ pub fn latest_intact(dir: &Path) -> Result<(Option<(usize, PathBuf)>, Vec<Reject
             })
         });
         match verdict {
-            Ok(()) => return Ok((Some((step, path)), rejected)),
+            Ok(()) => return Ok(Intact { newest: Some((step, path)), rejected }),
             Err(reason) => {
                 tracing::warn!("passing over checkpoint {}: {reason}", path.display());
                 rejected.push(Rejected { path, reason });
             }
         }
     }
-    Ok((None, rejected))
+    Ok(Intact { newest: None, rejected })
+}
+
+/// What [`latest_intact`] found: the checkpoint to resume from, and the newer ones passed over.
+#[derive(Debug, Clone)]
+pub struct Intact {
+    /// `(step, folder)` of the newest checkpoint that verifies.
+    pub newest: Option<(usize, PathBuf)>,
+    pub rejected: Vec<Rejected>,
 }
 
 fn list_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {

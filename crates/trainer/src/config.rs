@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use llava_data::dataset::OnError;
 use serde::{Deserialize, Serialize};
 
 use crate::{OptimConfig, Stage};
@@ -58,6 +59,15 @@ pub struct DataConfig {
     /// must stay inside `image_folder`, and a record whose path leaves it is skipped, named.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_absolute_image_paths: bool,
+    /// A record that cannot be used (bad JSON fields, an unreadable image, an image path outside
+    /// the folder, text that does not template): `skip` (named in a warning and counted, the
+    /// default) or `stop` (the run ends with the error naming the file, index and id).
+    #[serde(default, skip_serializing_if = "is_skip")]
+    pub on_bad_record: OnError,
+}
+
+fn is_skip(on_error: &OnError) -> bool {
+    *on_error == OnError::Skip
 }
 
 fn default_aspect() -> String {
@@ -248,7 +258,8 @@ impl RunConfig {
 const NOT_RESULTS: [&str; 2] = ["data.workers", "checkpoint.keep"];
 
 /// The fields whose values differ between two recipes, as `key: old → new` (`(absent)` for a
-/// field one side lacks), sorted by key; [`NOT_RESULTS`] are not counted.
+/// field one side lacks), sorted by key; fields that do not change results (`data.workers`,
+/// `checkpoint.keep`) are not counted.
 pub fn differences(old: &toml::Value, new: &toml::Value) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten(old, "", &mut a);

@@ -133,10 +133,10 @@ struct RunData {
 
 impl RunData {
     fn open(cfg: &RunConfig) -> Result<Self, TrainError> {
-        let absolute = cfg.data.allow_absolute_image_paths;
-        let train = LlavaDataset::open_with(&cfg.data.data_path, &cfg.data.image_folder, OnError::Skip, absolute)?;
+        let (absolute, on_error) = (cfg.data.allow_absolute_image_paths, cfg.data.on_bad_record);
+        let train = LlavaDataset::open_with(&cfg.data.data_path, &cfg.data.image_folder, on_error, absolute)?;
         let validation = match &cfg.data.val_data_path {
-            Some(path) => Some(LlavaDataset::open_with(path, &cfg.data.image_folder, OnError::Skip, absolute)?),
+            Some(path) => Some(LlavaDataset::open_with(path, &cfg.data.image_folder, on_error, absolute)?),
             None => None,
         };
         Ok(Self { train, validation })
@@ -448,8 +448,17 @@ pub fn run<B: AutodiffBackend>(
     // Validation batches, preprocessed once.
     let val_batches: Vec<Batch<B::InnerBackend>> = match validation {
         Some(val) => {
-            let samples: Vec<Sample> =
-                (0..val.len()).filter_map(|i| val.sample(i, &tokenizer, &sample_config).ok()).collect();
+            let samples: Vec<Sample> = (0..val.len())
+                .map(|i| val.sample(i, &tokenizer, &sample_config))
+                .filter_map(|sample| match sample {
+                    Ok(sample) => Some(Ok(sample)),
+                    Err(e) if cfg.data.on_bad_record == OnError::Stop => Some(Err(e)),
+                    Err(e) => {
+                        tracing::warn!("skipping a validation sample: {e}");
+                        None
+                    }
+                })
+                .collect::<Result<_, _>>()?;
             samples.chunks(micro.max(1)).map(|c| to_batch(c, image_shape, device)).collect()
         }
         None => Vec::new(),
@@ -487,7 +496,7 @@ pub fn run<B: AutodiffBackend>(
     let mut position = 0usize;
     if options.resume {
         match checkpoint::latest_intact(&ckpt_dir)? {
-            (Some((_, latest)), rejected) => {
+            checkpoint::Intact { newest: Some((_, latest)), rejected } => {
                 let extra = checkpoint::load(&mut trainer, &latest)?;
                 let state = latest.join("state.json");
                 position = extra["position"].as_u64().ok_or_else(|| TrainError::Resume {
@@ -513,10 +522,12 @@ pub fn run<B: AutodiffBackend>(
                 }
                 tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
             }
-            (None, rejected) if !rejected.is_empty() => {
+            checkpoint::Intact { newest: None, rejected } if !rejected.is_empty() => {
                 tracing::warn!("no checkpoint in {} verifies (see above): starting from step 0", ckpt_dir.display());
             }
-            (None, _) => tracing::info!("no checkpoint in {}: starting from step 0", ckpt_dir.display()),
+            checkpoint::Intact { newest: None, .. } => {
+                tracing::info!("no checkpoint in {}: starting from step 0", ckpt_dir.display())
+            }
         }
     }
     // Metrics from the resumed step on describe steps this run does again: dropped; every
@@ -551,6 +562,10 @@ pub fn run<B: AutodiffBackend>(
         while samples.len() < micro {
             match loader.next() {
                 Some(Ok(s)) => samples.push(s),
+                Some(Err(e)) if cfg.data.on_bad_record == OnError::Stop => {
+                    progress.finish();
+                    return Err(e.into());
+                }
                 Some(Err(e)) => {
                     tracing::warn!("skipping a sample: {e}");
                     skipped += 1;

@@ -382,7 +382,7 @@ fn a_truncated_flipped_or_deleted_file_of_the_newest_checkpoint_falls_back_to_th
     let newest = clean.path().join("checkpoint-2");
     let files = checkpoint_files(&newest);
     assert!(files.len() >= 4 && files.contains(&"state.json".to_string()), "{files:?}");
-    assert_eq!(latest_intact(clean.path()).unwrap().0.unwrap().0, 2);
+    assert_eq!(latest_intact(clean.path()).unwrap().newest.unwrap().0, 2);
 
     let mut tried = 0;
     for file in files.iter().chain(std::iter::once(&llava_io::MANIFEST_FILE.to_string())) {
@@ -410,8 +410,8 @@ fn a_truncated_flipped_or_deleted_file_of_the_newest_checkpoint_falls_back_to_th
                 }
                 _ => std::fs::remove_file(&target).unwrap(),
             }
-            let (found, rejected) = latest_intact(tmp.path()).unwrap();
-            let (step, path) = found.unwrap_or_else(|| panic!("{fault} {file}: no fallback"));
+            let llava_trainer::checkpoint::Intact { newest, rejected } = latest_intact(tmp.path()).unwrap();
+            let (step, path) = newest.unwrap_or_else(|| panic!("{fault} {file}: no fallback"));
             assert_eq!(step, 1, "{fault} {file}");
             assert_eq!(rejected.len(), 1, "{fault} {file}");
             assert!(rejected[0].path.ends_with("checkpoint-2"), "{fault} {file}");
