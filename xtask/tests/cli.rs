@@ -542,8 +542,8 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     let t = tmp.path();
     let model = demo_model(t);
     let (questions, images) = demo_questions(t);
-    let predict_chunk = |out: &Path, batch: &str, chunk: [&str; 2]| {
-        ok(&xtask(&[
+    let predict_args = |out: &Path, batch: &str, chunk: [&str; 2]| -> Vec<String> {
+        [
             "sqa-predict",
             "--model",
             model.to_str().unwrap(),
@@ -564,7 +564,13 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
             chunk[0],
             "--chunk-idx",
             chunk[1],
-        ]))
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let predict_chunk = |out: &Path, batch: &str, chunk: [&str; 2]| {
+        let args = predict_args(out, batch, chunk);
+        ok(&xtask(&args.iter().map(String::as_str).collect::<Vec<_>>()))
     };
     let predict = |out: &Path, batch: &str| predict_chunk(out, batch, ["1", "0"]);
     let one = t.join("one.jsonl");
@@ -605,24 +611,7 @@ fn sqa_predict_batched_equals_one_at_a_time_and_resumes() {
     // answer once, each the uninterrupted run's.
     let killed = t.join("killed.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "sqa-predict",
-            "--model",
-            model.to_str().unwrap(),
-            "--questions",
-            questions.to_str().unwrap(),
-            "--image-folder",
-            images.to_str().unwrap(),
-            "--out",
-            killed.to_str().unwrap(),
-            "--single-pred-prompt",
-            "--template",
-            "vicuna_v1",
-            "--batch-size",
-            "1",
-            "--max-new-tokens",
-            "6",
-        ])
+        .args(predict_args(&killed, "1", ["1", "0"]))
         .env(llava_io::fault::KILL_AT, "append:killed.jsonl@2")
         .output()
         .unwrap();
