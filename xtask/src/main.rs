@@ -22,6 +22,10 @@ struct Cli {
     /// The project checkout (demo data, recipes, `runs/`); default: found from the working directory.
     #[arg(long, global = true, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// The most pixels an image may decode to (default: PIL's decompression-bomb limit,
+    /// 178,956,970); raise it for very large scans, as `Image.MAX_IMAGE_PIXELS` would be raised.
+    #[arg(long, global = true, value_name = "PIXELS")]
+    max_image_pixels: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,6 +113,9 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let root = checkout_root(cli.root);
+    if let Some(pixels) = cli.max_image_pixels {
+        llava_data::image::set_max_image_pixels(pixels);
+    }
     match cli.command {
         Command::Forward(args) => model_cmds::forward(args),
         Command::Generate(args) => model_cmds::generate(args),

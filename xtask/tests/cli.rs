@@ -156,6 +156,21 @@ fn bad_input_gives_clear_errors() {
     let msg = err(&xtask(&["generate", "--model", m, "--prompt", "<image> hi"]));
     assert!(msg.contains("no image was given"), "{msg}");
 
+    // The pixel limit (PIL's decompression-bomb limit by default) can be lowered or raised.
+    let msg = err(&xtask(&[
+        "--max-image-pixels",
+        "10000",
+        "generate",
+        "--model",
+        m,
+        "--image",
+        image().to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+    ]));
+    assert!(msg.contains("extreme_ironing.jpg") && msg.contains("more than the 10000 allowed"), "{msg}");
+    assert!(msg.contains("--max-image-pixels"), "{msg}");
+
     // A prompt longer than the model's context is refused, naming both lengths.
     let long = "hello ".repeat(5000);
     let msg = err(&xtask(&["generate", "--model", m, "--prompt", &long]));

@@ -174,7 +174,7 @@ impl ProcessorConfig {
 /// libjpeg-turbo's algorithms ([`crate::jpeg`]): the same pixels as PIL, exactly.
 ///
 /// Bounded: a file must be a regular file of at most [`MAX_IMAGE_FILE_BYTES`], and decode to at
-/// most [`MAX_IMAGE_PIXELS`] pixels (PIL's decompression-bomb limit, where the reference raises
+/// most [`max_image_pixels`] pixels (PIL's decompression-bomb limit, where the reference raises
 /// `DecompressionBombError`); anything else is an error naming the file, never an exhausted memory.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     use std::io::Read;
@@ -192,13 +192,16 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
     if crate::jpeg::is_jpeg(&bytes) {
-        return crate::jpeg::decode(&bytes, MAX_IMAGE_PIXELS).map_err(err);
+        return crate::jpeg::decode(&bytes, max_image_pixels()).map_err(err);
     }
     let mut reader =
         image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
     let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;
-    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
-        return Err(err(format!("{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} PIL accepts (decompression bomb)")));
+    let limit = max_image_pixels();
+    if w as u64 * h as u64 > limit {
+        return Err(err(format!(
+            "{w}x{h} pixels, more than the {limit} allowed (PIL's decompression-bomb limit; raise it with --max-image-pixels)"
+        )));
     }
     reader =
         image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
@@ -210,8 +213,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
 /// The largest image file read (bytes).
 pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
-/// The most pixels an image may decode to: PIL's `Image.MAX_IMAGE_PIXELS` × 2, where PIL refuses.
+/// The most pixels an image may decode to by default: PIL's `Image.MAX_IMAGE_PIXELS` × 2, where
+/// PIL refuses. [`set_max_image_pixels`] changes it for the process, as PIL's is a global too.
 pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+static IMAGE_PIXEL_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(MAX_IMAGE_PIXELS);
+
+/// Sets the most pixels an image may decode to, for every later read in this process (the
+/// equivalent of assigning PIL's `Image.MAX_IMAGE_PIXELS`; `cargo xtask --max-image-pixels`).
+pub fn set_max_image_pixels(pixels: u64) {
+    IMAGE_PIXEL_LIMIT.store(pixels, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The pixel limit in force ([`MAX_IMAGE_PIXELS`] unless [`set_max_image_pixels`] changed it).
+pub fn max_image_pixels() -> u64 {
+    IMAGE_PIXEL_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The longest side a resized or padded image may have: far beyond any model's input, and small
 /// enough that the resampling tables of a 1 × 10,000,000 image cannot exhaust memory.
@@ -229,7 +246,7 @@ pub fn check_preprocessable(
         AspectMode::Crop => long,
         AspectMode::Pad => long.max(config.shortest_edge as u64),
     };
-    if resized_long > MAX_RESIZED_SIDE || (mode == AspectMode::Pad && long * long > MAX_IMAGE_PIXELS) {
+    if resized_long > MAX_RESIZED_SIDE || (mode == AspectMode::Pad && long * long > max_image_pixels()) {
         return Err(ImageError::Decode {
             path: path.to_path_buf(),
             reason: format!(

@@ -10,9 +10,6 @@
 //! replicated as PIL's `L → RGB`; CMYK is read as PIL reads it (Adobe's inverted convention,
 //! `CMYK;I`) and converted with PIL's `cmyk2rgb` integer formula.
 
-use std::cell::{Cell, RefCell};
-use std::sync::Once;
-
 use image::RgbImage;
 use mozjpeg::decompress::Format;
 
@@ -25,14 +22,16 @@ pub fn is_jpeg(bytes: &[u8]) -> bool {
 /// (before decoding any pixel) an image of more than `max_pixels` pixels. Corrupt data is an
 /// error with libjpeg's message, never a panic.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
-    catch_quietly(|| decode_unchecked(bytes, max_pixels)).and_then(|r| r)
+    crate::quiet::catch_quietly(|| decode_unchecked(bytes, max_pixels)).and_then(|r| r)
 }
 
 fn decode_unchecked(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     let jpeg = mozjpeg::Decompress::new_mem(bytes).map_err(|e| e.to_string())?;
     let (w, h) = jpeg.size();
     if w as u64 * h as u64 > max_pixels {
-        return Err(format!("{w}x{h} pixels, more than the {max_pixels} PIL accepts (decompression bomb)"));
+        return Err(format!(
+            "{w}x{h} pixels, more than the {max_pixels} allowed (PIL's decompression-bomb limit; raise it with --max-image-pixels)"
+        ));
     }
     let rgb: Vec<u8> = match jpeg.image().map_err(|e| e.to_string())? {
         Format::RGB(mut started) => {
@@ -65,39 +64,6 @@ fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
     [c, m, y].map(|v| (nk - muldiv255(v as i32)).clamp(0, 255) as u8)
 }
 
-thread_local! {
-    static QUIET: Cell<bool> = const { Cell::new(false) };
-    static MESSAGE: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Runs `f`, turning a panic into its message. libjpeg reports a corrupt file by unwinding out
-/// of its error handler; the panic hook stays silent for it on this thread only (data loaders
-/// decode on several threads at once, so the global hook is wrapped once, not swapped per call).
-fn catch_quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    static WRAP_HOOK: Once = Once::new();
-    WRAP_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if QUIET.with(Cell::get) {
-                let text = info
-                    .payload()
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
-                MESSAGE.with(|m| *m.borrow_mut() = text);
-            } else {
-                previous(info);
-            }
-        }));
-    });
-    QUIET.with(|q| q.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    QUIET.with(|q| q.set(false));
-    result.map_err(|_| {
-        MESSAGE.with(|m| m.borrow_mut().take()).unwrap_or_else(|| "corrupt JPEG data".into()).trim().to_string()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +76,7 @@ mod tests {
         .unwrap();
         assert!(is_jpeg(&good));
         assert_eq!(decode(&good, 1 << 30).unwrap().dimensions(), (67, 45));
-        assert!(decode(&good, 100).unwrap_err().contains("decompression bomb"));
+        assert!(decode(&good, 100).unwrap_err().contains("decompression-bomb limit"));
         for cut in [3, 20, 200, good.len() / 2] {
             // A truncated file decodes (libjpeg pads the missing rows, as PIL's libjpeg does
             // before PIL itself notices) or is an error; it never panics.

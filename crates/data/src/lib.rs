@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod image;
 pub mod jpeg;
 pub mod preprocess;
+mod quiet;
 pub mod sentencepiece;
 pub mod tokenizer;
 

@@ -67,7 +67,11 @@ impl Tokenizer {
     }
 
     fn from_hf_json(path: &Path) -> Result<Self, TokenizerError> {
-        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| load_err(path, e))?;
+        // tokenizers 0.23 panics on some malformed files (an `expect` inside its decoder's
+        // deserializer): caught and reported as the file's error.
+        let tok = crate::quiet::catch_quietly(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(|e| load_err(path, e))?
+            .map_err(|e| load_err(path, e))?;
         let id = |t: &str| tok.token_to_id(t);
         let special_ids = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let (bos, eos) = special_names(path.parent());

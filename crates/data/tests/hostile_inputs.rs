@@ -126,3 +126,40 @@ fn mutated_preprocessor_configs_are_read_or_named_errors() {
         assert!(e.contains(field) && e.contains("preprocessor_config.json"), "{json}: {e}");
     }
 }
+
+/// A small tokenizer.json in the layout Hugging Face writes for LLaMA (BPE with byte fallback,
+/// `▁` normalisation, special tokens): the seed of the mutations below.
+const TOKENIZER_JSON: &str = r#"{"version":"1.0","truncation":null,"padding":null,
+"added_tokens":[
+ {"id":0,"content":"<unk>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+ {"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+ {"id":2,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+"normalizer":{"type":"Sequence","normalizers":[{"type":"Prepend","prepend":"▁"},{"type":"Replace","pattern":{"String":" "},"content":"▁"}]},
+"pre_tokenizer":null,"post_processor":null,
+"decoder":{"type":"Sequence","decoders":[{"type":"Replace","pattern":{"String":"▁"},"content":" "},{"type":"ByteFallback"},{"type":"Fuse"},{"type":"Strip","content":" ","start":1,"stop":0}]},
+"model":{"type":"BPE","dropout":null,"unk_token":"<unk>","continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":true,"byte_fallback":true,
+ "vocab":{"<unk>":0,"<s>":1,"</s>":2,"▁":3,"a":4,"b":5,"c":6,"t":7,"▁a":8,"ab":9,"ca":10,"cat":11,"▁cat":12},
+ "merges":["▁ a","a b","c a","ca t","▁ cat"]}}"#;
+
+#[test]
+fn mutated_tokenizer_json_files_load_or_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed_path = dir.path().join("tokenizer.json");
+    std::fs::write(&seed_path, TOKENIZER_JSON).unwrap();
+    let seed = Tokenizer::from_path(&seed_path).unwrap();
+    assert_eq!(seed.decode(&seed.encode("a cat", false), true), "a cat", "the seed itself is a working tokenizer");
+    let errors = survive(
+        TOKENIZER_JSON.as_bytes(),
+        "tokenizer.json",
+        300,
+        14,
+        |b| b * 256 + (16 << 20),
+        |p| {
+            let tokenizer = Tokenizer::from_path(p).map_err(|e| e.to_string())?;
+            let ids = tokenizer.encode("a cat <s> ab", true);
+            let _ = tokenizer.decode(&ids, true);
+            Ok(())
+        },
+    );
+    assert!(errors > 0 && errors < 300, "{errors}");
+}
