@@ -860,6 +860,7 @@ fn runs_that_do_not_fit_are_refused_before_loading_and_a_failed_allocation_is_an
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(llava::oom::EXIT_CODE), "{stderr}");
     assert!(stderr.contains("error: out of memory: an allocation of"), "{stderr}");
+    assert!(stderr.contains("failed while generating for 1 prompt(s)"), "what was being allocated: {stderr}");
     assert!(!stderr.contains("memory allocation of") && !stderr.contains("backtrace"), "{stderr}");
 }
 

@@ -175,6 +175,8 @@ impl WeightStore {
             .get(name)
             .ok_or_else(|| WeightsError::Missing { name: name.to_string(), hint: self.missing_hint(name) })?;
         let path = &self.files[info.file];
+        let _doing =
+            llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
         if info.shape != expected {
             return Err(WeightsError::Shape {
                 name: name.to_string(),

@@ -9,6 +9,7 @@
 //! - [`lines`]: append-only JSON-lines logs (answers, metrics) whose recovery keeps every complete
 //!   line and drops only a torn tail.
 //! - [`join_inside`]: a path read from a data file, resolved inside its root folder.
+//! - [`activity`]: what the process is doing, for the out-of-memory message.
 //! - [`fault`]: named kill points inside every write, for the tests that kill a run during each one.
 //! - [`mutations`] and [`CountingAllocator`]: mutated inputs and the peak heap of a piece of code, for tests that bound allocations.
 //!
@@ -23,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod activity;
 mod atomic;
 mod counting;
 mod dir;

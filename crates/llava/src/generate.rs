@@ -114,6 +114,12 @@ pub fn generate<B: Backend>(
     mut on_token: impl FnMut(usize, u32) -> bool,
 ) -> Vec<Vec<u32>> {
     let device = model.llm.embed_tokens.weight.device();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let _doing = llava_io::activity::doing(&format!(
+        "generating for {} prompt(s) of up to {longest} tokens with up to {} new tokens",
+        prompts.len(),
+        config.max_new_tokens
+    ));
     let features = pixels.map(|p| model.encode_images(p).projected);
     let batch = model.splice(prompts, None, features, None, PaddingSide::Left);
     let b = prompts.len();

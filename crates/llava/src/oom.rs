@@ -60,7 +60,7 @@ unsafe impl GlobalAlloc for ReportingAllocator {
 
 /// A fixed buffer `fmt::Write` fills without allocating (longer text is cut).
 struct StackText {
-    buf: [u8; 512],
+    buf: [u8; 768],
     len: usize,
 }
 
@@ -73,16 +73,21 @@ impl Write for StackText {
     }
 }
 
-/// The message a failed allocation of `bytes` prints.
-fn message(bytes: usize, out: &mut impl Write) {
+/// The message a failed allocation of `bytes` prints, with what the process was doing
+/// (`llava_io::activity`) when it is known.
+fn message(bytes: usize, activity: &str, out: &mut impl Write) {
     let (value, unit) = match bytes {
         b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
         b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
         b => (b as f64 / 1024.0, "KiB"),
     };
+    let _ = write!(out, "error: out of memory: an allocation of {value:.1} {unit} ({bytes} bytes) failed");
+    if !activity.is_empty() {
+        let _ = write!(out, " while {activity}");
+    }
     let _ = writeln!(
         out,
-        "error: out of memory: an allocation of {value:.1} {unit} ({bytes} bytes) failed. \
+        ". \
          `cargo xtask plan` with the same arguments shows what the run needs; a smaller batch, \
          fewer new tokens, half-precision weights (--dtype bf16) or gradient checkpointing need less."
     );
@@ -90,8 +95,10 @@ fn message(bytes: usize, out: &mut impl Write) {
 
 #[cold]
 fn out_of_memory(bytes: usize) -> ! {
-    let mut text = StackText { buf: [0; 512], len: 0 };
-    message(bytes, &mut text);
+    let mut text = StackText { buf: [0; 768], len: 0 };
+    let mut doing = [0u8; 256];
+    let n = llava_io::activity::read_into(&mut doing);
+    message(bytes, std::str::from_utf8(&doing[..n]).unwrap_or(""), &mut text);
     #[cfg(unix)]
     // SAFETY: write(2) and _exit(2) on a valid stack buffer; neither allocates.
     unsafe {
@@ -111,10 +118,15 @@ mod tests {
 
     #[test]
     fn the_message_names_the_size_and_fits_the_stack_buffer() {
-        let mut text = StackText { buf: [0; 512], len: 0 };
-        message(3 << 30, &mut text);
+        let mut text = StackText { buf: [0; 768], len: 0 };
+        message(3 << 30, "", &mut text);
         let s = std::str::from_utf8(&text.buf[..text.len]).unwrap();
         assert!(s.starts_with("error: out of memory: an allocation of 3.0 GiB (3221225472 bytes) failed."), "{s}");
         assert!(s.ends_with('\n'), "the whole message fits: {s}");
+        // With the longest activity the buffer holds, the advice still fits.
+        let mut text = StackText { buf: [0; 768], len: 0 };
+        message(3 << 30, &"x".repeat(240), &mut text);
+        let s = std::str::from_utf8(&text.buf[..text.len]).unwrap();
+        assert!(s.contains(&format!(" while {}. ", "x".repeat(240))) && s.ends_with('\n'), "{s}");
     }
 }

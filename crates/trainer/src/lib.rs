@@ -266,6 +266,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
+        let longest = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
+        let _doing = llava_io::activity::doing(&format!(
+            "training step {}: {} sample(s) of up to {longest} text tokens",
+            self.step + 1,
+            batch.input_ids.len()
+        ));
         let BatchLoss { loss, supervised, tokens } =
             batch_loss_train(&self.compute_model(), batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
