@@ -156,22 +156,8 @@ impl<'a, B: Backend> ScienceRunner<'a, B> {
 /// left in place). Nothing is rewritten, so no kill at any moment loses a complete answer.
 pub fn resume_answers(path: &Path) -> Result<Vec<AnswerRecord>, EvalError> {
     let recovered = llava_io::lines::recover(path).map_err(EvalError::io(path))?;
-    Ok(recovered
-        .lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .filter_map(|(i, line)| match serde_json::from_str(line) {
-            Ok(answer) => Some(answer),
-            Err(e) => {
-                tracing::warn!(
-                    "{} line {}: not an answer ({e}); kept, and its question asked again",
-                    path.display(),
-                    i + 1
-                );
-                None
-            }
-        })
+    Ok(llava_io::lines::parse_json(path, &recovered.lines, "kept, and its question asked again")
+        .filter_map(|(_, answer)| answer)
         .collect())
 }
 

@@ -1,6 +1,7 @@
 //! Append-only JSON-lines logs (answers, metrics): one line per record, each written whole with
 //! one `write` and flushed. A kill or a full disk can leave only the last line torn (no newline);
-//! [`recover`] drops that torn tail and keeps every complete line, and [`truncate_to_lines`]
+//! [`recover`] drops that torn tail and keeps every complete line ([`complete_lines`] reads them
+//! without touching the file, [`parse_json`] parses them), and [`truncate_to_lines`]
 //! shortens a log in one system call, so no recovery ever empties a file.
 
 use std::io::Write;
@@ -15,28 +16,55 @@ pub struct Recovered {
     pub torn_bytes: u64,
 }
 
-/// Reads `path` (absent: no lines), cutting a torn last line off the file itself so appends
-/// continue on a line boundary. Lines that are not UTF-8 are kept, lossily decoded.
+/// Every complete line of `path` (absent: none), read without changing the file: a torn last
+/// line is left out and its length reported. Lines that are not UTF-8 are lossily decoded.
+pub fn complete_lines(path: &Path) -> std::io::Result<Recovered> {
+    Ok(read_lines(path)?.0)
+}
+
+/// [`complete_lines`], also cutting a torn last line off the file itself so appends continue on
+/// a line boundary.
 pub fn recover(path: &Path) -> std::io::Result<Recovered> {
+    let (recovered, complete_bytes) = read_lines(path)?;
+    if recovered.torn_bytes > 0 {
+        tracing::warn!(
+            "{}: dropped a torn last line of {} bytes (an interrupted write); every complete line is kept",
+            path.display(),
+            recovered.torn_bytes
+        );
+        std::fs::OpenOptions::new().write(true).open(path)?.set_len(complete_bytes)?;
+    }
+    Ok(recovered)
+}
+
+/// The complete lines of `path` and the length of the part they fill.
+fn read_lines(path: &Path) -> std::io::Result<(Recovered, u64)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Recovered::default(), 0)),
         Err(e) => return Err(e),
     };
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let torn_bytes = (bytes.len() - complete) as u64;
-    if torn_bytes > 0 {
-        tracing::warn!(
-            "{}: dropped a torn last line of {torn_bytes} bytes (an interrupted write); every complete line is kept",
-            path.display()
-        );
-        std::fs::OpenOptions::new().write(true).open(path)?.set_len(complete as u64)?;
-    }
-    let lines =
-        bytes[..complete].split(|&b| b == b'\n').map(|l| String::from_utf8_lossy(l).into_owned()).collect::<Vec<_>>();
-    // `split` yields an empty piece after the final newline.
-    let lines = if lines.last().is_some_and(|l| l.is_empty()) { lines[..lines.len() - 1].to_vec() } else { lines };
-    Ok(Recovered { lines, torn_bytes })
+    let mut lines: Vec<String> =
+        bytes[..complete].split(|&b| b == b'\n').map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+    // `split` yields an empty piece after the final newline (the only piece of an empty file).
+    lines.pop();
+    Ok((Recovered { lines, torn_bytes }, complete as u64))
+}
+
+/// Each non-blank line parsed as JSON, with its 0-based index among `lines`, lazily: a line
+/// that does not parse is `None` and is named in a warning ending with `consequence` (what the
+/// caller does with it, e.g. "kept, and its question asked again").
+pub fn parse_json<'a, T: serde::de::DeserializeOwned>(
+    path: &'a Path, lines: &'a [String], consequence: &'a str,
+) -> impl Iterator<Item = (usize, Option<T>)> + 'a {
+    lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(move |(i, line)| {
+        let parsed = serde_json::from_str(line)
+            .map_err(|e| tracing::warn!("{} line {}: does not read ({e}); {consequence}", path.display(), i + 1))
+            .ok();
+        (i, parsed)
+    })
 }
 
 /// Shortens `path` to its first `keep` lines (one `ftruncate`: a kill leaves the old length or
@@ -81,8 +109,7 @@ impl LineLog {
             buf += line.as_ref();
             buf.push('\n');
         }
-        let point = format!("append:{}", self.name);
-        if crate::fault::armed(&point) {
+        if let Some(point) = crate::fault::armed(&["append", &self.name]) {
             // What a kill in the middle of the write leaves: a torn last line.
             self.file.write_all(&buf.as_bytes()[..buf.len() / 2])?;
             crate::fault::kill(&point);
@@ -102,6 +129,15 @@ mod tests {
         let path = dir.path().join("metrics.jsonl");
         assert!(recover(&path).unwrap().lines.is_empty());
         std::fs::write(&path, "{\"step\":0}\nnot json but complete\n{\"step\":2}\n{\"ste").unwrap();
+        // Read-only: the torn tail is left out but stays in the file.
+        let read = complete_lines(&path).unwrap();
+        assert_eq!((read.lines.len(), read.torn_bytes), (3, 5));
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("{\"ste"));
+        let parsed: Vec<(usize, Option<serde_json::Value>)> = parse_json(&path, &read.lines, "kept").collect();
+        assert_eq!(
+            parsed.iter().map(|(i, v)| (*i, v.is_some())).collect::<Vec<_>>(),
+            [(0, true), (1, false), (2, true)]
+        );
         let r = recover(&path).unwrap();
         assert_eq!(r.lines, ["{\"step\":0}", "not json but complete", "{\"step\":2}"]);
         assert_eq!(r.torn_bytes, 5);

@@ -49,17 +49,9 @@ impl MetricsWriter {
 /// Returns how many lines were kept.
 pub fn resume_metrics(path: &Path, step: usize) -> std::io::Result<usize> {
     let recovered = llava_io::lines::recover(path)?;
-    let mut keep = recovered.lines.len();
-    for (i, line) in recovered.lines.iter().enumerate() {
-        match serde_json::from_str::<StepMetrics>(line) {
-            Ok(m) if m.step >= step => {
-                keep = i;
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("{} line {}: kept, but it does not read as metrics: {e}", path.display(), i + 1),
-        }
-    }
+    let keep = llava_io::lines::parse_json::<StepMetrics>(path, &recovered.lines, "kept, but it is not metrics")
+        .find(|(_, m)| m.as_ref().is_some_and(|m| m.step >= step))
+        .map_or(recovered.lines.len(), |(i, _)| i);
     if keep < recovered.lines.len() {
         llava_io::lines::truncate_to_lines(path, keep)?;
     }
@@ -67,22 +59,10 @@ pub fn resume_metrics(path: &Path, step: usize) -> std::io::Result<usize> {
 }
 
 /// Reads a `metrics.jsonl`: every complete line that parses (a torn last line and lines that do
-/// not parse are skipped with a warning naming the line).
+/// not parse are skipped, the latter with a warning naming the line).
 pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path)?;
-    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
-    Ok(complete
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .filter_map(|(i, l)| match serde_json::from_str(l) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!("{} line {}: skipped, not metrics: {e}", path.display(), i + 1);
-                None
-            }
-        })
-        .collect())
+    let lines = llava_io::lines::complete_lines(path)?.lines;
+    Ok(llava_io::lines::parse_json(path, &lines, "skipped").filter_map(|(_, m)| m).collect())
 }
 
 /// Draws `(step, loss)` (and an optional second series, e.g. validation loss) as a line chart
