@@ -24,8 +24,6 @@ pub enum CheckpointError {
     Io { path: PathBuf, reason: String },
     #[error("{path}: checkpoint of stage {found:?}, but this run is stage {expected:?}")]
     Stage { path: PathBuf, found: Stage, expected: Stage },
-    #[error(transparent)]
-    Manifest(#[from] llava_io::ManifestError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -76,21 +74,18 @@ pub fn save<B: AutodiffBackend>(
 /// Checkpoints in `dir` under their final names, oldest first, as `(step, path)` (a folder a
 /// kill left half-written has a hidden temporary name and is not listed).
 pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CheckpointError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let names: Vec<String> =
-        entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names = list_names(dir)?;
     // A checkpoint a kill left moved aside between the two renames of a commit is put back.
-    for name in &names {
-        if let Some(step) = name.strip_prefix(".checkpoint-").and_then(|n| n.strip_suffix(".old")) {
+    let moved_aside: Vec<&str> =
+        names.iter().filter_map(|n| n.strip_prefix(".checkpoint-")?.strip_suffix(".old")).collect();
+    if !moved_aside.is_empty() {
+        for step in moved_aside {
             let target = dir.join(format!("checkpoint-{step}"));
             AtomicDir::recover(&target).map_err(io(&target))?;
         }
+        names = list_names(dir)?;
     }
-    let mut found: Vec<(usize, PathBuf)> = list_names(dir)?
+    let mut found: Vec<(usize, PathBuf)> = names
         .into_iter()
         .filter_map(|name| Some((name.strip_prefix("checkpoint-")?.parse().ok()?, dir.join(&name))))
         .collect();
@@ -111,16 +106,7 @@ pub struct Rejected {
 pub fn latest_intact(dir: &Path) -> Result<Intact, CheckpointError> {
     let mut rejected = Vec::new();
     for (step, path) in list(dir)?.into_iter().rev() {
-        let verdict = Manifest::verify(&path).map_err(|e| e.to_string()).and_then(|_| {
-            read_state(&path).map_err(|e| e.to_string()).and_then(|s| {
-                if s.step == step {
-                    Ok(())
-                } else {
-                    Err(format!("state.json says step {} but the folder is checkpoint-{step}", s.step))
-                }
-            })
-        });
-        match verdict {
+        match verify(&path, step) {
             Ok(()) => return Ok(Intact { newest: Some((step, path)), rejected }),
             Err(reason) => {
                 tracing::warn!("passing over checkpoint {}: {reason}", path.display());
@@ -139,8 +125,23 @@ pub struct Intact {
     pub rejected: Vec<Rejected>,
 }
 
+/// Why the checkpoint `path` (named for `step`) cannot be resumed from, if it cannot.
+fn verify(path: &Path, step: usize) -> Result<(), String> {
+    Manifest::verify(path).map_err(|e| e.to_string())?;
+    let state = read_state(path).map_err(|e| e.to_string())?;
+    if state.step != step {
+        return Err(format!("state.json says step {} but the folder is checkpoint-{step}", state.step));
+    }
+    Ok(())
+}
+
+/// The names in `dir` (none when it does not exist).
 fn list_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
-    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
     Ok(entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
 }
 
@@ -148,11 +149,6 @@ fn read_state(checkpoint: &Path) -> Result<State, CheckpointError> {
     let path = checkpoint.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     serde_json::from_str(&text).map_err(|e| CheckpointError::Io { path, reason: e.to_string() })
-}
-
-/// The step a checkpoint was written at (from its `state.json`).
-pub fn step_of(checkpoint: &Path) -> Result<usize, CheckpointError> {
-    Ok(read_state(checkpoint)?.step)
 }
 
 /// Restores a checkpoint into `trainer` (built from the same base weights and config): trainable
