@@ -18,7 +18,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::
         w.flush()?;
     }
     tmp.as_file().sync_all()?;
-    crate::fault::point(&format!("write:{name}"));
+    crate::fault::point(&["write", &name]);
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

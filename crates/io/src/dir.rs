@@ -45,7 +45,7 @@ impl AtomicDir {
     /// the old one under `.NAME.old`, which [`recover`](Self::recover) puts back).
     pub fn commit(mut self) -> std::io::Result<PathBuf> {
         let name = self.target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        crate::fault::point(&format!("commit:{name}:manifest"));
+        crate::fault::point(&["commit", &name, "manifest"]);
         Manifest::write(&self.tmp)?;
         sync_dir(&self.tmp)?;
         let old = self.old_path();
@@ -54,7 +54,7 @@ impl AtomicDir {
         }
         if self.target.exists() {
             std::fs::rename(&self.target, &old)?;
-            crate::fault::point(&format!("commit:{name}:rename"));
+            crate::fault::point(&["commit", &name, "rename"]);
         }
         std::fs::rename(&self.tmp, &self.target)?;
         if let Some(parent) = self.target.parent() {

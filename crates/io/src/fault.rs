@@ -7,7 +7,7 @@
 //! over its target), `commit:<folder>:manifest` (a folder's files written, its manifest not),
 //! `commit:<folder>:rename` (between the two renames that replace an old folder), and
 //! `append:<file>` (half of a log line written). Without the variable a point costs one check of
-//! a cached value.
+//! a cached value (its name is not even formatted).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,19 +29,19 @@ fn spec() -> &'static Option<(String, usize)> {
     })
 }
 
-/// Whether the point `name` is the armed one (counting hits); the caller then does what a kill
-/// at that moment would interrupt and calls [`kill`].
-pub fn armed(name: &str) -> bool {
-    match spec() {
-        Some((text, nth)) if name.contains(text.as_str()) => HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth,
-        _ => false,
-    }
+/// Whether the point named by `parts` (joined with `:`, e.g. `["append", "metrics.jsonl"]`) is
+/// the armed one, counting hits; the caller then does what a kill at that moment would
+/// interrupt and calls [`kill`]. The name is only built when a point is armed.
+pub fn armed(parts: &[&str]) -> Option<String> {
+    let (text, nth) = spec().as_ref()?;
+    let name = parts.join(":");
+    (name.contains(text.as_str()) && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth).then_some(name)
 }
 
-/// Kills the process at point `name` when it is armed.
-pub fn point(name: &str) {
-    if armed(name) {
-        kill(name);
+/// Kills the process at the point named by `parts` when it is armed.
+pub fn point(parts: &[&str]) {
+    if let Some(name) = armed(parts) {
+        kill(&name);
     }
 }
 
