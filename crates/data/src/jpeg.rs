@@ -33,21 +33,23 @@ fn decode_unchecked(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
             "{w}x{h} pixels, more than the {max_pixels} allowed (PIL's decompression-bomb limit; raise it with --max-image-pixels)"
         ));
     }
+    // Scanlines are read as plain bytes (3 per RGB pixel, 1 per gray, 4 per CMYK): RGB needs no
+    // copy; gray and CMYK are converted once.
     let rgb: Vec<u8> = match jpeg.image().map_err(|e| e.to_string())? {
         Format::RGB(mut started) => {
-            let pixels: Vec<[u8; 3]> = started.read_scanlines().map_err(|e| e.to_string())?;
+            let rgb = started.read_scanlines::<u8>().map_err(|e| e.to_string())?;
             started.finish().map_err(|e| e.to_string())?;
-            pixels.into_iter().flatten().collect()
+            rgb
         }
         Format::Gray(mut started) => {
-            let pixels: Vec<u8> = started.read_scanlines().map_err(|e| e.to_string())?;
+            let gray = started.read_scanlines::<u8>().map_err(|e| e.to_string())?;
             started.finish().map_err(|e| e.to_string())?;
-            pixels.into_iter().flat_map(|v| [v, v, v]).collect()
+            gray.into_iter().flat_map(|v| [v, v, v]).collect()
         }
         Format::CMYK(mut started) => {
-            let pixels: Vec<[u8; 4]> = started.read_scanlines().map_err(|e| e.to_string())?;
+            let cmyk = started.read_scanlines::<u8>().map_err(|e| e.to_string())?;
             started.finish().map_err(|e| e.to_string())?;
-            pixels.into_iter().flat_map(|p| cmyk_to_rgb(p.map(|v| 255 - v))).collect()
+            cmyk.chunks_exact(4).flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]].map(|v| 255 - v))).collect()
         }
     };
     RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| "the decoder returned too few pixels".to_string())
