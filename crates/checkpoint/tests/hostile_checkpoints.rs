@@ -14,13 +14,6 @@ use llava_io::mutations::mutations;
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// The tests of this file run one at a time: the counting allocator sees the whole process, so
-/// another test's allocations (building its mutated inputs) would count in this one's peak.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity")
 }
@@ -70,7 +63,7 @@ fn survive_mutations(seed: &[u8], name: &str, count: usize, rng: u64) -> (usize,
 
 #[test]
 fn mutated_safetensors_files_are_errors_naming_the_file_never_panics() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let seed = std::fs::read(fixtures().join("hf-mlp/model-00001-of-00005.safetensors")).unwrap();
     // Mutations land in the JSON header (its first ~2 KB) far more often when the seed is short.
     let header_len = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
@@ -82,7 +75,7 @@ fn mutated_safetensors_files_are_errors_naming_the_file_never_panics() {
 
 #[test]
 fn mutated_pytorch_zips_are_errors_naming_the_file_never_panics() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let seed = std::fs::read(fixtures().join("orig-linear/pytorch_model-00002-of-00002.bin")).unwrap();
     let (_, errors) = survive_mutations(&seed, "pytorch_model.bin", 300, 3);
     assert!(errors > 50, "{errors} of 300");
@@ -90,7 +83,7 @@ fn mutated_pytorch_zips_are_errors_naming_the_file_never_panics() {
 
 #[test]
 fn mutated_shard_indexes_are_errors_never_panics() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("hf-mlp");
     for e in std::fs::read_dir(&src).unwrap() {
@@ -118,7 +111,7 @@ fn safetensors_with(dir: &Path, header: &str, data_bytes: usize) -> PathBuf {
 
 #[test]
 fn crafted_safetensors_headers_are_refused_naming_the_tensor() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let dir = tempfile::tempdir().unwrap();
     for (header, expect) in [
         (r#"{"w": {"dtype": "F32", "shape": [64, -1], "data_offsets": [0, 256]}}"#, "not a size"),
@@ -174,7 +167,7 @@ fn state_dict_pickle(n: u32) -> Vec<u8> {
 
 #[test]
 fn a_crafted_state_dict_reads_and_its_attacks_are_refused() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let dir = tempfile::tempdir().unwrap();
     // The crafted pickle itself is valid: a 16-float tensor.
     let path = torch_zip(dir.path(), &state_dict_pickle(16), &[("data/0", vec![0u8; 64], false)]);

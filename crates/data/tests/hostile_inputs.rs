@@ -15,13 +15,6 @@ use llava_io::mutations::mutations;
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// The tests of this file run one at a time: the counting allocator sees the whole process, so
-/// another test's allocations (building its mutated inputs) would count in this one's peak.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -50,7 +43,7 @@ fn survive(
 
 #[test]
 fn mutated_jpegs_and_pngs_decode_or_are_errors_within_the_pixel_limit() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     // The most a header may make the decoder allocate: the pixel limit's RGB buffer (and a
     // component plane beside it), plus the file.
     let bound = |bytes: usize| bytes * 8 + 5 * MAX_IMAGE_PIXELS as usize + (16 << 20);
@@ -75,7 +68,7 @@ fn mutated_jpegs_and_pngs_decode_or_are_errors_within_the_pixel_limit() {
 
 #[test]
 fn mutated_dataset_files_are_read_or_named_errors() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let seed = std::fs::read(repo().join("datasets/lcs558k-sample/blip_laion_cc_sbu_16.json")).unwrap();
     let images = repo().join("datasets/lcs558k-sample/images");
     let errors = survive(
@@ -91,7 +84,7 @@ fn mutated_dataset_files_are_read_or_named_errors() {
 
 #[test]
 fn mutated_sentencepiece_models_load_or_are_named_errors() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let seed = std::fs::read(repo().join("datasets/tokenizers/llama/tokenizer.model")).unwrap();
     let errors = survive(
         &seed,
@@ -112,7 +105,7 @@ fn mutated_sentencepiece_models_load_or_are_named_errors() {
 
 #[test]
 fn mutated_preprocessor_configs_are_read_or_named_errors() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let seed = std::fs::read(repo().join("tests/fixtures/images/configs/clip224.json")).unwrap();
     survive(
         &seed,
@@ -154,7 +147,7 @@ const TOKENIZER_JSON: &str = r#"{"version":"1.0","truncation":null,"padding":nul
 
 #[test]
 fn mutated_tokenizer_json_files_load_or_are_named_errors() {
-    let _serial = serial();
+    let _alone = CountingAllocator::exclusive();
     let dir = tempfile::tempdir().unwrap();
     let seed_path = dir.path().join("tokenizer.json");
     std::fs::write(&seed_path, TOKENIZER_JSON).unwrap();

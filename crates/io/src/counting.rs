@@ -46,9 +46,17 @@ unsafe impl GlobalAlloc for CountingAllocator {
 }
 
 impl CountingAllocator {
+    /// A lock for a test to hold for its whole length: the counter sees every thread of the
+    /// process, so another test building its inputs would count in this one's peak. With it
+    /// held by every test of a binary, only the measured test allocates.
+    pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+        static ALONE: Mutex<()> = Mutex::new(());
+        ALONE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Runs `f` and returns its result with the most heap bytes live at once during it, above
-    /// what was live when it started. Calls are serialised (other threads' allocations would
-    /// count too), so a binary's measured tests run one at a time.
+    /// what was live when it started. Measurements are serialised, but any other thread's
+    /// allocations meanwhile count too: tests that measure hold [`exclusive`](Self::exclusive).
     pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
         let _one_at_a_time = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
         let start = CURRENT.load(Ordering::Relaxed);
