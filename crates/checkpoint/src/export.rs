@@ -27,6 +27,9 @@ pub enum SaveDtype {
 
 impl SaveDtype {
     fn target(self, own: DType) -> DType {
+        if !matches!(own, DType::F64 | DType::F32 | DType::F16 | DType::BF16) {
+            return own; // integer tensors (quantized codes) are written as they are
+        }
         match self {
             SaveDtype::Keep => own,
             SaveDtype::F32 => DType::F32,
@@ -312,6 +315,7 @@ impl Exporter {
                 DType::F64 => "F64",
                 DType::F16 => "F16",
                 DType::BF16 => "BF16",
+                DType::U8 => "U8",
                 _ => "F32",
             };
             header.insert(

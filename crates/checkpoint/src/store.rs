@@ -19,6 +19,8 @@ pub enum StoredDtype {
     BF16,
     F32,
     F64,
+    /// Bytes: the codes of a quantized weight (read with [`WeightStore::read_bytes`]).
+    U8,
     /// Integer or boolean buffers (e.g. CLIP's `position_ids`): indexed, never loaded as weights.
     Other(&'static str),
 }
@@ -29,6 +31,7 @@ impl StoredDtype {
             StoredDtype::F16 | StoredDtype::BF16 => 2,
             StoredDtype::F32 => 4,
             StoredDtype::F64 => 8,
+            StoredDtype::U8 => 1,
             StoredDtype::Other(_) => 0,
         }
     }
@@ -40,7 +43,7 @@ impl StoredDtype {
             StoredDtype::BF16 => Some(DType::BF16),
             StoredDtype::F32 => Some(DType::F32),
             StoredDtype::F64 => Some(DType::F64),
-            StoredDtype::Other(_) => None,
+            StoredDtype::U8 | StoredDtype::Other(_) => None,
         }
     }
 
@@ -56,6 +59,7 @@ impl StoredDtype {
             StoredDtype::BF16 => "BF16",
             StoredDtype::F32 => "F32",
             StoredDtype::F64 => "F64",
+            StoredDtype::U8 => "U8",
             StoredDtype::Other(n) => n,
         }
     }
@@ -253,6 +257,38 @@ impl WeightStore {
         Ok(data)
     }
 
+    /// Reads a U8 tensor of exactly `expected` shape from a safetensors file as its bytes (the
+    /// codes of a quantized weight), and marks it used.
+    pub fn read_bytes(&self, name: &str, expected: &[usize]) -> Result<Vec<u8>> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing { name: name.to_string(), hint: self.missing_hint(name) })?;
+        let path = &self.files[info.file];
+        if info.shape != expected {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+                path: path.clone(),
+            });
+        }
+        let (StoredDtype::U8, Location::Safetensors { offset }) = (info.dtype, &info.location) else {
+            return Err(WeightsError::Dtype {
+                name: name.to_string(),
+                dtype: format!("{} (expected U8 codes in a safetensors file)", info.dtype.name()),
+                path: path.clone(),
+            });
+        };
+        let _doing = llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
+        let mut bytes = vec![0u8; expected.iter().product()];
+        let mut file = File::open(path).map_err(io_err(path))?;
+        file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
+        file.read_exact(&mut bytes).map_err(io_err(path))?;
+        self.used.lock().unwrap().insert(name.to_string());
+        Ok(bytes)
+    }
+
     /// Tensors that no loader asked for (buffers such as `position_ids` excluded).
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();
@@ -402,7 +438,7 @@ fn index_safetensors(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo
             "I64" => StoredDtype::Other("I64"),
             "I32" => StoredDtype::Other("I32"),
             "I8" => StoredDtype::Other("I8"),
-            "U8" => StoredDtype::Other("U8"),
+            "U8" => StoredDtype::U8,
             "BOOL" => StoredDtype::Other("BOOL"),
             other => return Err(format_err(format!("tensor `{name}` has unknown dtype `{other}`"))),
         };

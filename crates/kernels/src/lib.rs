@@ -35,6 +35,7 @@ pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod probe;
+pub mod quant;
 pub mod reference;
 
 pub use activation::{add, quick_gelu, rope, silu_mul};
@@ -43,6 +44,7 @@ pub use attention::attention;
 pub use linear::linear_tokens;
 pub use loss::cross_entropy_with_grad;
 pub use norm::{layer_norm, rms_norm};
+pub use quant::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 
 /// The dtype activations run in for weights held in `weights`.
 ///

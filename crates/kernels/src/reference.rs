@@ -93,3 +93,15 @@ pub fn adamw_step<B: Backend, const D: usize>(p: &AdamWParams, step: ParamStep<B
     let param = param * (1.0 - lr * p.weight_decay as f64) - delta * lr;
     [param, m, v]
 }
+
+/// `x [m, in] · Wᵀ (+ b)` for a quantized weight: dequantized with Burn's operations
+/// ([`crate::quant::QuantLinear::dequantize`]) and multiplied in `x`'s dtype.
+pub fn quant_linear<B: Backend>(x: Tensor<B, 2>, q: &crate::quant::QuantLinear<B>) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let w = q.dequantize().cast(dtype);
+    let y = x.matmul(w.transpose());
+    match &q.bias {
+        Some(b) => y + b.val().cast(dtype).unsqueeze::<2>(),
+        None => y,
+    }
+}

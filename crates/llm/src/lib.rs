@@ -28,12 +28,12 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
-use llava_kernels::linear_tokens;
+use llava_kernels::{AnyLinear, QuantFormat, QuantLinear};
 use llava_kernels::{add, silu_mul};
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,8 @@ pub enum LlmError {
     Weights(#[from] WeightsError),
     #[error("{path}: {reason}")]
     Config { path: String, reason: String },
+    #[error("quantizing `{tensor}`: {source}")]
+    Quantize { tensor: String, source: llava_kernels::quant::QuantError },
 }
 
 /// Hugging Face `LlamaConfig`, with the same field names and defaults.
@@ -220,25 +222,25 @@ impl LlamaConfig {
             layers: (0..self.num_hidden_layers)
                 .map(|_| DecoderLayer {
                     self_attn: Attention {
-                        q_proj: linear(d, self.num_attention_heads * hd, self.attention_bias),
-                        k_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias),
-                        v_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias),
-                        o_proj: linear(self.num_attention_heads * hd, d, self.attention_bias),
+                        q_proj: linear(d, self.num_attention_heads * hd, self.attention_bias).into(),
+                        k_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias).into(),
+                        v_proj: linear(d, self.num_kv_heads() * hd, self.attention_bias).into(),
+                        o_proj: linear(self.num_attention_heads * hd, d, self.attention_bias).into(),
                         num_heads: self.num_attention_heads,
                         num_kv_heads: self.num_kv_heads(),
                         head_dim: hd,
                     },
                     mlp: Mlp {
-                        gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
-                        up_proj: linear(d, self.intermediate_size, self.mlp_bias),
-                        down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                        gate_proj: linear(d, self.intermediate_size, self.mlp_bias).into(),
+                        up_proj: linear(d, self.intermediate_size, self.mlp_bias).into(),
+                        down_proj: linear(self.intermediate_size, d, self.mlp_bias).into(),
                     },
                     input_layernorm: norm(),
                     post_attention_layernorm: norm(),
                 })
                 .collect(),
             norm: norm(),
-            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false).into()),
             rope_theta: self.rope_theta,
         }
     }
@@ -355,10 +357,10 @@ impl<B: Backend> Rotary<B> {
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: AnyLinear<B>,
+    pub k_proj: AnyLinear<B>,
+    pub v_proj: AnyLinear<B>,
+    pub o_proj: AnyLinear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -373,32 +375,29 @@ impl<B: Backend> Attention<B> {
         let hd = self.head_dim;
         // Everything stays in the projections' `[b, s, heads, head_dim]` layout: the attention
         // operation reads heads with a stride (and shared K/V heads directly, for GQA).
-        let q = rotary.apply(linear_tokens(&self.q_proj, x.clone()).reshape([b, s, self.num_heads, hd]));
-        let mut k = rotary.apply(linear_tokens(&self.k_proj, x.clone()).reshape([b, s, self.num_kv_heads, hd]));
-        let mut v = linear_tokens(&self.v_proj, x).reshape([b, s, self.num_kv_heads, hd]);
+        let q = rotary.apply(self.q_proj.forward(x.clone()).reshape([b, s, self.num_heads, hd]));
+        let mut k = rotary.apply(self.k_proj.forward(x.clone()).reshape([b, s, self.num_kv_heads, hd]));
+        let mut v = self.v_proj.forward(x).reshape([b, s, self.num_kv_heads, hd]);
         if let Some((cache, layer)) = cache {
             (k, v) = cache.append(layer, k, v);
         }
         // Without a mask: causal, aligned bottom-right, so also right for a cached decode step.
         let causal = mask.is_none();
         let out = attention(q, k, v, mask, causal);
-        linear_tokens(&self.o_proj, out.reshape([b, s, self.num_heads * hd]))
+        self.o_proj.forward(out.reshape([b, s, self.num_heads * hd]))
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: AnyLinear<B>,
+    pub up_proj: AnyLinear<B>,
+    pub down_proj: AnyLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_tokens(
-            &self.down_proj,
-            silu_mul(linear_tokens(&self.gate_proj, x.clone()), linear_tokens(&self.up_proj, x)),
-        )
+        self.down_proj.forward(silu_mul(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
@@ -423,7 +422,7 @@ pub struct LlamaModel<B: Backend> {
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     /// `None` when the head is tied to `embed_tokens`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<AnyLinear<B>>,
     pub rope_theta: f64,
 }
 
@@ -475,7 +474,7 @@ impl<B: Backend> LlamaModel<B> {
     /// LM head: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => linear_tokens(head, hidden),
+            Some(head) => head.forward(hidden),
             None => {
                 let [b, s, d] = hidden.dims();
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
@@ -506,11 +505,23 @@ impl<B: Backend> LlamaModel<B> {
     /// Loads from arbitrary prefixes: `vb` holds `embed_tokens`, `layers`, `norm`; `lm_head` is
     /// the head's own prefix (e.g. `language_model.lm_head` in llava-hf checkpoints).
     pub fn load(config: &LlamaConfig, vb: &Loader<'_, B>, lm_head: &Loader<'_, B>) -> Result<Self, LlmError> {
+        Self::load_quantized(config, vb, lm_head, None)
+    }
+
+    /// [`LlamaModel::load`], the linear layers quantized in `quantize` as they are read (layer by
+    /// layer: no more than one float linear layer exists besides the quantized model), the LM
+    /// head in q8 whatever the format (its errors go straight into the logits; llama.cpp keeps
+    /// it at 6-8 bits too). Layers saved quantized ([`LlamaModel::export`] of a quantized model)
+    /// load as they are, with or without `quantize`.
+    pub fn load_quantized(
+        config: &LlamaConfig, vb: &Loader<'_, B>, lm_head: &Loader<'_, B>, quantize: Option<QuantFormat>,
+    ) -> Result<Self, LlmError> {
         config.validate().map_err(|reason| LlmError::Config { path: "text config".into(), reason })?;
         let d = config.hidden_size;
         let hd = config.head_dim();
         let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
         let eps = config.rms_norm_eps;
+        let (ab, mb, im) = (config.attention_bias, config.mlp_bias, config.intermediate_size);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = vb.pp(format!("layers.{i}"));
@@ -518,18 +529,18 @@ impl<B: Backend> LlamaModel<B> {
             let m = l.pp("mlp");
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: a.linear("q_proj", d, nh * hd, config.attention_bias)?,
-                    k_proj: a.linear("k_proj", d, nkv * hd, config.attention_bias)?,
-                    v_proj: a.linear("v_proj", d, nkv * hd, config.attention_bias)?,
-                    o_proj: a.linear("o_proj", nh * hd, d, config.attention_bias)?,
+                    q_proj: load_linear(&a, "q_proj", d, nh * hd, ab, quantize)?,
+                    k_proj: load_linear(&a, "k_proj", d, nkv * hd, ab, quantize)?,
+                    v_proj: load_linear(&a, "v_proj", d, nkv * hd, ab, quantize)?,
+                    o_proj: load_linear(&a, "o_proj", nh * hd, d, ab, quantize)?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate_proj: m.linear("gate_proj", d, config.intermediate_size, config.mlp_bias)?,
-                    up_proj: m.linear("up_proj", d, config.intermediate_size, config.mlp_bias)?,
-                    down_proj: m.linear("down_proj", config.intermediate_size, d, config.mlp_bias)?,
+                    gate_proj: load_linear(&m, "gate_proj", d, im, mb, quantize)?,
+                    up_proj: load_linear(&m, "up_proj", d, im, mb, quantize)?,
+                    down_proj: load_linear(&m, "down_proj", im, d, mb, quantize)?,
                 },
                 input_layernorm: l.rms_norm("input_layernorm", d, eps)?,
                 post_attention_layernorm: l.rms_norm("post_attention_layernorm", d, eps)?,
@@ -542,9 +553,19 @@ impl<B: Backend> LlamaModel<B> {
             lm_head.store().ignore_prefix(&head);
             None
         } else {
-            Some(lm_head.linear("", d, config.vocab_size, false)?)
+            let head_format = quantize.map(|_| QuantFormat::Q8);
+            Some(load_linear(lm_head, "", d, config.vocab_size, false, head_format)?)
         };
         Ok(Self { embed_tokens, layers, norm: vb.rms_norm("norm", d, eps)?, lm_head, rope_theta: config.rope_theta })
+    }
+
+    /// The quantization of the decoder's linear layers (`None`: float; the first layer's
+    /// `q_proj` tells, as every layer is loaded alike).
+    pub fn quantization(&self) -> Option<QuantFormat> {
+        match &self.layers.first()?.self_attn.q_proj {
+            AnyLinear::Quantized(q) => Some(q.format),
+            AnyLinear::Float(_) => None,
+        }
     }
 
     /// Writes the weights as `LlamaForCausalLM` names under `model_scope` / `lm_head_scope`.
@@ -554,15 +575,15 @@ impl<B: Backend> LlamaModel<B> {
             for (i, l) in self.layers.iter().enumerate() {
                 e.scope(format!("layers.{i}"), |e| {
                     e.scope("self_attn", |e| {
-                        e.linear("q_proj", &l.self_attn.q_proj);
-                        e.linear("k_proj", &l.self_attn.k_proj);
-                        e.linear("v_proj", &l.self_attn.v_proj);
-                        e.linear("o_proj", &l.self_attn.o_proj);
+                        export_linear(e, "q_proj", &l.self_attn.q_proj);
+                        export_linear(e, "k_proj", &l.self_attn.k_proj);
+                        export_linear(e, "v_proj", &l.self_attn.v_proj);
+                        export_linear(e, "o_proj", &l.self_attn.o_proj);
                     });
                     e.scope("mlp", |e| {
-                        e.linear("gate_proj", &l.mlp.gate_proj);
-                        e.linear("up_proj", &l.mlp.up_proj);
-                        e.linear("down_proj", &l.mlp.down_proj);
+                        export_linear(e, "gate_proj", &l.mlp.gate_proj);
+                        export_linear(e, "up_proj", &l.mlp.up_proj);
+                        export_linear(e, "down_proj", &l.mlp.down_proj);
                     });
                     e.rms_norm("input_layernorm", &l.input_layernorm);
                     e.rms_norm("post_attention_layernorm", &l.post_attention_layernorm);
@@ -571,8 +592,66 @@ impl<B: Backend> LlamaModel<B> {
             e.rms_norm("norm", &self.norm);
         });
         if let Some(head) = &self.lm_head {
-            e.linear(lm_head_scope, head);
+            export_linear(e, lm_head_scope, head);
         }
+    }
+}
+
+/// Names of a quantized linear layer's tensors, beside (instead of) its `weight`:
+/// `{layer}.weight_{format}` (the code bytes, U8 `[out, in·bits/8]`) and `{layer}.weight_scale`
+/// (F16 `[out, in/32]`); the bias keeps its name. The format is in the name, so a file says
+/// what it holds tensor by tensor.
+pub fn quantized_weight_name(format: QuantFormat) -> String {
+    format!("weight_{format}")
+}
+
+/// One linear layer: saved quantized (any format) as it is, else the float weight, quantized
+/// in `quantize` when asked.
+fn load_linear<B: Backend>(
+    vb: &Loader<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantFormat>,
+) -> Result<AnyLinear<B>, LlmError> {
+    let layer = if name.is_empty() { vb.clone() } else { vb.pp(name) };
+    for format in QuantFormat::ALL {
+        let codes_name = quantized_weight_name(format);
+        if !layer.contains(&codes_name) {
+            continue;
+        }
+        let store = layer.store();
+        let codes = store.read_bytes(&layer.path(&codes_name), &[d_out, d_in * format.bits() / 8])?;
+        let scale_name = layer.path("weight_scale");
+        let scales = store
+            .read(&scale_name, &[d_out, d_in / llava_kernels::quant::BLOCK], Some(DType::F16))?
+            .into_vec::<half::f16>()
+            .map_err(|e| LlmError::Config { path: scale_name.clone(), reason: format!("{e:?}") })?;
+        let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
+        let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, layer.device())
+            .map_err(|source| LlmError::Quantize { tensor: layer.path(&codes_name), source })?;
+        return Ok(AnyLinear::Quantized(q));
+    }
+    let linear = vb.linear(name, d_in, d_out, bias)?;
+    match quantize {
+        None => Ok(AnyLinear::Float(linear)),
+        Some(format) => QuantLinear::quantize(&linear, format)
+            .map(AnyLinear::Quantized)
+            .map_err(|source| LlmError::Quantize { tensor: layer.path("weight"), source }),
+    }
+}
+
+/// Writes a linear layer: a float one as PyTorch's `[out, in]` `weight`, a quantized one as
+/// [`quantized_weight_name`]'s tensors.
+fn export_linear<B: Backend>(e: &mut Exporter, name: &str, layer: &AnyLinear<B>) {
+    match layer {
+        AnyLinear::Float(linear) => e.linear(name, linear),
+        AnyLinear::Quantized(q) => e.scope(name, |e| {
+            let m = q.to_matrix();
+            let [rows, cols] = [m.rows, m.cols];
+            let code_bytes = cols * m.format.bits() / 8;
+            e.data(&quantized_weight_name(m.format), TensorData::new(m.values, [rows, code_bytes]));
+            e.data("weight_scale", TensorData::new(m.scales, [rows, cols / llava_kernels::quant::BLOCK]));
+            if let Some(bias) = &q.bias {
+                e.param("bias", bias);
+            }
+        }),
     }
 }
 

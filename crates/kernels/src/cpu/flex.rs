@@ -200,3 +200,9 @@ pub(crate) fn with_unique_storage<B: Backend, const D: usize>(
         _ => Err(into_tensor(flex).expect("Flex")),
     }
 }
+
+/// `t`'s Flex tensor (an `Arc` clone), or `None` when `B` is not Flex.
+pub(crate) fn flex_int<B: Backend, const D: usize>(t: &Tensor<B, D, burn::tensor::Int>) -> Option<FlexTensor> {
+    let prim = t.clone().into_primitive();
+    (&prim as &dyn Any).downcast_ref::<FlexTensor>().cloned()
+}

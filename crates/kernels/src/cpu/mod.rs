@@ -11,4 +11,5 @@ pub(crate) mod fused;
 pub(crate) mod half_weight;
 pub(crate) mod loss;
 pub(crate) mod norm;
+pub(crate) mod quant;
 pub(crate) mod skinny;
