@@ -41,9 +41,12 @@ pub struct BenchRealArgs {
     /// Python with torch and transformers (the reference side); a missing one skips it.
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: PathBuf,
-    /// torch dtypes of the reference runs.
+    /// torch dtypes of the reference runs; our runs' ratios are against the first.
     #[arg(long, value_delimiter = ',', default_value = "bfloat16,float32")]
     pub torch_dtypes: Vec<String>,
+    /// Our runs: `float` (as stored) and quantized LLMs (q8, q4, nf4), each a process of its own.
+    #[arg(long, value_delimiter = ',', default_value = "float")]
+    pub quantize: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +63,8 @@ pub struct BenchRealOneArgs {
     pub batches: Vec<usize>,
     #[arg(long)]
     pub iters: usize,
+    #[arg(long)]
+    pub quantize: Option<llava_kernels::QuantFormat>,
 }
 
 /// What one run (ours or the reference) reports, as JSON on its standard output.
@@ -91,7 +96,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn bench_real_one(args: BenchRealOneArgs) -> Result<()> {
     let device = Default::default();
     let start = Instant::now();
-    let options = LoadOptions { dtype: args.dtype.0, ..Default::default() };
+    let options = LoadOptions { dtype: args.dtype.0, quantize: args.quantize, ..Default::default() };
     let loaded =
         load_dir::<Cpu>(&args.model, &options, &device).with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = start.elapsed().as_secs_f64();
@@ -124,22 +129,24 @@ pub fn bench_real_one(args: BenchRealOneArgs) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of every float parameter of the decoder (what one decoded token reads, the embedding
-/// table aside: one row of it).
+/// Bytes of the decoder's weights that one decoded token reads: every linear layer (float or
+/// quantized, codes and scales), the norms and the LM head; of the embedding table one row only.
 fn decoder_weight_bytes<B: burn::tensor::backend::Backend>(llm: &llava_llm::LlamaModel<B>) -> f64 {
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::Tensor;
-    struct Bytes(f64);
-    impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Bytes {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let t = param.val();
-            self.0 += (t.shape().num_elements() * t.dtype().size()) as f64;
+    let norm = |n: &burn::nn::RmsNorm<B>| n.gamma.val().shape().num_elements() * n.gamma.val().dtype().size();
+    let mut bytes = norm(&llm.norm);
+    for l in &llm.layers {
+        let (a, m) = (&l.self_attn, &l.mlp);
+        for linear in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+            bytes += linear.weight_bytes();
         }
+        bytes += norm(&l.input_layernorm) + norm(&l.post_attention_layernorm);
     }
-    let mut bytes = Bytes(0.0);
-    llm.visit(&mut bytes);
-    let embed = llm.embed_tokens.weight.val();
-    bytes.0 - (embed.shape().num_elements() * embed.dtype().size()) as f64
+    bytes += match &llm.lm_head {
+        Some(head) => head.weight_bytes(),
+        // Tied: the head reads the whole embedding table.
+        None => llm.embed_tokens.weight.val().shape().num_elements() * llm.embed_tokens.weight.val().dtype().size(),
+    };
+    bytes as f64
 }
 
 /// The machine's memory read bandwidth (GB/s), measured by the kernels crate's probe.
@@ -194,15 +201,21 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
         let (read_s, bytes) = read_files_s(model)?;
         println!("\n{} ({:.2} GB of weight files, read once in {read_s:.2} s)", model.display(), bytes / 1e9);
         let mut runs: Vec<(String, Result<RunReport>)> = Vec::new();
-        let ours = run_json(
-            Command::new(&exe)
-                .args(["bench-real-one", "--model"])
+        for quantize in &args.quantize {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench-real-one", "--model"])
                 .arg(model)
                 .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
                 .args(["--new-tokens", &args.new_tokens.to_string()])
-                .args(["--batches", &batches, "--iters", &args.iters.to_string()]),
-        );
-        runs.push(("ours (as stored)".into(), ours));
+                .args(["--batches", &batches, "--iters", &args.iters.to_string()]);
+            let name = if quantize == "float" {
+                "ours (as stored)".to_string()
+            } else {
+                cmd.args(["--quantize", quantize]);
+                format!("ours {quantize}")
+            };
+            runs.push((name, run_json(&mut cmd)));
+        }
         for dtype in &args.torch_dtypes {
             let reference = if args.python.is_file() {
                 run_json(
@@ -217,7 +230,7 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
             };
             runs.push((format!("torch {dtype}"), reference));
         }
-        print_table(&runs, before);
+        print_table(&runs, args.quantize.len(), before);
     }
     let after = read_bandwidth_gbs();
     println!("\nmemory read bandwidth after: {after:.1} GB/s");
@@ -228,21 +241,24 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_table(runs: &[(String, Result<RunReport>)], bandwidth: f64) {
+/// The first `ours` runs are ours; their ratios are against the first reference run after them
+/// (PyTorch bf16 by default), at the same batch size.
+fn print_table(runs: &[(String, Result<RunReport>)], ours: usize, bandwidth: f64) {
     println!(
         "{:<20} {:>8} {:>10} {:>6} {:>12} {:>11} {:>9} {:>9}",
         "run", "load s", "peak MiB", "batch", "prefill t/s", "decode t/s", "prefill×", "decode×"
     );
-    let ours = runs.first().and_then(|(_, r)| r.as_ref().ok());
-    for (name, run) in runs {
+    let reference = runs.get(ours).and_then(|(_, r)| r.as_ref().ok());
+    for (index, (name, run)) in runs.iter().enumerate() {
         match run {
             Ok(r) => {
                 for (i, &(batch, prefill, decode)) in r.rows.iter().enumerate() {
-                    // Ratios: ours over this run, same batch (above 1: we are faster).
-                    let theirs = ours.and_then(|o| o.rows.iter().find(|row| row.0 == batch));
+                    // Ratios: this run of ours over the reference, same batch (above 1: we are faster).
+                    let theirs =
+                        reference.filter(|_| index < ours).and_then(|t| t.rows.iter().find(|row| row.0 == batch));
                     let (px, dx) = match theirs {
-                        Some(o) if !std::ptr::eq(o, &r.rows[i]) => (o.1 / prefill, o.2 / decode),
-                        _ => (f64::NAN, f64::NAN),
+                        Some(t) => (prefill / t.1, decode / t.2),
+                        None => (f64::NAN, f64::NAN),
                     };
                     let (load, rss) = if i == 0 {
                         (format!("{:.2}", r.load_s), format!("{:.0}", r.peak_rss_mb))
@@ -264,8 +280,10 @@ fn print_table(runs: &[(String, Result<RunReport>)], bandwidth: f64) {
                 if let (Some(&(1, _, decode)), true) = (r.rows.first(), r.weight_bytes > 0.0) {
                     let gbs = r.weight_bytes * decode / 1e9;
                     println!(
-                        "{:<20} decode reads {gbs:.1} GB/s at batch 1: {:.0} % of the measured bandwidth",
+                        "{:<20} {:.3} GB of weights per token: bandwidth limit {:.1} tok/s; batch-1 decode reads {gbs:.1} GB/s, {:.0} % of it",
                         "",
+                        r.weight_bytes / 1e9,
+                        bandwidth * 1e9 / r.weight_bytes,
                         100.0 * gbs / bandwidth
                     );
                 }
@@ -273,5 +291,5 @@ fn print_table(runs: &[(String, Result<RunReport>)], bandwidth: f64) {
             Err(e) => println!("{name:<20} not run: {e}"),
         }
     }
-    println!("prefill× / decode× = ours ÷ this run at the same batch (above 1: we are faster)");
+    println!("prefill× / decode× = our run ÷ the first reference run at the same batch (above 1: we are faster)");
 }

@@ -93,6 +93,9 @@ pub struct DemoSqaArgs {
     pub batch_size: usize,
     #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
+    /// Quantize the LLM's linear layers (q8, q4, nf4) as the model loads.
+    #[arg(long)]
+    pub quantize: Option<llava_kernels::QuantFormat>,
 }
 
 /// Predicts and scores the demo's held-out questions, with real and with blank pictures.
@@ -120,7 +123,7 @@ pub fn demo_sqa(args: DemoSqaArgs, root: &Path) -> Result<()> {
 fn demo_sqa_on<B: burn::tensor::backend::Backend>(
     device: &B::Device, paths: &DemoPaths, model: &Path, args: &DemoSqaArgs,
 ) -> Result<(Vec<llava_demo::DemoAccuracy>, f64)> {
-    Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, device)?)
+    Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, args.quantize, device)?)
 }
 
 /// The bundled demo end to end, with no arguments: stage 1 and stage 2 on the synthetic shapes
@@ -140,7 +143,10 @@ pub fn demo(root: &Path) -> Result<()> {
     };
     crate::train_cmds::stage(demo_args(), Stage::One, root)?;
     crate::train_cmds::stage(demo_args(), Stage::Two, root)?;
-    demo_sqa(DemoSqaArgs { model: None, split: "test".into(), batch_size: 16, backend: Default::default() }, root)?;
+    demo_sqa(
+        DemoSqaArgs { model: None, split: "test".into(), batch_size: 16, backend: Default::default(), quantize: None },
+        root,
+    )?;
     let paths = DemoPaths::new(root);
     let (image, prompt) = llava_demo::describe_prompt(&paths)?;
     eprintln!("{}: \"Describe the image briefly.\"", image.display());

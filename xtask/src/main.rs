@@ -36,6 +36,8 @@ enum Command {
     Forward(model_cmds::ForwardArgs),
     /// Greedy or sampled generation with the KV cache; prints only the new text.
     Generate(model_cmds::GenerateArgs),
+    /// Quantize a model's LLM (q8, q4 or nf4) and save it, to load quantized without the float checkpoint.
+    Quantize(model_cmds::QuantizeArgs),
     /// Write a tiny random LLaVA checkpoint (llava-hf layout, LLaMA tokenizer).
     DemoModel(demo::DemoModelArgs),
     /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
@@ -119,6 +121,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Forward(args) => model_cmds::forward(args),
         Command::Generate(args) => model_cmds::generate(args),
+        Command::Quantize(args) => model_cmds::quantize(args),
         Command::DemoModel(args) => demo::demo_model(args, &root),
         Command::Demo => demo::demo(&root),
         Command::BenchBackends(args) => bench::bench_backends(args, &root),

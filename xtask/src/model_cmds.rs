@@ -15,6 +15,7 @@ use llava::plan::{GenerationShape, MemoryPlan, PlanDtypes, generation_plan, held
 use llava::{PaddingSide, SelectFeature};
 use llava_checkpoint::{Exporter, SaveDtype};
 use llava_data::image::AspectMode;
+use llava_kernels::QuantFormat;
 
 /// Where the model comes from.
 #[derive(Args, Debug, Clone)]
@@ -50,6 +51,10 @@ pub struct ModelArgs {
     /// precision), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: WeightsDtype,
+    /// Quantize the LLM's linear layers as they load: q8 (int8 blocks), q4 (4-bit blocks) or
+    /// nf4 (4-bit NormalFloat). A model saved by `cargo xtask quantize` loads quantized anyway.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<QuantFormat>,
     #[command(flatten)]
     pub memory: MemoryArgs,
 }
@@ -90,6 +95,7 @@ impl ModelArgs {
             image_aspect: None,
             backend,
             dtype: WeightsDtype::default(),
+            quantize: None,
             memory: MemoryArgs::default(),
         }
     }
@@ -100,6 +106,7 @@ impl ModelArgs {
             hf_cache: self.hf_cache.clone(),
             image_aspect: self.image_aspect,
             dtype: self.dtype.0,
+            quantize: self.quantize,
         }
     }
 
@@ -109,12 +116,14 @@ impl ModelArgs {
     pub fn plan<B: Backend>(
         &self, device: &B::Device, shape: ShapeFor<'_>, batch_flag: Option<&str>,
     ) -> Result<(MemoryPlan, Vec<(String, u64)>)> {
-        let (config, stored, has_vision) = match (&self.model, &self.clip, &self.llm, &self.projector) {
+        let (config, stored, has_vision, saved_quantized) = match (&self.model, &self.clip, &self.llm, &self.projector)
+        {
             (Some(dir), _, _, _) => {
                 let source =
                     resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
                 let stored = source.stored_dtypes();
-                (source.config, stored, source.has_vision)
+                let saved = source.stored_quantization();
+                (source.config, stored, source.has_vision, saved)
             }
             (None, Some(clip), Some(llm), Some(projector)) => {
                 let (config, stored) = describe_parts(
@@ -125,23 +134,25 @@ impl ModelArgs {
                     SelectFeature::Patch,
                     self.image_aspect.unwrap_or_default(),
                 )?;
-                (config, stored, true)
+                (config, stored, true, None)
             }
             _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
         };
         let shape = shape(&config);
-        let plan_with = |dtype: Option<DType>, shape: GenerationShape, capacity| {
+        let quantize = saved_quantized.or(self.quantize);
+        let plan_with_quantized = |dtype: Option<DType>, quantize, shape: GenerationShape, capacity| {
             let held = held_dtypes::<B>(stored, dtype, device);
             let act = llava_kernels::activation_dtype::<B>(held.llm);
             generation_plan(
                 &config,
                 has_vision,
-                PlanDtypes { stored, held, activations: act },
+                PlanDtypes { stored, held, activations: act, quantize },
                 shape,
                 B::name(device),
                 capacity,
             )
         };
+        let plan_with = |dtype, shape, capacity| plan_with_quantized(dtype, quantize, shape, capacity);
         let plan = plan_with(self.dtype.0, shape, self.memory.capacity(self.backend));
         let current = held_dtypes::<B>(stored, self.dtype.0, device).llm;
         let mut alternatives = Vec::new();
@@ -149,6 +160,14 @@ impl ModelArgs {
             let held = held_dtypes::<B>(stored, Some(dtype), device);
             if held.llm == dtype && dtype != current {
                 alternatives.push((flag.to_string(), plan_with(Some(dtype), shape, None).peak()));
+            }
+        }
+        if quantize.is_none() {
+            for format in [QuantFormat::Q8, QuantFormat::Q4] {
+                alternatives.push((
+                    format!("--quantize {format}"),
+                    plan_with_quantized(self.dtype.0, Some(format), shape, None).peak(),
+                ));
             }
         }
         if let Some(flag) = batch_flag {
@@ -186,6 +205,7 @@ impl ModelArgs {
                 SelectFeature::Patch,
                 self.image_aspect.unwrap_or_default(),
                 self.dtype.0,
+                self.quantize,
                 device,
             )?,
             _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
@@ -324,5 +344,52 @@ fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()
     if let Some(line) = llava::plan::peak_report(&plan) {
         tracing::info!("{line}");
     }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The model to read (any supported checkpoint, in any float dtype) and `--quantize FORMAT`.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The folder to write: the same layout as the input's (llava-hf for an MLP projector),
+    /// the LLM's linear layers as quantized tensors, everything else as loaded.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `cargo xtask quantize`: quantize once, save, and load the result in seconds afterwards.
+pub fn quantize(args: QuantizeArgs) -> Result<()> {
+    if args.model.quantize.is_none() {
+        bail!("give --quantize q8, q4 or nf4");
+    }
+    llava::with_backend!(args.model.backend, quantize_on(&args))
+}
+
+fn quantize_on<B: Backend>(device: &B::Device, args: &QuantizeArgs) -> Result<()> {
+    let loaded = args.model.load::<B>(device)?;
+    let tokenizer_dir = match (&args.model.model, &args.model.llm) {
+        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+        _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
+    };
+    let start = Instant::now();
+    llava::save::save_model(
+        &loaded.model,
+        &loaded.config,
+        &args.out,
+        &tokenizer_dir,
+        &llava::save::FrozenSources::default(),
+    )
+    .with_context(|| format!("writing {}", args.out.display()))?;
+    let bytes: u64 = std::fs::read_dir(&args.out)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    println!(
+        "wrote {} ({}, LLM {}) in {:.1}s",
+        args.out.display(),
+        llava::plan::human(bytes),
+        loaded.model.llm.quantization().map_or("float", |f| f.name()),
+        start.elapsed().as_secs_f32()
+    );
     Ok(())
 }

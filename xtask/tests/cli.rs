@@ -972,3 +972,68 @@ fn bad_records_are_named_and_skipped_or_stop_the_run() {
     let msg = err(&run("stop", &["--set", "data.on_bad_record=\"stop\""]));
     assert!(msg.contains("bad.json") && msg.contains("record 3") && msg.contains("climbs out of"), "{msg}");
 }
+
+/// `cargo xtask quantize` writes a model that loads quantized without being asked (in every
+/// format), generates what the model quantized at load generates, saves the same bytes again,
+/// and is smaller than the float file; a damaged quantized tensor is an error naming it.
+#[test]
+fn quantize_saves_a_model_that_reloads_to_its_codes_and_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let img = image();
+    let float_size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    for format in ["q8", "q4", "nf4"] {
+        let (a, b) = (tmp.path().join(format!("{format}-a")), tmp.path().join(format!("{format}-b")));
+        let out = ok(&xtask(&[
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--quantize",
+            format,
+            "--out",
+            a.to_str().unwrap(),
+        ]));
+        assert!(out.contains(&format!("LLM {format}")), "{out}");
+        let config = read_json(&a.join("config.json"));
+        assert_eq!(config["quantization_config"]["format"], format);
+        let size = std::fs::metadata(a.join("model.safetensors")).unwrap().len();
+        assert!(size < float_size, "{format}: {size} bytes, float {float_size}");
+        // Loaded without --quantize: the tensors say what they are.
+        let loaded = load_dir::<B>(&a, &LoadOptions::default(), &Default::default()).unwrap();
+        assert_eq!(loaded.model.llm.quantization().map(|f| f.name()), Some(format));
+        let generate_with = |dir: &Path, quantize: Option<&str>| {
+            let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap()];
+            args.extend(["--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]);
+            if let Some(q) = quantize {
+                args.extend(["--quantize", q]);
+            }
+            ok(&xtask(&args))
+        };
+        assert_eq!(generate_with(&a, None), generate_with(&model, Some(format)), "{format}: saved = quantized at load");
+        // The saved model saved again: the same bytes.
+        ok(&xtask(&["quantize", "--model", a.to_str().unwrap(), "--quantize", format, "--out", b.to_str().unwrap()]));
+        assert!(
+            std::fs::read(a.join("model.safetensors")).unwrap() == std::fs::read(b.join("model.safetensors")).unwrap(),
+            "{format}: saving the reloaded model writes identical bytes"
+        );
+    }
+
+    // One scale tensor cut short: the load names it.
+    let saved = tmp.path().join("q8-a");
+    let bytes = std::fs::read(saved.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let victim = "language_model.model.layers.0.self_attn.q_proj.weight_scale";
+    let original = st.tensor(victim).unwrap();
+    let shape = original.shape().to_vec();
+    let cut = &original.data()[..original.data().len() - shape[1] * 2];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != victim).collect();
+    views.push((
+        victim.to_string(),
+        safetensors::tensor::TensorView::new(original.dtype(), vec![shape[0] - 1, shape[1]], cut).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &saved.join("model.safetensors")).unwrap();
+    let e = err(&xtask(&["generate", "--model", saved.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "2"]));
+    assert!(e.contains(victim), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}

@@ -280,7 +280,8 @@ impl WeightStore {
                 path: path.clone(),
             });
         };
-        let _doing = llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
+        let _doing =
+            llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
         let mut bytes = vec![0u8; expected.iter().product()];
         let mut file = File::open(path).map_err(io_err(path))?;
         file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;

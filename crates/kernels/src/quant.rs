@@ -291,8 +291,7 @@ impl<B: Backend> QuantLinear<B> {
     pub fn new(matrix: &QuantMatrix, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
         let QuantMatrix { format, rows, cols, values, scales } = matrix;
         let words = cols * format.bits() / 32;
-        let values: Vec<i32> =
-            values.chunks_exact(4).map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        let values: Vec<i32> = values.chunks_exact(4).map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
         let values = Tensor::from_data(TensorData::new(values, [*rows, words]), (device, DType::I32));
         let scale_dtype = if B::supports_dtype(device, DType::F16) { DType::F16 } else { DType::F32 };
         let scales = Tensor::from_data(TensorData::new(scales.clone(), [*rows, cols / BLOCK]), (device, scale_dtype));
@@ -390,8 +389,7 @@ impl<B: Backend> QuantLinear<B> {
                 // Nibble s of word w is byte 4w + s/2 of the row, its low (s even) or high half;
                 // byte j of a 16-byte block holds codes j (low) and j + 16 (high).
                 let blocks = cols / BLOCK;
-                let codes =
-                    codes.reshape([rows, blocks, 4, 4, 2]).permute([0, 1, 4, 2, 3]).reshape([rows, cols]);
+                let codes = codes.reshape([rows, blocks, 4, 4, 2]).permute([0, 1, 4, 2, 3]).reshape([rows, cols]);
                 match self.format {
                     QuantFormat::Q4 => codes.float().cast(DType::F32) - 8.0,
                     _ => {
@@ -404,11 +402,8 @@ impl<B: Backend> QuantLinear<B> {
                 }
             }
         };
-        let scales = self.scales.clone().cast(DType::F32).reshape([rows, cols / BLOCK, 1]).expand([
-            rows,
-            cols / BLOCK,
-            BLOCK,
-        ]);
+        let scales =
+            self.scales.clone().cast(DType::F32).reshape([rows, cols / BLOCK, 1]).expand([rows, cols / BLOCK, BLOCK]);
         levels * scales.reshape([rows, cols])
     }
 

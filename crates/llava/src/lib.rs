@@ -32,6 +32,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use llava_data::image::{AspectMode, ProcessorConfig};
 
+pub use llava_kernels::QuantFormat;
 pub use load::{LlavaConfig, LoadOptions, LoadedLlava};
 pub use model::{ImageFeatures, Llava, PaddingSide, SelectFeature, SplicedBatch};
 

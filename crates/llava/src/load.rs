@@ -12,6 +12,7 @@
 //!
 //! Every tensor of the checkpoint must be consumed: leftovers are an error that lists them.
 
+use llava_kernels::QuantFormat;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
@@ -91,6 +92,10 @@ pub struct LoadOptions {
     /// The dtype every weight is held in; `None` keeps each tensor's stored dtype (an f16 or
     /// bf16 checkpoint stays half precision; f32 where the backend has no half types).
     pub dtype: Option<DType>,
+    /// Quantize the LLM's linear layers as they load (weight-only; the LM head in q8, embeddings,
+    /// norms, projector and vision tower in their float dtype). Layers saved quantized load
+    /// quantized whatever this says.
+    pub quantize: Option<QuantFormat>,
 }
 
 /// The `--dtype` a user asks weights in: `auto` (each tensor as stored), `f32`, `f16` or `bf16`.
@@ -208,7 +213,7 @@ pub fn load_dir<B: Backend>(
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let resolved = resolve_dir(dir, options)?;
     let tokenizer = load_tokenizer_if_present(dir)?;
-    resolved.load(tokenizer, options.dtype, device)
+    resolved.load(tokenizer, options.dtype, options.quantize, device)
 }
 
 /// What a model directory holds, read from its configs and checkpoint headers only (no weight
@@ -260,13 +265,22 @@ impl ModelSource {
         }
     }
 
-    /// Loads the weights (`dtype`: as [`LoadOptions::dtype`]).
+    /// The format of linear layers saved quantized in the checkpoint (`None`: float weights).
+    pub fn stored_quantization(&self) -> Option<QuantFormat> {
+        let names: Vec<&str> = self.store.names().collect();
+        QuantFormat::ALL.into_iter().find(|&format| {
+            let suffix = format!(".{}", llava_llm::quantized_weight_name(format));
+            names.iter().any(|n| n.ends_with(&suffix))
+        })
+    }
+
+    /// Loads the weights (`dtype`, `quantize`: as [`LoadOptions`]).
     pub fn load<B: Backend>(
-        self, tokenizer: Option<Tokenizer>, dtype: Option<DType>, device: &B::Device,
+        self, tokenizer: Option<Tokenizer>, dtype: Option<DType>, quantize: Option<QuantFormat>, device: &B::Device,
     ) -> Result<LoadedLlava<B>, LlavaError> {
         let Self { layout, config, has_vision, store, tower_store, prefixes, naming, processor_dir } = self;
         let root = Loader::<B>::new(&store, device).with_dtype(dtype);
-        let llm = LlamaModel::load(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head))?;
+        let llm = LlamaModel::load_quantized(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head), quantize)?;
         if !has_vision {
             store.ensure_all_used()?;
             // A minimal placeholder tower keeps one model type for both cases; it is never run.
@@ -488,11 +502,11 @@ fn resolve_text_only(dir: &Path, json: &serde_json::Value) -> Result<ModelSource
 /// file (`mm_projector.bin` / safetensors, keys with or without `model.mm_projector.`, or
 /// `multi_modal_projector.linear_N.*`).
 ///
-/// `dtype`: as [`LoadOptions::dtype`].
+/// `dtype`, `quantize`: as [`LoadOptions`].
 #[allow(clippy::too_many_arguments)]
 pub fn load_parts<B: Backend>(
     clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
-    image_aspect: AspectMode, dtype: Option<DType>, device: &B::Device,
+    image_aspect: AspectMode, dtype: Option<DType>, quantize: Option<QuantFormat>, device: &B::Device,
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let (config, _) = describe_parts(clip_dir, llm_dir, projector_file, select_layer, select_feature, image_aspect)?;
     let proj_store = WeightStore::open(projector_file)?;
@@ -506,7 +520,10 @@ pub fn load_parts<B: Backend>(
             naming,
             &Loader::new(&proj_store, device).with_dtype(dtype).pp(prefix),
         )?,
-        llm: LlamaModel::load_hf(&config.text, &Loader::new(&llm_store, device).with_dtype(dtype))?,
+        llm: {
+            let root = Loader::new(&llm_store, device).with_dtype(dtype);
+            LlamaModel::load_quantized(&config.text, &root.pp("model"), &root.pp("lm_head"), quantize)?
+        },
         select_layer,
         select_feature,
     };

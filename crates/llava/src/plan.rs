@@ -15,6 +15,7 @@
 
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
+use llava_kernels::QuantFormat;
 use serde::Serialize;
 
 use crate::LlavaConfig;
@@ -316,6 +317,8 @@ pub struct PlanDtypes {
     pub stored: PartDtypes,
     pub held: HeldDtypes,
     pub activations: DType,
+    /// The LLM's linear layers quantized (see [`crate::LoadOptions::quantize`]).
+    pub quantize: Option<QuantFormat>,
 }
 
 /// Parameter counts of each part.
@@ -325,15 +328,52 @@ pub fn parameter_counts(config: &LlavaConfig) -> (u64, u64, u64) {
 
 /// The weights of each part, as plan entries (`has_vision: false`: a text-only model, whose
 /// placeholder tower is a few bytes).
-pub fn weight_entries(config: &LlavaConfig, held: HeldDtypes, has_vision: bool) -> Vec<PlanEntry> {
+///
+/// With `quantize`, the decoder's linear layers are held in that format and an untied LM head in
+/// q8 (as [`llava_llm::LlamaModel::load_quantized`] holds them); the rest of the LLM in its dtype.
+pub fn weight_entries(
+    config: &LlavaConfig, held: HeldDtypes, has_vision: bool, quantize: Option<QuantFormat>,
+) -> Vec<PlanEntry> {
     let (vision, projector, llm) = parameter_counts(config);
     let mut entries = Vec::new();
     if has_vision {
         entries.push(weights("vision tower", vision, held.vision));
         entries.push(weights("projector", projector, held.projector));
     }
-    entries.push(weights("LLM", llm, held.llm));
+    match quantize {
+        None => entries.push(weights("LLM", llm, held.llm)),
+        Some(format) => {
+            let (linear, head) = quantizable_parameters(config);
+            let bits = |params: u64, format: QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
+            entries.push(PlanEntry::new(
+                format!("LLM linear layers ({} parameters, {format})", count(linear)),
+                bits(linear, format),
+            ));
+            if head > 0 {
+                entries.push(PlanEntry::new(
+                    format!("LM head ({} parameters, q8)", count(head)),
+                    bits(head, QuantFormat::Q8),
+                ));
+            }
+            entries.push(weights("LLM embeddings and norms", llm - linear - head, held.llm));
+        }
+    }
     entries
+}
+
+/// Parameters of the decoder's linear layers (weights only; biases stay float), and of the LM
+/// head when it is not tied to the embeddings (0 when tied).
+pub fn quantizable_parameters(config: &LlavaConfig) -> (u64, u64) {
+    let t = &config.text;
+    let (d, inter) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let q = (t.num_attention_heads * t.head_dim()) as u64;
+    let kv = (t.num_key_value_heads.unwrap_or(t.num_attention_heads) * t.head_dim()) as u64;
+    // A matrix is quantized when its input width is a multiple of the block.
+    let fits = |inputs: u64| inputs.is_multiple_of(llava_kernels::quant::BLOCK as u64);
+    let when = |inputs: u64, params: u64| if fits(inputs) { params } else { 0 };
+    let per_layer = when(d, d * q + 2 * d * kv + 2 * d * inter) + when(q, q * d) + when(inter, inter * d);
+    let head = if t.tie_word_embeddings { 0 } else { when(d, t.vocab_size as u64 * d) };
+    (per_layer * t.num_hidden_layers as u64, head)
 }
 
 fn weights(part: &str, params: u64, dtype: DType) -> PlanEntry {
@@ -429,7 +469,7 @@ pub fn generation_plan(
     config: &LlavaConfig, has_vision: bool, dtypes: PlanDtypes, shape: GenerationShape, device: impl Into<String>,
     capacity: Option<Capacity>,
 ) -> MemoryPlan {
-    let PlanDtypes { stored, held, activations: act } = dtypes;
+    let PlanDtypes { stored, held, activations: act, quantize } = dtypes;
     let images = if has_vision { shape.images } else { 0 };
     let tokens = shape.text_tokens + images * config.image_tokens();
     let positions = tokens + shape.max_new_tokens;
@@ -437,14 +477,19 @@ pub fn generation_plan(
     let a = dtype_bytes(act);
     let d = config.text.hidden_size as u64;
     let mut held_entries = vec![PlanEntry::new("process (code, thread pools, tokenizer)", RUNTIME_BYTES)];
-    held_entries.extend(weight_entries(config, held, has_vision));
-    let mut phases = vec![PlanPhase::new(
-        "loading",
-        vec![PlanEntry::new(
+    held_entries.extend(weight_entries(config, held, has_vision, quantize));
+    let loading = match quantize {
+        // The float layer being quantized and its values read out for the quantizer.
+        Some(_) => PlanEntry::new(
+            "the largest float matrix and its copy while it is quantized",
+            load_buffer_bytes(config, stored.llm, held.llm) + 2 * largest_matrix(config) * dtype_bytes(held.llm),
+        ),
+        None => PlanEntry::new(
             "the largest tensor's bytes while they are converted",
             load_buffer_bytes(config, stored.llm, held.llm),
-        )],
-    )];
+        ),
+    };
+    let mut phases = vec![PlanPhase::new("loading", vec![loading])];
     if images > 0 {
         phases.push(PlanPhase::new(
             "encoding the images",

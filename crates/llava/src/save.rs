@@ -137,6 +137,13 @@ fn save_llava_hf<B: Backend>(
         }
     };
     let vocab = config.text.vocab_size.max((image_token + 1).div_ceil(64) * 64);
+    if vocab > config.text.vocab_size && model.llm.quantization().is_some() {
+        return Err(LlavaError::config(
+            dir,
+            "a quantized LLM whose vocabulary has no `<image>` token cannot be written in the llava-hf layout \
+             (its LM head would need new rows); save the float model first, then quantize that",
+        ));
+    }
     // The towers' exporters may only declare their tensors (pass-through); the projector's
     // values go into an exporter of their own.
     let mut e = Exporter::new();
@@ -162,6 +169,7 @@ fn save_llava_hf<B: Backend>(
         "tie_word_embeddings": config.text.tie_word_embeddings,
         "torch_dtype": "float32",
     });
+    let json = with_quantization_config(json, model);
     write_json(&dir.join("config.json"), &json)?;
     write_processor(&config.vision.image_size, dir)
 }
@@ -209,7 +217,27 @@ fn save_original<B: Backend>(
     obj.insert("tokenizer_model_max_length".into(), config.max_length.into());
     obj.insert("tokenizer_padding_side".into(), "right".into());
     obj.insert("use_mm_proj".into(), true.into());
-    write_json(&dir.join("config.json"), &json)
+    write_json(&dir.join("config.json"), &with_quantization_config(json, model))
+}
+
+/// Adds `quantization_config` for a model whose LLM is quantized: what was done, for people and
+/// for tools (transformers refuses the unknown `quant_method` rather than loading codes as
+/// weights). Loading reads the format from each tensor's name, not from here.
+fn with_quantization_config<B: Backend>(mut json: serde_json::Value, model: &Llava<B>) -> serde_json::Value {
+    if let (Some(format), Some(obj)) = (model.llm.quantization(), json.as_object_mut()) {
+        obj.insert(
+            "quantization_config".into(),
+            serde_json::json!({
+                "quant_method": "llava-rs",
+                "format": format.name(),
+                "block_size": llava_kernels::quant::BLOCK,
+                "scale_dtype": "float16",
+                "modules": "language model linear layers; lm_head in q8",
+                "layout": "<layer>.weight_<format>: U8 [out, in*bits/8] codes; <layer>.weight_scale: F16 [out, in/32]",
+            }),
+        );
+    }
+    json
 }
 
 fn write_processor(size: &usize, dir: &Path) -> Result<(), LlavaError> {

@@ -509,7 +509,8 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// [`LlamaModel::load`], the linear layers quantized in `quantize` as they are read (layer by
-    /// layer: no more than one float linear layer exists besides the quantized model), the LM
+    /// layer: no more than one float linear layer exists besides the quantized model; a layer
+    /// whose input width is not a multiple of 32 stays float), the LM
     /// head in q8 whatever the format (its errors go straight into the logits; llama.cpp keeps
     /// it at 6-8 bits too). Layers saved quantized ([`LlamaModel::export`] of a quantized model)
     /// load as they are, with or without `quantize`.
@@ -631,6 +632,15 @@ fn load_linear<B: Backend>(
     let linear = vb.linear(name, d_in, d_out, bias)?;
     match quantize {
         None => Ok(AnyLinear::Float(linear)),
+        // Blocks run along the input features; a width off the block stays float (llama.cpp
+        // also keeps such tensors in a fallback type).
+        Some(format) if !d_in.is_multiple_of(llava_kernels::quant::BLOCK) => {
+            tracing::debug!(
+                "`{}`: {d_in} input features is not a multiple of 32, kept float, not {format}",
+                layer.path("weight")
+            );
+            Ok(AnyLinear::Float(linear))
+        }
         Some(format) => QuantLinear::quantize(&linear, format)
             .map(AnyLinear::Quantized)
             .map_err(|source| LlmError::Quantize { tensor: layer.path("weight"), source }),

@@ -1,0 +1,123 @@
+//! Quantized LLMs (issue 16): `--quantize q8|q4|nf4` on the parity fixture. The quantized model
+//! is exactly the float model whose linear layers carry the dequantized weights (up to float
+//! summation order), and its logits stay near the float model's (measured and printed). Saving
+//! and reloading is tested through `cargo xtask quantize` (xtask/tests/cli.rs).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Tensor, TensorData};
+use llava::load::{LoadOptions, LoadedLlava, load_dir};
+use llava::{PaddingSide, QuantFormat};
+use llava_checkpoint::WeightStore;
+use llava_kernels::AnyLinear;
+
+type B = llava::backend::Cpu;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/hf-mlp")
+}
+
+fn load(dir: &Path, quantize: Option<QuantFormat>) -> LoadedLlava<B> {
+    load_dir::<B>(dir, &LoadOptions { quantize, ..Default::default() }, &Default::default()).unwrap()
+}
+
+/// Logits `[rows × positions, vocab]` of the fixture's prompts with its pictures, valid positions only.
+fn logits(loaded: &LoadedLlava<B>) -> Vec<Vec<f32>> {
+    let dir = fixture();
+    let expected = WeightStore::open(&dir.join("expected.safetensors")).unwrap();
+    let shape = expected.info("pixel_values").unwrap().shape.clone();
+    let pixels = Tensor::<B, 4>::from_data(
+        TensorData::new(expected.read_f32("pixel_values", &shape).unwrap(), shape),
+        &Default::default(),
+    );
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+    let rows: Vec<Vec<i64>> = serde_json::from_value(inputs["input_ids"].clone()).unwrap();
+    let model = &loaded.model;
+    let features = model.encode_images(pixels);
+    let batch = model.splice(&rows, None, Some(features.projected), None, PaddingSide::Right);
+    let values = model.forward(&batch).into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let (len, vocab) = (batch.valid[0].len(), loaded.config.text.vocab_size);
+    let mut out = Vec::new();
+    for (row, &n) in batch.lengths.iter().enumerate() {
+        for p in 0..n {
+            let at = (row * len + p) * vocab;
+            out.push(values[at..at + vocab].to_vec());
+        }
+    }
+    out
+}
+
+/// The same model with every quantized linear layer replaced by a float one holding its
+/// dequantized weight.
+fn dequantized(loaded: &mut LoadedLlava<B>) {
+    let float = |layer: &mut AnyLinear<B>| {
+        if let AnyLinear::Quantized(q) = layer {
+            let [out, inp] = q.dims();
+            let mut linear: Linear<B> =
+                LinearConfig::new(inp, out).with_bias(q.bias.is_some()).init(&Default::default());
+            linear.weight = Param::from_tensor(q.dequantize().transpose());
+            linear.bias = q.bias.clone();
+            *layer = AnyLinear::Float(linear);
+        }
+    };
+    let llm = &mut loaded.model.llm;
+    for l in &mut llm.layers {
+        let (a, m) = (&mut l.self_attn, &mut l.mlp);
+        for layer in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj] {
+            float(layer);
+        }
+        float(&mut m.down_proj);
+    }
+    if let Some(head) = &mut llm.lm_head {
+        float(head);
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    llava_kernels::argmax(v) as usize
+}
+
+#[test]
+fn a_quantized_model_is_the_float_model_of_its_dequantized_weights_and_stays_near_the_original() {
+    let dir = fixture();
+    let float = logits(&load(&dir, None));
+    let spread = {
+        let all: Vec<f32> = float.iter().flatten().copied().collect();
+        let mean = all.iter().sum::<f32>() / all.len() as f32;
+        (all.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / all.len() as f32).sqrt()
+    };
+    let mut errors = Vec::new();
+    for format in QuantFormat::ALL {
+        let mut loaded = load(&dir, Some(format));
+        assert_eq!(loaded.model.llm.quantization(), Some(format));
+        let quantized = logits(&loaded);
+        dequantized(&mut loaded);
+        let reference = logits(&loaded);
+        // The kernels compute the float product of the dequantized weights: only the order of
+        // the sums differs.
+        for (q, r) in quantized.iter().flatten().zip(reference.iter().flatten()) {
+            assert!((q - r).abs() <= 1e-4 * (1.0 + r.abs()), "{format}: {q} vs the dequantized float model's {r}");
+        }
+        let pairs = || quantized.iter().flatten().zip(float.iter().flatten());
+        let worst = pairs().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let mean = pairs().map(|(a, b)| (a - b).abs()).sum::<f32>() / float.len() as f32 / float[0].len() as f32;
+        let agree = quantized.iter().zip(&float).filter(|(a, b)| argmax(a) == argmax(b)).count();
+        eprintln!(
+            "{format}: |Δlogit| max {worst:.4}, mean {mean:.4} (logits' spread {spread:.4}), top-1 agreement {agree}/{}",
+            float.len()
+        );
+        // Quantization changes the logits (the comparison below would hold vacuously otherwise).
+        assert!(worst > 0.0, "{format}: identical logits");
+        errors.push((format, mean, agree));
+    }
+    // A q8 step is 127/8 ≈ 16 times finer than a q4 step: the 8-bit model's logits must be much
+    // closer (a factor 4 of slack) and agree on the top token at least as often.
+    let (q8, four_bit) = (errors[0], &errors[1..]);
+    for &(format, mean, agree) in four_bit {
+        assert!(q8.1 * 4.0 < mean, "q8 mean |Δlogit| {} vs {format} {mean}", q8.1);
+        assert!(q8.2 >= agree, "q8 top-1 agreement {} vs {format} {agree}", q8.2);
+    }
+}
