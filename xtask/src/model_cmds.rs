@@ -373,13 +373,17 @@ fn quantize_on<B: Backend>(device: &B::Device, args: &QuantizeArgs) -> Result<()
         _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
     };
     let start = Instant::now();
-    llava::save::save_model(
-        &loaded.model,
-        &loaded.config,
-        &args.out,
-        &tokenizer_dir,
-        &llava::save::FrozenSources::default(),
-    )
+    if loaded.has_vision {
+        llava::save::save_model(
+            &loaded.model,
+            &loaded.config,
+            &args.out,
+            &tokenizer_dir,
+            &llava::save::FrozenSources::default(),
+        )
+    } else {
+        llava::save::save_llm(&loaded.model, &loaded.config, &args.out, &tokenizer_dir)
+    }
     .with_context(|| format!("writing {}", args.out.display()))?;
     let bytes: u64 = std::fs::read_dir(&args.out)
         .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())

@@ -136,6 +136,22 @@ fn plain_llama_directory_generates_from_bos_alone() {
         "<image>",
     ]);
     assert!(err(&out).contains("text-only"));
+
+    // Quantized, a plain LLaMA directory stays one: LlamaForCausalLM names and config, the
+    // tokenizer copied, generating what the model quantized at load generates.
+    let q4 = tmp.path().join("llama-q4");
+    ok(&xtask(&["quantize", "--model", llm_dir.to_str().unwrap(), "--quantize", "q4", "--out", q4.to_str().unwrap()]));
+    let config = read_json(&q4.join("config.json"));
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert!(q4.join("tokenizer.model").is_file());
+    let store = WeightStore::open(&q4.join("model.safetensors")).unwrap();
+    assert!(store.contains("model.layers.0.mlp.up_proj.weight_q4") && store.contains("lm_head.weight_q8"));
+    let run = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--prompt", "", "--max-new-tokens", "4"];
+        args.extend(extra);
+        ok(&xtask(&args))
+    };
+    assert_eq!(run(&q4, &[]), run(&llm_dir, &["--quantize", "q4"]));
 }
 
 #[test]

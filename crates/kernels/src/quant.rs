@@ -33,7 +33,9 @@ use rayon::prelude::*;
 /// Weights per block (and per scale).
 pub const BLOCK: usize = 32;
 
-/// The 16 levels of QLoRA's 4-bit NormalFloat (bitsandbytes' `NF4` code book).
+/// The 16 levels of QLoRA's 4-bit NormalFloat (bitsandbytes' `NF4` code book), written with
+/// the digits bitsandbytes publishes and rounded to f32 as its tensors hold them.
+#[allow(clippy::excessive_precision)]
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,

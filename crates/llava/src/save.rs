@@ -91,6 +91,26 @@ pub fn save_model<B: Backend>(
     Ok(())
 }
 
+/// Writes the LLM alone as a Hugging Face `LlamaForCausalLM` folder (`model.*`, `lm_head.*`,
+/// `config.json`, the tokenizer files found in `tokenizer_dir`): what a text-only model (a plain
+/// LLaMA / Vicuna directory) is saved as. Complete or absent, as [`save_model`].
+pub fn save_llm<B: Backend>(
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, tokenizer_dir: &Path,
+) -> Result<(), LlavaError> {
+    let out = llava_io::AtomicDir::create(dir).map_err(|e| LlavaError::config(dir, e))?;
+    copy_tokenizer_files(tokenizer_dir, out.path())?;
+    let mut e = Exporter::new();
+    model.llm.export(&mut e, "model", "lm_head");
+    e.save(&out.path().join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
+    let mut json = config.text.to_hf_json();
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+    }
+    write_json(&out.path().join("config.json"), &with_quantization_config(json, model))?;
+    out.commit().map_err(|e| LlavaError::config(dir, e))?;
+    Ok(())
+}
+
 /// The LLM's tensors under `model_scope` / `lm_head_scope`, passed through from `frozen.llm`.
 fn export_llm<B: Backend>(
     model: &Llava<B>, model_scope: &str, lm_head_scope: &str, frozen: &FrozenSources,

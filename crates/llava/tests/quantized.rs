@@ -20,15 +20,19 @@ fn fixture() -> PathBuf {
 }
 
 fn load(dir: &Path, quantize: Option<QuantFormat>) -> LoadedLlava<B> {
-    load_dir::<B>(dir, &LoadOptions { quantize, ..Default::default() }, &Default::default()).unwrap()
+    load_on::<B>(dir, quantize)
+}
+
+fn load_on<Bk: burn::tensor::backend::Backend>(dir: &Path, quantize: Option<QuantFormat>) -> LoadedLlava<Bk> {
+    load_dir::<Bk>(dir, &LoadOptions { quantize, ..Default::default() }, &Default::default()).unwrap()
 }
 
 /// Logits `[rows × positions, vocab]` of the fixture's prompts with its pictures, valid positions only.
-fn logits(loaded: &LoadedLlava<B>) -> Vec<Vec<f32>> {
+fn logits<Bk: burn::tensor::backend::Backend>(loaded: &LoadedLlava<Bk>) -> Vec<Vec<f32>> {
     let dir = fixture();
     let expected = WeightStore::open(&dir.join("expected.safetensors")).unwrap();
     let shape = expected.info("pixel_values").unwrap().shape.clone();
-    let pixels = Tensor::<B, 4>::from_data(
+    let pixels = Tensor::<Bk, 4>::from_data(
         TensorData::new(expected.read_f32("pixel_values", &shape).unwrap(), shape),
         &Default::default(),
     );
@@ -119,5 +123,20 @@ fn a_quantized_model_is_the_float_model_of_its_dequantized_weights_and_stays_nea
     for &(format, mean, agree) in four_bit {
         assert!(q8.1 * 4.0 < mean, "q8 mean |Δlogit| {} vs {format} {mean}", q8.1);
         assert!(q8.2 >= agree, "q8 top-1 agreement {} vs {format} {agree}", q8.2);
+    }
+}
+
+/// The generic path (Burn's integer and float operations: what CUDA and wgpu run) gives the CPU
+/// kernels' logits, on wgpu through Mesa's lavapipe.
+#[test]
+fn quantized_layers_run_on_wgpu_with_the_cpu_kernels_results() {
+    type W = llava::backend::Wgpu;
+    let dir = fixture();
+    for format in QuantFormat::ALL {
+        let cpu = logits(&load(&dir, Some(format)));
+        let gpu = logits(&load_on::<W>(&dir, Some(format)));
+        for (a, b) in gpu.iter().flatten().zip(cpu.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{format}: wgpu {a} vs cpu {b}");
+        }
     }
 }
