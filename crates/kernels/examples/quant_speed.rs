@@ -43,6 +43,18 @@ fn main() {
             (k * n) as f64 / s / 1e9
         );
         for format in QuantFormat::ALL {
+            // Quantizing the loader's f16 layer (what `--quantize` does at load), and its parts.
+            let start = Instant::now();
+            let data = linear.weight.val().transpose().into_data();
+            let read = start.elapsed().as_secs_f64();
+            let _ = QuantLinear::quantize(&linear, format).unwrap();
+            let whole = start.elapsed().as_secs_f64() - read;
+            drop(data);
+            println!(
+                "[{k} → {n}] {format}: quantizing the f16 layer {:.1} ms (reading its values out {:.1} ms)",
+                whole * 1e3,
+                read * 1e3
+            );
             let q = QuantMatrix::quantize(format, n, k, &values).unwrap();
             let layer = QuantLinear::<Flex>::new(&q, None, &device);
             let s = time(&|| {

@@ -5,7 +5,7 @@
 //! Why blocks of 32 with an f16 scale: it is llama.cpp's Q8_0 / Q4_0 granularity (one scale per
 //! 32 weights keeps an outlier's damage local) and costs 0.5 bit per weight. Formats:
 //!
-//! * `q8` (as Q8_0): `d = max|w| / 127`, codes `round(w / d)` in `[-127, 127]`; `w ≈ q·d`,
+//! * `q8` (as Q8_0): `d = max|w| / 127`, codes `round(w / d)` (ties to even) in `[-127, 127]`; `w ≈ q·d`,
 //!   error at most `d / 2`. 8.5 bits per weight.
 //! * `q4` (as Q4_0): `d = m / -8` where `m` is the block's value of largest magnitude (its sign
 //!   kept, so that value lands exactly on code 0), codes `min(15, ⌊w/d + 8.5⌋)`; `w ≈ (q − 8)·d`,
@@ -28,6 +28,7 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Weights per block (and per scale).
@@ -178,6 +179,31 @@ impl QuantMatrix {
         Self::quantize_rows(format, rows, cols, |r, dst| dst.copy_from_slice(&weights[r * cols..(r + 1) * cols]))
     }
 
+    /// Quantizes a row-major `[rows, cols]` matrix held in `data` (f32, f16, bf16 or f64): the
+    /// bytes a checkpoint stores a PyTorch `[out, in]` weight in, read without a tensor.
+    pub fn quantize_data(format: QuantFormat, data: &TensorData) -> Result<Self, QuantError> {
+        let [rows, cols] = <[usize; 2]>::try_from(data.shape.to_vec())
+            .map_err(|shape| QuantError::Layout(format!("a matrix, not shape {shape:?}")))?;
+        let layout = |e: burn::tensor::DataError| QuantError::Layout(format!("{e:?}"));
+        match data.dtype {
+            // `half`'s slice conversion picks F16C / AVX-512 at run time (a scalar conversion
+            // per weight was most of a 7B model's quantization time).
+            DType::F16 => {
+                let v = data.as_slice::<f16>().map_err(layout)?;
+                Self::quantize_rows(format, rows, cols, |r, dst| v[r * cols..(r + 1) * cols].convert_to_f32_slice(dst))
+            }
+            DType::BF16 => {
+                let v = data.as_slice::<half::bf16>().map_err(layout)?;
+                Self::quantize_rows(format, rows, cols, |r, dst| v[r * cols..(r + 1) * cols].convert_to_f32_slice(dst))
+            }
+            DType::F32 => Self::quantize(format, rows, cols, data.as_slice::<f32>().map_err(layout)?),
+            _ => {
+                let v = data.clone().convert::<f32>().into_vec::<f32>().map_err(layout)?;
+                Self::quantize(format, rows, cols, &v)
+            }
+        }
+    }
+
     /// Row `r`'s weights as f32 into `dst` (`cols` values).
     pub fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
         let (row_bytes, row_scales) = (self.cols / BLOCK * self.format.block_bytes(), self.cols / BLOCK);
@@ -214,7 +240,7 @@ pub fn quantize_block(format: QuantFormat, block: &[f32], codes: &mut [u8]) -> f
             let d = f16::from_f32(amax / 127.0);
             let inv = if d.to_f32() == 0.0 { 0.0 } else { 1.0 / d.to_f32() };
             for (c, v) in codes.iter_mut().zip(block) {
-                *c = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
+                *c = (round_to_nearest(v * inv).clamp(-127.0, 127.0) as i8) as u8;
             }
             d
         }
@@ -223,7 +249,8 @@ pub fn quantize_block(format: QuantFormat, block: &[f32], codes: &mut [u8]) -> f
             let max = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             let d = f16::from_f32(max / -8.0);
             let inv = if d.to_f32() == 0.0 { 0.0 } else { 1.0 / d.to_f32() };
-            let code = |v: f32| ((v * inv + 8.5).floor().clamp(0.0, 15.0)) as u8;
+            // ⌊t + 8.5⌋ for t + 8.5 ≥ 0 is the truncation (as llama.cpp's `(int8_t)(x*id + 8.5f)`).
+            let code = |v: f32| ((v * inv + 8.5).max(0.0) as u8).min(15);
             for j in 0..BLOCK / 2 {
                 codes[j] = code(block[j]) | (code(block[j + BLOCK / 2]) << 4);
             }
@@ -242,15 +269,30 @@ pub fn quantize_block(format: QuantFormat, block: &[f32], codes: &mut [u8]) -> f
     }
 }
 
-/// The NF4 level nearest to `x` (ties to the lower level).
-fn nearest_nf4(x: f32) -> u8 {
-    // The levels are sorted: the first midpoint above x ends the search.
-    for i in 0..15 {
-        if x <= (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) * 0.5 {
-            return i as u8;
-        }
+/// `t` rounded to the nearest integer, ties to even, for |t| < 2²²: adding and subtracting 1.5·2²³
+/// leaves no fraction bits (a libm `roundf` call per weight was most of the quantization time
+/// on CPUs without SSE4.1 in the baseline target).
+#[inline(always)]
+fn round_to_nearest(t: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (t + MAGIC) - MAGIC
+}
+
+/// Midpoints between consecutive NF4 levels: a value above midpoint `i` is nearer level `i + 1`.
+const NF4_MIDPOINTS: [f32; 15] = {
+    let mut m = [0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) * 0.5;
+        i += 1;
     }
-    15
+    m
+};
+
+/// The NF4 level nearest to `x` (ties to the lower level): the number of midpoints below `x`,
+/// found by binary search (4 comparisons instead of up to 15).
+fn nearest_nf4(x: f32) -> u8 {
+    NF4_MIDPOINTS.partition_point(|&m| m < x) as u8
 }
 
 /// One block's 32 weights as f32: `code value × scale`, one f32 product each (the fast paths
@@ -305,28 +347,10 @@ impl<B: Backend> QuantLinear<B> {
     /// time on the host, so a half-precision layer never has an f32 copy.
     pub fn quantize(linear: &Linear<B>, format: QuantFormat) -> Result<Self, QuantError> {
         let weight = linear.weight.val();
-        let [cols, rows] = weight.dims();
         let device = weight.device();
         // `[out, in]` in storage order: for a loaded (transposed-view) weight no data moves.
         let data = weight.transpose().into_data();
-        let matrix = match data.dtype {
-            DType::F16 => {
-                let v = data.as_slice::<f16>().map_err(|e| QuantError::Layout(format!("{e:?}")))?;
-                QuantMatrix::quantize_rows(format, rows, cols, |r, dst| {
-                    dst.iter_mut().zip(&v[r * cols..(r + 1) * cols]).for_each(|(d, s)| *d = s.to_f32())
-                })?
-            }
-            DType::BF16 => {
-                let v = data.as_slice::<half::bf16>().map_err(|e| QuantError::Layout(format!("{e:?}")))?;
-                QuantMatrix::quantize_rows(format, rows, cols, |r, dst| {
-                    dst.iter_mut().zip(&v[r * cols..(r + 1) * cols]).for_each(|(d, s)| *d = s.to_f32())
-                })?
-            }
-            _ => {
-                let v = data.convert::<f32>().into_vec::<f32>().map_err(|e| QuantError::Layout(format!("{e:?}")))?;
-                QuantMatrix::quantize(format, rows, cols, &v)?
-            }
-        };
+        let matrix = QuantMatrix::quantize_data(format, &data)?;
         Ok(Self::new(&matrix, linear.bias.as_ref().map(|b| b.val()), &device))
     }
 

@@ -33,7 +33,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
-use llava_kernels::{AnyLinear, QuantFormat, QuantLinear};
+use llava_kernels::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 use llava_kernels::{add, silu_mul};
 use serde::{Deserialize, Serialize};
 
@@ -628,6 +628,17 @@ fn load_linear<B: Backend>(
         let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, layer.device())
             .map_err(|source| LlmError::Quantize { tensor: layer.path(&codes_name), source })?;
         return Ok(AnyLinear::Quantized(q));
+    }
+    if let Some(format) = quantize.filter(|_| d_in.is_multiple_of(llava_kernels::quant::BLOCK)) {
+        // Straight from the checkpoint's `[out, in]` bytes in their stored dtype: no float
+        // tensor of the layer is made.
+        let weight = layer.path("weight");
+        let data = layer.store().read(&weight, &[d_out, d_in], None)?;
+        let matrix = QuantMatrix::quantize_data(format, &data)
+            .map_err(|source| LlmError::Quantize { tensor: weight.clone(), source })?;
+        drop(data);
+        let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
+        return Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device())));
     }
     let linear = vb.linear(name, d_in, d_out, bias)?;
     match quantize {
