@@ -479,10 +479,12 @@ pub fn generation_plan(
     let mut held_entries = vec![PlanEntry::new("process (code, thread pools, tokenizer)", RUNTIME_BYTES)];
     held_entries.extend(weight_entries(config, held, has_vision, quantize));
     let loading = match quantize {
-        // The float layer being quantized and its values read out for the quantizer.
+        // A quantized layer is read as its stored bytes, quantized, and dropped; the float
+        // tensors (embeddings) are converted as usual.
         Some(_) => PlanEntry::new(
-            "the largest float matrix and its copy while it is quantized",
-            load_buffer_bytes(config, stored.llm, held.llm) + 2 * largest_matrix(config) * dtype_bytes(held.llm),
+            "the largest matrix's stored bytes while it is quantized or converted",
+            largest_matrix(config) * dtype_bytes(stored.llm.unwrap_or(held.llm))
+                + load_buffer_bytes(config, stored.llm, held.llm),
         ),
         None => PlanEntry::new(
             "the largest tensor's bytes while they are converted",
