@@ -132,7 +132,8 @@ pub fn bench_real_one(args: BenchRealOneArgs) -> Result<()> {
 /// Bytes of the decoder's weights that one decoded token reads: every linear layer (float or
 /// quantized, codes and scales), the norms and the LM head; of the embedding table one row only.
 fn decoder_weight_bytes<B: burn::tensor::backend::Backend>(llm: &llava_llm::LlamaModel<B>) -> f64 {
-    let norm = |n: &burn::nn::RmsNorm<B>| n.gamma.val().shape().num_elements() * n.gamma.val().dtype().size();
+    let bytes_of = |t: burn::tensor::Tensor<B, 2>| t.shape().num_elements() * t.dtype().size();
+    let norm = |n: &burn::nn::RmsNorm<B>| bytes_of(n.gamma.val().unsqueeze());
     let mut bytes = norm(&llm.norm);
     for l in &llm.layers {
         let (a, m) = (&l.self_attn, &l.mlp);
@@ -144,7 +145,7 @@ fn decoder_weight_bytes<B: burn::tensor::backend::Backend>(llm: &llava_llm::Llam
     bytes += match &llm.lm_head {
         Some(head) => head.weight_bytes(),
         // Tied: the head reads the whole embedding table.
-        None => llm.embed_tokens.weight.val().shape().num_elements() * llm.embed_tokens.weight.val().dtype().size(),
+        None => bytes_of(llm.embed_tokens.weight.val()),
     };
     bytes as f64
 }

@@ -170,17 +170,14 @@ impl WeightStore {
         Ok(data.into_vec::<f32>().expect("read as F32"))
     }
 
-    /// Reads a tensor in `dtype`, or in the dtype it is stored in when `None` (f64 becomes f32),
-    /// checking its shape, and marks it used. A half-precision tensor read in its own dtype is
-    /// never widened: the only buffers are its bytes and their typed copy.
-    pub fn read(&self, name: &str, expected: &[usize], dtype: Option<DType>) -> Result<TensorData> {
+    /// Tensor `name`'s entry and file, when it exists with exactly shape `expected` (the errors
+    /// name the tensor, both shapes and the file).
+    fn shaped(&self, name: &str, expected: &[usize]) -> Result<(&TensorInfo, &PathBuf)> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| WeightsError::Missing { name: name.to_string(), hint: self.missing_hint(name) })?;
         let path = &self.files[info.file];
-        let _doing =
-            llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
         if info.shape != expected {
             return Err(WeightsError::Shape {
                 name: name.to_string(),
@@ -189,6 +186,16 @@ impl WeightStore {
                 path: path.clone(),
             });
         }
+        Ok((info, path))
+    }
+
+    /// Reads a tensor in `dtype`, or in the dtype it is stored in when `None` (f64 becomes f32),
+    /// checking its shape, and marks it used. A half-precision tensor read in its own dtype is
+    /// never widened: the only buffers are its bytes and their typed copy.
+    pub fn read(&self, name: &str, expected: &[usize], dtype: Option<DType>) -> Result<TensorData> {
+        let (info, path) = self.shaped(name, expected)?;
+        let _doing =
+            llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
         let unsupported =
             |dtype: &str| WeightsError::Dtype { name: name.to_string(), dtype: dtype.into(), path: path.clone() };
         let stored = info.dtype.burn().ok_or_else(|| unsupported(info.dtype.name()))?;
@@ -260,19 +267,7 @@ impl WeightStore {
     /// Reads a U8 tensor of exactly `expected` shape from a safetensors file as its bytes (the
     /// codes of a quantized weight), and marks it used.
     pub fn read_bytes(&self, name: &str, expected: &[usize]) -> Result<Vec<u8>> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| WeightsError::Missing { name: name.to_string(), hint: self.missing_hint(name) })?;
-        let path = &self.files[info.file];
-        if info.shape != expected {
-            return Err(WeightsError::Shape {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
-                path: path.clone(),
-            });
-        }
+        let (info, path) = self.shaped(name, expected)?;
         let (StoredDtype::U8, Location::Safetensors { offset }) = (info.dtype, &info.location) else {
             return Err(WeightsError::Dtype {
                 name: name.to_string(),

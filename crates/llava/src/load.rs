@@ -267,11 +267,11 @@ impl ModelSource {
 
     /// The format of linear layers saved quantized in the checkpoint (`None`: float weights).
     pub fn stored_quantization(&self) -> Option<QuantFormat> {
-        let names: Vec<&str> = self.store.names().collect();
-        QuantFormat::ALL.into_iter().find(|&format| {
-            let suffix = format!(".{}", llava_llm::quantized_weight_name(format));
-            names.iter().any(|n| n.ends_with(&suffix))
-        })
+        let suffixes =
+            QuantFormat::ALL.map(|format| (format, format!(".{}", llava_llm::quantized_weight_name(format))));
+        self.store
+            .names()
+            .find_map(|n| suffixes.iter().find(|(_, suffix)| n.ends_with(suffix.as_str())).map(|(f, _)| *f))
     }
 
     /// Loads the weights (`dtype`, `quantize`: as [`LoadOptions`]).

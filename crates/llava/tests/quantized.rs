@@ -140,3 +140,30 @@ fn quantized_layers_run_on_wgpu_with_the_cpu_kernels_results() {
         }
     }
 }
+
+/// The memory plan's LLM entries under `--quantize` are the bytes the loaded quantized LLM holds
+/// (codes, scales, the float embeddings and norms), for every format.
+#[test]
+fn the_memory_plan_counts_the_quantized_llm_as_loaded() {
+    use burn::tensor::DType;
+    use llava::plan::{HeldDtypes, weight_entries};
+    let dir = fixture();
+    for format in QuantFormat::ALL {
+        let loaded = load(&dir, Some(format));
+        let llm = &loaded.model.llm;
+        let float_bytes = |t: Tensor<B, 2>| (t.shape().num_elements() * t.dtype().size()) as u64;
+        let mut held = float_bytes(llm.embed_tokens.weight.val()) + float_bytes(llm.norm.gamma.val().unsqueeze());
+        for l in &llm.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for layer in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                held += layer.weight_bytes() as u64;
+            }
+            held += float_bytes(l.input_layernorm.gamma.val().unsqueeze())
+                + float_bytes(l.post_attention_layernorm.gamma.val().unsqueeze());
+        }
+        held += llm.lm_head.as_ref().map_or(0, |h| h.weight_bytes() as u64);
+        let dtypes = HeldDtypes { vision: DType::F32, projector: DType::F32, llm: DType::F32 };
+        let planned: u64 = weight_entries(&loaded.config, dtypes, false, Some(format)).iter().map(|e| e.bytes).sum();
+        assert_eq!(planned, held, "{format}");
+    }
+}

@@ -629,32 +629,28 @@ fn load_linear<B: Backend>(
             .map_err(|source| LlmError::Quantize { tensor: layer.path(&codes_name), source })?;
         return Ok(AnyLinear::Quantized(q));
     }
-    if let Some(format) = quantize.filter(|_| d_in.is_multiple_of(llava_kernels::quant::BLOCK)) {
-        // Straight from the checkpoint's `[out, in]` bytes in their stored dtype: no float
-        // tensor of the layer is made.
-        let weight = layer.path("weight");
-        let data = layer.store().read(&weight, &[d_out, d_in], None)?;
-        let matrix = QuantMatrix::quantize_data(format, &data)
-            .map_err(|source| LlmError::Quantize { tensor: weight.clone(), source })?;
-        drop(data);
-        let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
-        return Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device())));
-    }
-    let linear = vb.linear(name, d_in, d_out, bias)?;
     match quantize {
-        None => Ok(AnyLinear::Float(linear)),
+        Some(format) if d_in.is_multiple_of(llava_kernels::quant::BLOCK) => {
+            // Straight from the checkpoint's `[out, in]` bytes in their stored dtype: no float
+            // tensor of the layer is made.
+            let weight = layer.path("weight");
+            let data = layer.store().read(&weight, &[d_out, d_in], None)?;
+            let matrix = QuantMatrix::quantize_data(format, &data)
+                .map_err(|source| LlmError::Quantize { tensor: weight.clone(), source })?;
+            drop(data);
+            let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
+            Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device())))
+        }
         // Blocks run along the input features; a width off the block stays float (llama.cpp
         // also keeps such tensors in a fallback type).
-        Some(format) if !d_in.is_multiple_of(llava_kernels::quant::BLOCK) => {
+        Some(format) => {
             tracing::debug!(
                 "`{}`: {d_in} input features is not a multiple of 32, kept float, not {format}",
                 layer.path("weight")
             );
-            Ok(AnyLinear::Float(linear))
+            Ok(AnyLinear::Float(vb.linear(name, d_in, d_out, bias)?))
         }
-        Some(format) => QuantLinear::quantize(&linear, format)
-            .map(AnyLinear::Quantized)
-            .map_err(|source| LlmError::Quantize { tensor: layer.path("weight"), source }),
+        None => Ok(AnyLinear::Float(vb.linear(name, d_in, d_out, bias)?)),
     }
 }
 
