@@ -138,7 +138,7 @@ fn decoder_weight_bytes<B: burn::tensor::backend::Backend>(llm: &llava_llm::Llam
     for l in &llm.layers {
         let (a, m) = (&l.self_attn, &l.mlp);
         for linear in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
-            bytes += linear.weight_bytes();
+            bytes += linear.base.weight_bytes();
         }
         bytes += norm(&l.input_layernorm) + norm(&l.post_attention_layernorm);
     }

@@ -38,6 +38,8 @@ enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Quantize a model's LLM (q8, q4 or nf4) and save it, to load quantized without the float checkpoint.
     Quantize(model_cmds::QuantizeArgs),
+    /// Fold a LoRA folder's adapters into its base and save the merged LLaVA model.
+    MergeLora(model_cmds::MergeLoraArgs),
     /// Write a tiny random LLaVA checkpoint (llava-hf layout, LLaMA tokenizer).
     DemoModel(demo::DemoModelArgs),
     /// The bundled demo: write the demo checkpoint and run forward + generate on a demo photo.
@@ -122,6 +124,7 @@ fn main() -> Result<()> {
         Command::Forward(args) => model_cmds::forward(args),
         Command::Generate(args) => model_cmds::generate(args),
         Command::Quantize(args) => model_cmds::quantize(args),
+        Command::MergeLora(args) => model_cmds::merge_lora(args),
         Command::DemoModel(args) => demo::demo_model(args, &root),
         Command::Demo => demo::demo(&root),
         Command::BenchBackends(args) => bench::bench_backends(args, &root),

@@ -55,6 +55,10 @@ pub struct ModelArgs {
     /// nf4 (4-bit NormalFloat). A model saved by `cargo xtask quantize` loads quantized anyway.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<QuantFormat>,
+    /// A LoRA folder's base LLM directory (default: its adapter_config.json's
+    /// base_model_name_or_path). --model DIR then names the LoRA folder.
+    #[arg(long, value_name = "DIR")]
+    pub lora_base: Option<PathBuf>,
     #[command(flatten)]
     pub memory: MemoryArgs,
 }
@@ -96,6 +100,7 @@ impl ModelArgs {
             backend,
             dtype: WeightsDtype::default(),
             quantize: None,
+            lora_base: None,
             memory: MemoryArgs::default(),
         }
     }
@@ -107,6 +112,7 @@ impl ModelArgs {
             image_aspect: self.image_aspect,
             dtype: self.dtype.0,
             quantize: self.quantize,
+            lora_base: self.lora_base.clone(),
         }
     }
 
@@ -393,6 +399,50 @@ fn quantize_on<B: Backend>(device: &B::Device, args: &QuantizeArgs) -> Result<()
         args.out.display(),
         llava::plan::human(bytes),
         loaded.model.llm.quantization().map_or("float", |f| f.name()),
+        start.elapsed().as_secs_f32()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct MergeLoraArgs {
+    /// A LoRA folder (stage 2 with lora.enable, or the reference's finetune_lora.sh output).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base LLM directory (default: the adapter's base_model_name_or_path).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// The merged model's folder (llava-hf for an MLP projector, the original layout for a
+    /// linear one), weights in the base's dtype.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `cargo xtask merge-lora`: the reference's `merge_lora_weights.py` (W + B·A·α/r folded into
+/// each adapted layer, in f32, stored in the base weight's dtype).
+pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
+    let device = Default::default();
+    let options = LoadOptions { lora_base: args.base.clone(), ..Default::default() };
+    let start = Instant::now();
+    let mut loaded = load_dir::<llava::backend::Cpu>(&args.adapter, &options, &device)
+        .with_context(|| format!("loading {}", args.adapter.display()))?;
+    let adapters = loaded.model.llm.projections().iter().filter(|(_, p)| p.lora.is_some()).count();
+    if adapters == 0 {
+        bail!("{}: no LoRA adapter found", args.adapter.display());
+    }
+    loaded.model.llm = loaded.model.llm.merge_lora()?;
+    llava::save::save_model(
+        &loaded.model,
+        &loaded.config,
+        &args.out,
+        &args.adapter,
+        &llava::save::FrozenSources::default(),
+    )
+    .with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "merged {adapters} adapters of {} into {} in {:.1}s",
+        args.adapter.display(),
+        args.out.display(),
         start.elapsed().as_secs_f32()
     );
     Ok(())

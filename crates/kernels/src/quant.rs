@@ -487,6 +487,14 @@ impl<B: Backend> AnyLinear<B> {
         }
     }
 
+    /// The device the weights are on.
+    pub fn device(&self) -> B::Device {
+        match self {
+            AnyLinear::Float(linear) => linear.weight.device(),
+            AnyLinear::Quantized(q) => q.values.device(),
+        }
+    }
+
     /// `[in, out]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {

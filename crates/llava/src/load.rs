@@ -20,7 +20,7 @@ use burn::tensor::{DType, Tensor};
 use llava_checkpoint::{Loader, WeightStore};
 use llava_data::Tokenizer;
 use llava_data::image::{AspectMode, ProcessorConfig};
-use llava_llm::{LlamaConfig, LlamaModel};
+use llava_llm::{LlamaConfig, LlamaModel, LoraConfig};
 use llava_projector::{Projector, ProjectorConfig, ProjectorKind, ProjectorNaming};
 use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 use serde::{Deserialize, Serialize};
@@ -96,6 +96,8 @@ pub struct LoadOptions {
     /// norms, projector and vision tower in their float dtype). Layers saved quantized load
     /// quantized whatever this says.
     pub quantize: Option<QuantFormat>,
+    /// A LoRA folder's base LLM directory, instead of its `base_model_name_or_path`.
+    pub lora_base: Option<PathBuf>,
 }
 
 /// The `--dtype` a user asks weights in: `auto` (each tensor as stored), `f32`, `f16` or `bf16`.
@@ -229,6 +231,8 @@ pub struct ModelSource {
     prefixes: Prefixes,
     naming: ProjectorNaming,
     processor_dir: PathBuf,
+    /// A LoRA folder's adapters (PEFT config and file), added to the LLM as it loads.
+    adapter: Option<(LoraConfig, WeightStore)>,
 }
 
 /// Where each part's tensors are named in its store.
@@ -278,9 +282,14 @@ impl ModelSource {
     pub fn load<B: Backend>(
         self, tokenizer: Option<Tokenizer>, dtype: Option<DType>, quantize: Option<QuantFormat>, device: &B::Device,
     ) -> Result<LoadedLlava<B>, LlavaError> {
-        let Self { layout, config, has_vision, store, tower_store, prefixes, naming, processor_dir } = self;
+        let Self { layout, config, has_vision, store, tower_store, prefixes, naming, processor_dir, adapter } = self;
         let root = Loader::<B>::new(&store, device).with_dtype(dtype);
-        let llm = LlamaModel::load_quantized(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head), quantize)?;
+        let mut llm =
+            LlamaModel::load_quantized(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head), quantize)?;
+        if let Some((lora, adapter_store)) = adapter {
+            llm = llm.load_lora(&lora, &adapter_store)?;
+            adapter_store.ensure_all_used()?;
+        }
         if !has_vision {
             store.ensure_all_used()?;
             // A minimal placeholder tower keeps one model type for both cases; it is never run.
@@ -317,11 +326,18 @@ impl ModelSource {
 
 /// Reads `dir`'s configs and checkpoint headers: its layout, the model's configuration and where
 /// every part's tensors are (see [`ModelSource`]).
+///
+/// A LoRA folder (`adapter_config.json`, as [`crate::save::save_lora`] and the reference's
+/// `finetune_lora.sh` write it) resolves to its base LLM, its vision tower and projector, and
+/// its adapters, added unmerged.
 pub fn resolve_dir(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
+    if dir.join("adapter_config.json").is_file() {
+        return resolve_lora(dir, options);
+    }
     let json = read_json(&dir.join("config.json"))?;
     match detect_layout(&json) {
         Layout::LlavaHf => resolve_llava_hf(dir, &json, options),
-        Layout::Original => resolve_original(dir, &json, options),
+        Layout::Original => resolve_original(dir, &json, options, None),
         Layout::TextOnly => resolve_text_only(dir, &json),
     }
 }
@@ -387,10 +403,54 @@ fn resolve_llava_hf(dir: &Path, json: &serde_json::Value, options: &LoadOptions)
         prefixes,
         naming,
         processor_dir: dir.to_path_buf(),
+        adapter: None,
     })
 }
 
-fn resolve_original(dir: &Path, json: &serde_json::Value, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
+/// The projector's names in a LoRA folder's `non_lora_trainables` file.
+const LORA_PROJECTOR_PREFIX: &str = "base_model.model.model.mm_projector";
+
+fn resolve_lora(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
+    let lora = LoraConfig::from_dir(dir)?;
+    let adapter_config = dir.join("adapter_config.json");
+    let base = options
+        .lora_base
+        .clone()
+        .or_else(|| lora.base_model_name_or_path.as_ref().map(PathBuf::from))
+        .ok_or_else(|| {
+            LlavaError::config(&adapter_config, "base_model_name_or_path is missing: give the base LLM directory")
+        })?;
+    let base = if base.is_relative() && !base.exists() { dir.join(base) } else { base };
+    if !base.join("config.json").is_file() {
+        return Err(LlavaError::config(
+            &adapter_config,
+            format!("the base model {} is not a local model directory (nothing is downloaded)", base.display()),
+        ));
+    }
+    let projector_file = ["non_lora_trainables.safetensors", "non_lora_trainables.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LlavaError::config(dir, "non_lora_trainables.safetensors (or .bin) is missing: no projector"))?;
+    let adapter_file = ["adapter_model.safetensors", "adapter_model.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LlavaError::config(dir, "adapter_model.safetensors (or .bin) is missing"))?;
+    let mut files = WeightStore::open(&base)?.files().to_vec();
+    files.push(projector_file);
+    let store = WeightStore::open_files(&files)?;
+    let json = read_json(&dir.join("config.json"))?;
+    let mut source = resolve_original(dir, &json, options, Some((store, LORA_PROJECTOR_PREFIX)))?;
+    source.adapter = Some((lora, WeightStore::open(&adapter_file)?));
+    Ok(source)
+}
+
+/// `weights`: the store and projector prefix when they are not `dir`'s own checkpoint (a LoRA
+/// folder: its base's files and its projector file).
+fn resolve_original(
+    dir: &Path, json: &serde_json::Value, options: &LoadOptions, weights: Option<(WeightStore, &'static str)>,
+) -> Result<ModelSource, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
     let text = LlamaConfig::from_hf_json(json).map_err(bad)?;
@@ -440,12 +500,15 @@ fn resolve_original(dir: &Path, json: &serde_json::Value, options: &LoadOptions)
             tower_dir.display()
         )));
     }
-    let store = WeightStore::open(dir)?;
+    let (store, projector_prefix) = match weights {
+        Some(weights) => weights,
+        None => (WeightStore::open(dir)?, "model.mm_projector"),
+    };
     let prefixes = Prefixes {
         llm: "model",
         head: "lm_head",
         vision: "model.vision_tower.vision_tower.vision_model",
-        projector: "model.mm_projector",
+        projector: projector_prefix,
     };
     let naming = ProjectorConfig::detect(&store, prefixes.projector)
         .map(|(_, naming)| naming)
@@ -461,6 +524,7 @@ fn resolve_original(dir: &Path, json: &serde_json::Value, options: &LoadOptions)
         prefixes,
         naming,
         processor_dir: tower_dir,
+        adapter: None,
     })
 }
 
@@ -495,6 +559,7 @@ fn resolve_text_only(dir: &Path, json: &serde_json::Value) -> Result<ModelSource
         prefixes: Prefixes { llm: "model", head: "lm_head", vision: "", projector: "" },
         naming: ProjectorNaming::Original,
         processor_dir: dir.to_path_buf(),
+        adapter: None,
     })
 }
 
@@ -569,7 +634,7 @@ pub fn describe_parts(
 fn detect_projector_file(
     store: &WeightStore, path: &Path,
 ) -> Result<(&'static str, ProjectorKind, ProjectorNaming), LlavaError> {
-    ["model.mm_projector", "mm_projector", "multi_modal_projector", ""]
+    [LORA_PROJECTOR_PREFIX, "model.mm_projector", "mm_projector", "multi_modal_projector", ""]
         .into_iter()
         .find_map(|p| ProjectorConfig::detect(store, p).map(|(kind, naming)| (p, kind, naming)))
         .ok_or_else(|| {

@@ -208,11 +208,18 @@ fn save_original<B: Backend>(
     e.extend(export_llm(model, "model", "lm_head", frozen)?);
     e.scope("model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
     e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
+    let json = original_config_json(config, "vision_tower");
+    write_json(&dir.join("config.json"), &with_quantization_config(json, model))
+}
+
+/// The original layout's `config.json` (`LlavaLlamaForCausalLM`) with `mm_vision_tower` naming
+/// `vision_tower` (a path, relative to the model directory or absolute).
+fn original_config_json(config: &LlavaConfig, vision_tower: &str) -> serde_json::Value {
     let mut json = config.text.to_hf_json();
     let obj = json.as_object_mut().expect("object");
     obj.insert("architectures".into(), serde_json::json!(["LlavaLlamaForCausalLM"]));
     obj.insert("model_type".into(), "llava_llama".into());
-    obj.insert("mm_vision_tower".into(), "vision_tower".into());
+    obj.insert("mm_vision_tower".into(), vision_tower.into());
     obj.insert("mm_projector_type".into(), config.projector.name().into());
     obj.insert("mm_hidden_size".into(), config.vision.hidden_size.into());
     obj.insert("mm_vision_select_layer".into(), config.select_layer.into());
@@ -237,8 +244,40 @@ fn save_original<B: Backend>(
     obj.insert("tokenizer_model_max_length".into(), config.max_length.into());
     obj.insert("tokenizer_padding_side".into(), "right".into());
     obj.insert("use_mm_proj".into(), true.into());
-    write_json(&dir.join("config.json"), &with_quantization_config(json, model))
+    json
 }
+
+/// Writes a LoRA run's result into `dir` as the reference writes it (`finetune_lora.sh`'s output
+/// folder), complete or absent: PEFT's `adapter_config.json` (`base_model_name_or_path` =
+/// `base_llm`) and `adapter_model.safetensors` (f32), the projector as
+/// `non_lora_trainables.safetensors` (`base_model.model.model.mm_projector.*`, the reference's
+/// names; the reference writes a `.bin` of the same keys), an original-layout `config.json`
+/// whose `mm_vision_tower` is `vision_tower`, and the base's tokenizer files. [`crate::load`]
+/// reads the folder as a model (base + adapter, unmerged); `cargo xtask merge-lora` merges it.
+pub fn save_lora<B: Backend>(
+    model: &Llava<B>, config: &LlavaConfig, dir: &Path, base_llm: &Path, vision_tower: &Path,
+) -> Result<(), LlavaError> {
+    let mut lora_config =
+        model.llm.lora_config().ok_or_else(|| LlavaError::config(dir, "the model has no LoRA adapter to save"))?;
+    let out = llava_io::AtomicDir::create(dir).map_err(|e| LlavaError::config(dir, e))?;
+    copy_tokenizer_files(base_llm, out.path())?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    lora_config.base_model_name_or_path = Some(absolute(base_llm).display().to_string());
+    write_json(&out.path().join("adapter_config.json"), &lora_config.to_peft_json())?;
+    let mut e = Exporter::new();
+    model.llm.export_lora(&mut e, llava_llm::lora::PEFT_PREFIX);
+    e.save(&out.path().join("adapter_model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
+    let mut e = Exporter::new();
+    e.scope("base_model.model.model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
+    e.save(&out.path().join(NON_LORA_TRAINABLES), SaveDtype::Keep, &[("format", "pt")])?;
+    let tower = absolute(vision_tower).display().to_string();
+    write_json(&out.path().join("config.json"), &original_config_json(config, &tower))?;
+    out.commit().map_err(|e| LlavaError::config(dir, e))?;
+    Ok(())
+}
+
+/// The projector's file in a LoRA folder.
+pub const NON_LORA_TRAINABLES: &str = "non_lora_trainables.safetensors";
 
 /// Adds `quantization_config` for a model whose LLM is quantized: what was done, for people and
 /// for tools (transformers refuses the unknown `quant_method` rather than loading codes as

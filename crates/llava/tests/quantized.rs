@@ -68,12 +68,8 @@ fn dequantized(loaded: &mut LoadedLlava<B>) {
         }
     };
     let llm = &mut loaded.model.llm;
-    for l in &mut llm.layers {
-        let (a, m) = (&mut l.self_attn, &mut l.mlp);
-        for layer in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj] {
-            float(layer);
-        }
-        float(&mut m.down_proj);
+    for (_, layer) in llm.projections_mut() {
+        float(&mut layer.base);
     }
     if let Some(head) = &mut llm.lm_head {
         float(head);
@@ -156,7 +152,7 @@ fn the_memory_plan_counts_the_quantized_llm_as_loaded() {
         for l in &llm.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
             for layer in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
-                held += layer.weight_bytes() as u64;
+                held += layer.base.weight_bytes() as u64;
             }
             held += float_bytes(l.input_layernorm.gamma.val().unsqueeze())
                 + float_bytes(l.post_attention_layernorm.gamma.val().unsqueeze());

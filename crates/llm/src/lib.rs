@@ -34,6 +34,9 @@ use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
 use llava_kernels::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
+
+pub mod lora;
+pub use lora::{LoraAdapter, LoraConfig, LoraLinear};
 use llava_kernels::{add, silu_mul};
 use serde::{Deserialize, Serialize};
 
@@ -357,10 +360,10 @@ impl<B: Backend> Rotary<B> {
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: AnyLinear<B>,
-    pub k_proj: AnyLinear<B>,
-    pub v_proj: AnyLinear<B>,
-    pub o_proj: AnyLinear<B>,
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub o_proj: LoraLinear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -390,9 +393,9 @@ impl<B: Backend> Attention<B> {
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: AnyLinear<B>,
-    pub up_proj: AnyLinear<B>,
-    pub down_proj: AnyLinear<B>,
+    pub gate_proj: LoraLinear<B>,
+    pub up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -530,18 +533,18 @@ impl<B: Backend> LlamaModel<B> {
             let m = l.pp("mlp");
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: load_linear(&a, "q_proj", d, nh * hd, ab, quantize)?,
-                    k_proj: load_linear(&a, "k_proj", d, nkv * hd, ab, quantize)?,
-                    v_proj: load_linear(&a, "v_proj", d, nkv * hd, ab, quantize)?,
-                    o_proj: load_linear(&a, "o_proj", nh * hd, d, ab, quantize)?,
+                    q_proj: load_projection(&a, "q_proj", d, nh * hd, ab, quantize)?,
+                    k_proj: load_projection(&a, "k_proj", d, nkv * hd, ab, quantize)?,
+                    v_proj: load_projection(&a, "v_proj", d, nkv * hd, ab, quantize)?,
+                    o_proj: load_projection(&a, "o_proj", nh * hd, d, ab, quantize)?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate_proj: load_linear(&m, "gate_proj", d, im, mb, quantize)?,
-                    up_proj: load_linear(&m, "up_proj", d, im, mb, quantize)?,
-                    down_proj: load_linear(&m, "down_proj", im, d, mb, quantize)?,
+                    gate_proj: load_projection(&m, "gate_proj", d, im, mb, quantize)?,
+                    up_proj: load_projection(&m, "up_proj", d, im, mb, quantize)?,
+                    down_proj: load_projection(&m, "down_proj", im, d, mb, quantize)?,
                 },
                 input_layernorm: l.rms_norm("input_layernorm", d, eps)?,
                 post_attention_layernorm: l.rms_norm("post_attention_layernorm", d, eps)?,
@@ -563,7 +566,7 @@ impl<B: Backend> LlamaModel<B> {
     /// The quantization of the decoder's linear layers (`None`: float; the first layer's
     /// `q_proj` tells, as every layer is loaded alike).
     pub fn quantization(&self) -> Option<QuantFormat> {
-        match &self.layers.first()?.self_attn.q_proj {
+        match &self.layers.first()?.self_attn.q_proj.base {
             AnyLinear::Quantized(q) => Some(q.format),
             AnyLinear::Float(_) => None,
         }
@@ -576,15 +579,15 @@ impl<B: Backend> LlamaModel<B> {
             for (i, l) in self.layers.iter().enumerate() {
                 e.scope(format!("layers.{i}"), |e| {
                     e.scope("self_attn", |e| {
-                        export_linear(e, "q_proj", &l.self_attn.q_proj);
-                        export_linear(e, "k_proj", &l.self_attn.k_proj);
-                        export_linear(e, "v_proj", &l.self_attn.v_proj);
-                        export_linear(e, "o_proj", &l.self_attn.o_proj);
+                        export_linear(e, "q_proj", &l.self_attn.q_proj.base);
+                        export_linear(e, "k_proj", &l.self_attn.k_proj.base);
+                        export_linear(e, "v_proj", &l.self_attn.v_proj.base);
+                        export_linear(e, "o_proj", &l.self_attn.o_proj.base);
                     });
                     e.scope("mlp", |e| {
-                        export_linear(e, "gate_proj", &l.mlp.gate_proj);
-                        export_linear(e, "up_proj", &l.mlp.up_proj);
-                        export_linear(e, "down_proj", &l.mlp.down_proj);
+                        export_linear(e, "gate_proj", &l.mlp.gate_proj.base);
+                        export_linear(e, "up_proj", &l.mlp.up_proj.base);
+                        export_linear(e, "down_proj", &l.mlp.down_proj.base);
                     });
                     e.rms_norm("input_layernorm", &l.input_layernorm);
                     e.rms_norm("post_attention_layernorm", &l.post_attention_layernorm);
@@ -604,6 +607,13 @@ impl<B: Backend> LlamaModel<B> {
 /// what it holds tensor by tensor.
 pub fn quantized_weight_name(format: QuantFormat) -> String {
     format!("weight_{format}")
+}
+
+/// A decoder projection (no adapter; [`LlamaModel::with_lora`] / [`LlamaModel::load_lora`] add one).
+fn load_projection<B: Backend>(
+    vb: &Loader<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantFormat>,
+) -> Result<LoraLinear<B>, LlmError> {
+    load_linear(vb, name, d_in, d_out, bias, quantize).map(LoraLinear::from)
 }
 
 /// One linear layer: saved quantized (any format) as it is, else the float weight, quantized

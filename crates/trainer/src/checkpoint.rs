@@ -57,7 +57,10 @@ pub fn save<B: AutodiffBackend>(
     };
     let rec = recorder();
     rec.record(trainer.model.projector.clone().into_record(), tmp.join("projector")).map_err(err(&tmp))?;
-    if trainer.stage == Stage::Two {
+    if trainer.lora() {
+        // Only the adapters train; the frozen base is the run's input, not saved again.
+        rec.record(trainer.model.llm.lora_adapters().into_record(), tmp.join("lora")).map_err(err(&tmp))?;
+    } else if trainer.stage == Stage::Two {
         rec.record(trainer.model.llm.clone().into_record(), tmp.join("llm")).map_err(err(&tmp))?;
     }
     rec.record(trainer.optim.to_record(), tmp.join("optimizer")).map_err(err(&tmp))?;
@@ -169,10 +172,15 @@ pub fn load<B: AutodiffBackend>(
         let path = checkpoint.join(format!("{name}.bin"));
         move |e: burn::record::RecorderError| CheckpointError::Io { path, reason: e.to_string() }
     };
+    let lora = trainer.lora();
     let model = &mut trainer.model;
     model.projector =
         model.projector.clone().load_record(rec.load(checkpoint.join("projector"), &device).map_err(err("projector"))?);
-    if state.stage == Stage::Two {
+    if lora {
+        let record = rec.load(checkpoint.join("lora"), &device).map_err(err("lora"))?;
+        let adapters = model.llm.lora_adapters().load_record(record);
+        model.llm.set_lora_adapters(adapters);
+    } else if state.stage == Stage::Two {
         model.llm = model.llm.clone().load_record(rec.load(checkpoint.join("llm"), &device).map_err(err("llm"))?);
     }
     let optim_record = rec.load(checkpoint.join("optimizer"), &device).map_err(err("optimizer"))?;

@@ -86,6 +86,10 @@ pub struct TrainingConfig {
     /// Samples per optimizer step; gradient accumulation = global / (per-device × devices).
     pub global_batch_size: usize,
     pub learning_rate: f64,
+    /// The projector's own peak learning rate (the reference's `mm_projector_lr`; its LoRA
+    /// recipe uses 2e-5); absent: `learning_rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mm_projector_lr: Option<f64>,
     #[serde(default = "default_warmup")]
     pub warmup_ratio: f64,
     #[serde(default)]
@@ -137,6 +141,90 @@ pub struct TextPretrainConfig {
     pub learning_rate: f64,
 }
 
+/// LoRA / QLoRA (the reference's `--lora_enable`, `--lora_r`, `--lora_alpha`, `--lora_dropout`,
+/// `--lora_bias`, and for QLoRA `--bits 4` with `--quant_type nf4`): adapters on every linear layer
+/// of the LLM but the LM head, the LLM's base weights frozen (held in `bits`), the projector
+/// fully trained. Defaults are the reference's `finetune_lora.sh`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    #[serde(default)]
+    pub enable: bool,
+    #[serde(default = "default_lora_r")]
+    pub r: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    #[serde(default = "default_lora_dropout")]
+    pub dropout: f64,
+    /// Only `none`.
+    #[serde(default = "default_lora_bias")]
+    pub bias: String,
+    /// The frozen LLM's weights: 16 (the run's float dtype), 8 (q8) or 4 (`quant_type`).
+    #[serde(default = "default_bits")]
+    pub bits: u32,
+    /// 4-bit format: `nf4` (QLoRA's NormalFloat, the reference's default) or `q4`.
+    #[serde(default = "default_quant_type")]
+    pub quant_type: String,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            r: default_lora_r(),
+            alpha: default_lora_alpha(),
+            dropout: default_lora_dropout(),
+            bias: default_lora_bias(),
+            bits: default_bits(),
+            quant_type: default_quant_type(),
+        }
+    }
+}
+
+fn default_lora_r() -> usize {
+    128
+}
+fn default_lora_alpha() -> f64 {
+    256.0
+}
+fn default_lora_dropout() -> f64 {
+    0.05
+}
+fn default_lora_bias() -> String {
+    "none".into()
+}
+fn default_bits() -> u32 {
+    16
+}
+fn default_quant_type() -> String {
+    "nf4".into()
+}
+
+impl LoraSettings {
+    /// PEFT's config for these settings (every decoder linear layer).
+    pub fn peft_config(&self) -> llava_llm::LoraConfig {
+        llava_llm::LoraConfig {
+            r: self.r,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            bias: self.bias.clone(),
+            ..llava_llm::LoraConfig::reference()
+        }
+    }
+
+    /// The format the frozen LLM is held in (`None`: float).
+    pub fn quantize(&self) -> Result<Option<llava::QuantFormat>, String> {
+        match (self.bits, self.quant_type.as_str()) {
+            (16 | 32, _) => Ok(None),
+            (8, _) => Ok(Some(llava::QuantFormat::Q8)),
+            (4, "nf4") => Ok(Some(llava::QuantFormat::Nf4)),
+            (4, "q4") => Ok(Some(llava::QuantFormat::Q4)),
+            (4, other) => Err(format!("lora.quant_type = {other:?}: expected nf4 or q4")),
+            (bits, _) => Err(format!("lora.bits = {bits}: expected 16, 8 or 4")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
@@ -157,6 +245,8 @@ pub struct RunConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_pretrain: Option<TextPretrainConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
 }
 
 impl RunConfig {
@@ -203,6 +293,22 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return Err(format!("training.warmup_ratio = {} must be in [0, 1]", t.warmup_ratio));
         }
+        if let Some(lr) = t.mm_projector_lr
+            && !(lr.is_finite() && lr >= 0.0)
+        {
+            return Err(format!("training.mm_projector_lr = {lr} must be a finite number ≥ 0"));
+        }
+        if let Some(lora) = &self.lora {
+            let quantize = lora.quantize()?;
+            if lora.enable {
+                lora.peft_config().validate().map_err(|e| format!("lora: {e}"))?;
+                if self.text_pretrain.is_some() {
+                    return Err("lora.enable with text_pretrain: LoRA adapts a pretrained LLM".into());
+                }
+            } else if quantize.is_some() {
+                return Err(format!("lora.bits = {}: a quantized LLM trains only through LoRA (lora.enable)", lora.bits));
+            }
+        }
         Ok(())
     }
 
@@ -226,6 +332,11 @@ impl RunConfig {
         }
     }
 
+    /// The LoRA settings when LoRA is on.
+    pub fn lora_enabled(&self) -> Option<&LoraSettings> {
+        self.lora.as_ref().filter(|l| l.enable)
+    }
+
     /// The resolved config as TOML (saved in the run directory).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
@@ -242,6 +353,7 @@ impl RunConfig {
         let steps_per_epoch = samples.div_ceil(t.global_batch_size);
         OptimConfig {
             learning_rate: t.learning_rate,
+            projector_learning_rate: t.mm_projector_lr,
             warmup_ratio: t.warmup_ratio,
             weight_decay: t.weight_decay,
             max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),

@@ -53,38 +53,35 @@ pub enum Stage {
     Two,
 }
 
-/// Marks the frozen towers of `stage` (`require_grad = false`).
+/// Marks the frozen parts of `stage` (`require_grad = false`): the vision tower always, the LLM
+/// in stage 1, and the LLM's base weights whenever it carries LoRA adapters (then the adapters
+/// and the projector are what trains, in either stage).
 pub fn freeze<B: AutodiffBackend>(mut model: Llava<B>, stage: Stage) -> Llava<B> {
     model.vision = model.vision.no_grad();
-    if stage == Stage::One {
-        model.llm = model.llm.no_grad();
+    if stage == Stage::One || model.llm.has_lora() {
+        model.llm = model.llm.freeze_base();
     }
     model
 }
 
 /// The trainable parameters as f32 masters (a half-precision checkpoint's values widened,
-/// exactly); the frozen towers stay in whatever dtype they were loaded in.
-fn f32_masters<B: AutodiffBackend>(mut model: Llava<B>, stage: Stage) -> Llava<B> {
+/// exactly); frozen parameters stay in whatever dtype they were loaded in.
+fn f32_masters<B: AutodiffBackend>(mut model: Llava<B>) -> Llava<B> {
     model.projector = model.projector.map(&mut ToF32Leaves);
-    if stage == Stage::Two {
-        model.llm = model.llm.map(&mut ToF32Leaves);
-    }
+    model.llm = model.llm.map(&mut ToF32Leaves);
     model
 }
 
-/// Casts half-precision parameters to f32 as new leaves of the graph, keeping whether they
-/// require gradients.
+/// Casts trainable half-precision parameters to f32 as new leaves of the graph.
 struct ToF32Leaves;
 
 impl<B: AutodiffBackend> ModuleMapper<B> for ToF32Leaves {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         param.map(|t| {
-            if t.dtype() == DType::F32 {
+            if t.dtype() == DType::F32 || !t.is_require_grad() {
                 return t;
             }
-            let trainable = t.is_require_grad();
-            let t = Tensor::from_inner(t.inner().cast(DType::F32));
-            if trainable { t.require_grad() } else { t }
+            Tensor::from_inner(t.inner().cast(DType::F32)).require_grad()
         })
     }
 }
@@ -98,6 +95,9 @@ pub struct OptimConfig {
     pub adam_beta1: f32,
     pub adam_beta2: f32,
     pub adam_epsilon: f32,
+    /// The projector's own peak learning rate (the reference's `mm_projector_lr`), on the same
+    /// schedule; `None`: `learning_rate`.
+    pub projector_learning_rate: Option<f64>,
     /// Global-norm clipping (`max_grad_norm`, 1.0 in HF); `None` disables it.
     pub max_grad_norm: Option<f32>,
     /// Micro-batches per optimizer step.
@@ -112,6 +112,7 @@ impl Default for OptimConfig {
     fn default() -> Self {
         Self {
             learning_rate: 2e-3,
+            projector_learning_rate: None,
             warmup_ratio: 0.03,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -196,6 +197,9 @@ pub struct Trainer<B: AutodiffBackend> {
     frozen_compute: Option<(ClipVisionModel<B>, Option<LlamaModel<B>>)>,
     micro: usize,
     pending: (f64, usize, usize),
+    /// Seeds the backend's generator before each micro-step (LoRA dropout masks), so that a
+    /// resumed run draws the same masks.
+    seed: u64,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -208,7 +212,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
         .init::<B, Llava<B>>();
         Self {
-            model: freeze(f32_masters(model, stage), stage),
+            model: f32_masters(freeze(model, stage)),
             optim,
             config,
             stage,
@@ -218,16 +222,31 @@ impl<B: AutodiffBackend> Trainer<B> {
             frozen_compute: None,
             micro: 0,
             pending: (0.0, 0, 0),
+            seed: 0,
         }
+    }
+
+    /// The run's seed: the dropout masks of micro-step `k` come from the backend's generator
+    /// seeded with a mix of `seed` and `k` (only when something draws, i.e. LoRA dropout).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// Mixed precision: forward and backward in `dtype` (bf16), trainable parameters kept in
     /// f32 and cast for each forward, frozen towers cast once here and that copy reused. Towers
     /// loaded in `dtype` already (the run loads them in its compute dtype) are not copied: the
     /// cast of a tensor to its own dtype is the tensor itself.
+    /// A frozen LLM base (stage 1, LoRA) is cast once too, without its adapters (they are cast
+    /// at each forward); a quantized one is not cast (its scales keep their f16, its other
+    /// weights were loaded in the compute dtype).
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         let vision = self.model.vision.clone().map(&mut CastParams(dtype));
-        let llm = (self.stage == Stage::One).then(|| self.model.llm.clone().map(&mut CastParams(dtype)));
+        let llm = (self.stage == Stage::One || self.lora()).then(|| {
+            let mut llm = self.model.llm.clone();
+            llm.set_lora_adapters(Vec::new());
+            if llm.quantization().is_some() { llm } else { llm.map(&mut CastParams(dtype)) }
+        });
         self.frozen_compute = Some((vision, llm));
         self.compute_dtype = Some(dtype);
         self
@@ -245,7 +264,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let Some(dtype) = self.compute_dtype else { return self.model.clone() };
         let (frozen_vision, frozen_llm) = self.frozen_compute.clone().expect("set with the compute dtype");
         let llm = match frozen_llm {
-            Some(llm) => llm,
+            Some(mut llm) => {
+                let adapters = self.model.llm.lora_adapters();
+                llm.set_lora_adapters(adapters.into_iter().map(|a| a.map(|a| a.map(&mut CastParams(dtype)))).collect());
+                llm
+            }
             None => self.model.llm.clone().map(&mut CastParams(dtype)),
         };
         Llava {
@@ -257,10 +280,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
+    /// Whether the LLM trains through LoRA adapters (its base frozen).
+    pub fn lora(&self) -> bool {
+        self.model.llm.has_lora()
+    }
+
     /// The learning rate of the current optimizer step.
     pub fn lr(&self) -> f64 {
+        self.config.learning_rate * self.schedule_factor()
+    }
+
+    /// The projector's learning rate of the current optimizer step.
+    pub fn projector_lr(&self) -> f64 {
+        self.config.projector_learning_rate.unwrap_or(self.config.learning_rate) * self.schedule_factor()
+    }
+
+    fn schedule_factor(&self) -> f64 {
         let warmup = schedule::warmup_steps(self.config.total_steps, self.config.warmup_ratio);
-        self.config.learning_rate * schedule::cosine_with_warmup(self.step, warmup, self.config.total_steps)
+        schedule::cosine_with_warmup(self.step, warmup, self.config.total_steps)
     }
 
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
@@ -272,6 +309,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.step + 1,
             batch.input_ids.len()
         ));
+        if self.lora() {
+            let micro_index = (self.step * self.config.gradient_accumulation_steps + self.micro) as u64;
+            let device = self.model.llm.embed_tokens.weight.device();
+            B::seed(&device, splitmix(self.seed ^ splitmix(micro_index)));
+        }
         let BatchLoss { loss, supervised, tokens } =
             batch_loss_train(&self.compute_model(), batch, self.config.max_length);
         let loss = loss / self.config.gradient_accumulation_steps as f64;
@@ -300,6 +342,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         let lr = self.lr();
+        if self.config.projector_learning_rate.is_some() {
+            // Two steps of the same optimizer over disjoint parameters (the projector's, then the
+            // rest): AdamW's state is per parameter, so this is the reference's two groups.
+            let projector_grads = take_grads(&self.model.projector, &mut grads);
+            let model = self.model.clone();
+            self.model = self.optim.step(self.projector_lr(), model, projector_grads);
+        }
         let model = self.model.clone();
         self.model = self.optim.step(lr, model, grads);
         let (loss_sum, tokens, supervised) = std::mem::take(&mut self.pending);
@@ -311,6 +360,14 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 use burn::tensor::ElementConversion;
+
+/// SplitMix64's finaliser: nearby seeds give unrelated ones.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
 
 /// Casts every float parameter to a dtype (Burn's cast is differentiable: a tracked parameter's
 /// gradient flows back through it in the original dtype).
@@ -359,6 +416,24 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleVisitor<'_> {
 fn scale_grads<B: AutodiffBackend>(model: &Llava<B>, grads: &mut GradientsParams, coef: f64) {
     let mut v = ScaleVisitor { grads, coef };
     model.visit(&mut v);
+}
+
+/// Moves the gradients of `module`'s parameters out of `grads`.
+fn take_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams) -> GradientsParams {
+    struct Take<'a> {
+        from: &'a mut GradientsParams,
+        to: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.from.remove::<B::InnerBackend, D>(param.id) {
+                self.to.register::<B::InnerBackend, D>(param.id, g);
+            }
+        }
+    }
+    let mut take = Take { from: grads, to: GradientsParams::new() };
+    module.visit(&mut take);
+    take.to
 }
 
 /// All parameter values of a module by id, on the host (for tests and checkpoints).

@@ -34,6 +34,8 @@ pub struct TrainingShape {
     pub stored: llava::load::PartDtypes,
     /// Half-precision products compute through f32 copies ([`llava_kernels::half_products_widen`]).
     pub widened_products: bool,
+    /// LoRA: the adapters' rank and the frozen LLM's format (`None`: the run's float dtype).
+    pub lora: Option<(usize, Option<llava::QuantFormat>)>,
 }
 
 impl TrainingShape {
@@ -41,8 +43,12 @@ impl TrainingShape {
     pub fn from_recipe(
         cfg: &RunConfig, weights: DType, validation_samples: usize, stored: llava::load::PartDtypes,
         widened_products: bool,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let lora = match cfg.lora_enabled() {
+            Some(l) => Some((l.r, l.quantize()?)),
+            None => None,
+        };
+        Ok(Self {
             stage: cfg.stage,
             micro_batch: cfg.training.per_device_batch_size.max(1),
             accumulation: cfg.gradient_accumulation_steps(1).max(1),
@@ -53,7 +59,8 @@ impl TrainingShape {
             text_pretrain_batch: cfg.text_pretrain.as_ref().map(|p| p.batch_size),
             stored,
             widened_products,
-        }
+            lora,
+        })
     }
 }
 
@@ -90,7 +97,11 @@ pub fn training_plan(
     let w = shape.weights;
     let wb = dtype_bytes(w);
     let mixed = w != DType::F32;
-    let trainable = projector + if shape.stage == Stage::Two { llm } else { 0 };
+    let lora_params = shape.lora.map_or(0, |(r, _)| {
+        llava_llm::lora::lora_parameters(&config.text, &llava_llm::LoraConfig { r, ..llava_llm::LoraConfig::reference() })
+    });
+    let full_llm = shape.stage == Stage::Two && shape.lora.is_none();
+    let trainable = projector + lora_params + if full_llm { llm } else { 0 };
     let rows = shape.micro_batch;
     let images = rows; // one image per sample, the LLaVA datasets' case
     let tokens = shape.sequence;
@@ -109,12 +120,36 @@ pub fn training_plan(
             vision * wb,
         ),
     ];
-    match shape.stage {
-        Stage::One => held.push(PlanEntry::new(
+    match (shape.lora, full_llm) {
+        (Some((r, Some(format))), _) => {
+            let (linear, head) = llava::plan::quantizable_parameters(config);
+            let bits = |params: u64, format: llava::QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
+            held.push(PlanEntry::new(
+                format!("LLM linear layers, frozen ({} parameters, {format})", llava::plan::count(linear)),
+                bits(linear, format),
+            ));
+            held.push(PlanEntry::new(
+                format!("LM head, frozen ({} parameters, q8)", llava::plan::count(head)),
+                bits(head, llava::QuantFormat::Q8),
+            ));
+            held.push(PlanEntry::new(
+                format!("LLM embeddings and norms, frozen ({})", dtype_name(w)),
+                (llm - linear - head) * wb,
+            ));
+            held.push(lora_entry(r, lora_params));
+        }
+        (Some((r, None)), _) => {
+            held.push(PlanEntry::new(
+                format!("LLM, frozen ({} parameters, {})", llava::plan::count(llm), dtype_name(w)),
+                llm * wb,
+            ));
+            held.push(lora_entry(r, lora_params));
+        }
+        (None, false) => held.push(PlanEntry::new(
             format!("LLM, frozen ({} parameters, {})", llava::plan::count(llm), dtype_name(w)),
             llm * wb,
         )),
-        Stage::Two => {
+        (None, true) => {
             held.push(PlanEntry::new(format!("LLM, trainable ({} parameters, f32)", llava::plan::count(llm)), llm * 4))
         }
     }
@@ -139,7 +174,7 @@ pub fn training_plan(
         "the largest tensor's bytes while they are converted",
         llava::plan::load_buffer_bytes(config, shape.stored.llm, w),
     )];
-    if mixed && shape.stage == Stage::Two {
+    if mixed && full_llm {
         loading.push(PlanEntry::new(
             format!("the LLM as loaded ({}), until its f32 masters exist", dtype_name(w)),
             llm * wb,
@@ -148,7 +183,8 @@ pub fn training_plan(
     let mut phases = vec![PlanPhase::new("loading", loading)];
 
     let layers = t.num_hidden_layers as u64;
-    let frozen_llm = shape.stage == Stage::One;
+    // LoRA keeps the products' inputs (its adapters need them), as full training does.
+    let frozen_llm = shape.stage == Stage::One && shape.lora.is_none();
     let saved = layers * llm_layer_saved(config, rows, tokens, act, shape.gradient_checkpointing, frozen_llm);
     let patches = (config.image_tokens() * images) as u64;
     let vision_out = patches * (v.hidden_size as u64 + 2 * d * config.projector.depth() as u64) * a;
@@ -192,7 +228,7 @@ pub fn training_plan(
     let embed = (t.vocab_size * t.hidden_size) as u64 * 4;
     let mut save =
         vec![PlanEntry::new("the tensor being read or written (f32)", llava::plan::largest_matrix(config) * 4)];
-    if shape.stage == Stage::Two {
+    if full_llm {
         save.push(PlanEntry::new("the embedding and LM head padded for `<image>` (f32)", 2 * embed));
     }
     phases.push(PlanPhase::new("saving the model", save));
@@ -217,7 +253,12 @@ pub fn training_plan(
     };
     MemoryPlan {
         run: format!(
-            "stage {stage} (micro-batch {rows} × {tokens} tokens, weights {}{})",
+            "stage {stage}{} (micro-batch {rows} × {tokens} tokens, weights {}{})",
+            match shape.lora {
+                Some((r, Some(format))) => format!(", QLoRA r {r} on a {format} base"),
+                Some((r, None)) => format!(", LoRA r {r}"),
+                None => String::new(),
+            },
             dtype_name(w),
             if shape.gradient_checkpointing { ", gradient checkpointing" } else { "" }
         ),
@@ -226,6 +267,10 @@ pub fn training_plan(
         phases,
         capacity,
     }
+}
+
+fn lora_entry(r: usize, params: u64) -> PlanEntry {
+    PlanEntry::new(format!("LoRA adapters, trainable (r {r}, {} parameters, f32)", llava::plan::count(params)), params * 4)
 }
 
 /// What a user could change to make a run fit, each with its plan's peak: gradient checkpointing,

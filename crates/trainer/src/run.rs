@@ -155,7 +155,8 @@ fn plan_for<B: AutodiffBackend>(
     };
     let widened = llava_kernels::half_products_widen::<B>();
     let mut shape =
-        crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened);
+        crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened)
+            .map_err(TrainError::Config)?;
     shape.sequence = longest_sequence(cfg, config, &data.train)?;
     let plan = crate::plan::training_plan(config, &shape, B::name(device), capacity);
     let alternatives = crate::plan::alternatives(config, &shape, B::supports_dtype(device, DType::BF16));
@@ -197,7 +198,13 @@ pub fn build_model<B: AutodiffBackend>(
     let llm_store = WeightStore::open(&cfg.model.llm)?;
     let dtype = Some(weights_dtype::<B>(cfg, device));
     let vision_model = ClipVisionModel::load_hf(&config.vision, &Loader::new(&clip_store, device).with_dtype(dtype))?;
-    let llm = LlamaModel::load_hf(&config.text, &Loader::new(&llm_store, device).with_dtype(dtype))?;
+    let root = Loader::new(&llm_store, device).with_dtype(dtype);
+    let lora = cfg.lora_enabled();
+    let quantize = lora.map(|l| l.quantize()).transpose().map_err(|e| LlavaError::config("lora", e))?.flatten();
+    let mut llm = LlamaModel::load_quantized(&config.text, &root.pp("model"), &root.pp("lm_head"), quantize)?;
+    if let Some(lora) = lora {
+        llm = llm.with_lora(&lora.peft_config(), cfg.training.seed)?;
+    }
     clip_store.ensure_all_used()?;
     llm_store.ensure_all_used()?;
     let projector = match (&cfg.stage, &cfg.model.pretrained_projector) {
@@ -467,7 +474,7 @@ pub fn run<B: AutodiffBackend>(
     let accumulation = optim.gradient_accumulation_steps;
     let total_steps = optim.total_steps;
     let max_length = optim.max_length;
-    let mut trainer = Trainer::new(model, cfg.stage, optim);
+    let mut trainer = Trainer::new(model, cfg.stage, optim).with_seed(cfg.training.seed);
     llava::plan::log_resident("with the trainer");
     if cfg.training.bf16 {
         if B::supports_dtype(device, DType::BF16) {
@@ -631,7 +638,14 @@ pub fn run<B: AutodiffBackend>(
         llm: (cfg.stage == Stage::One)
             .then(|| if cfg.text_pretrain.is_some() { pretrained_llm.clone() } else { cfg.model.llm.clone() }),
     };
-    llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm, &frozen)?;
+    if trainer.lora() {
+        // The reference's LoRA output: the adapter (PEFT), the projector, the config; merged by
+        // `cargo xtask merge-lora`, loaded unmerged as a model folder.
+        let (out, base, tower) = (run_dir.join("model"), &cfg.model.llm, &cfg.model.vision_tower);
+        llava::save::save_lora(&trainer.model, &llava_config, &out, base, tower)?;
+    } else {
+        llava::save::save_model(&trainer.model, &llava_config, &run_dir.join("model"), &cfg.model.llm, &frozen)?;
+    }
     llava::plan::log_resident("after saving the model");
     let all = read_metrics(&metrics_path).map_err(io(&metrics_path))?;
     let points: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();

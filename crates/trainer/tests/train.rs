@@ -98,9 +98,24 @@ fn tiny() -> LlavaConfig {
 /// A model whose lazily initialised parameters are materialised now, so clones are identical
 /// (the backend RNG is shared by tests running in parallel).
 fn model(device: &<B as burn::tensor::backend::BackendTypes>::Device) -> llava::Llava<B> {
+    let _rng = random_lock();
     let m = tiny().init::<B>(device);
     let _ = param_values(&m);
     m
+}
+
+/// The backend's generator is one per process: a test whose results depend on the sequence it
+/// draws (LoRA dropout) holds this lock while it trains, and every draw of the other tests takes it.
+static RANDOM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn random_lock() -> std::sync::MutexGuard<'static, ()> {
+    RANDOM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `[n, 3, 28, 28]` standard-normal pixels.
+fn pixels<BB: Backend>(n: usize, device: &BB::Device) -> Tensor<BB, 4> {
+    let _rng = random_lock();
+    Tensor::random([n, 3, 28, 28], Distribution::Normal(0.0, 1.0), device)
 }
 
 fn batch<BB: Backend>(device: &BB::Device, rows: &[(Vec<i64>, Vec<i64>)]) -> Batch<BB> {
@@ -108,7 +123,7 @@ fn batch<BB: Backend>(device: &BB::Device, rows: &[(Vec<i64>, Vec<i64>)]) -> Bat
     Batch {
         input_ids: rows.iter().map(|r| r.0.clone()).collect(),
         labels: rows.iter().map(|r| r.1.clone()).collect(),
-        pixels: (images > 0).then(|| Tensor::random([images, 3, 28, 28], Distribution::Normal(0.0, 1.0), device)),
+        pixels: (images > 0).then(|| pixels(images, device)),
     }
 }
 
@@ -160,7 +175,7 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     let device = Default::default();
     let rows = [sample(2), sample(3)];
     let base = model(&device);
-    let pixels = Tensor::<B, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+    let pixels = pixels::<B>(2, &device);
     let run = |accumulation: usize| {
         let pixels = pixels.clone();
         let mut trainer = Trainer::new(base.clone(), Stage::Two, config(1e-3, accumulation));
@@ -221,7 +236,7 @@ fn a_tiny_model_overfits_one_sample() {
 fn resuming_from_a_checkpoint_continues_bit_identically() {
     let device = Default::default();
     let base = model(&device);
-    let pixels = Tensor::<B, 4>::random([1, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+    let pixels = pixels::<B>(1, &device);
     let batches: Vec<Batch<B>> = (0..6)
         .map(|k| {
             let (ids, labels) = sample(10 + k);
@@ -278,7 +293,7 @@ fn gradient_checkpointing_gives_the_same_step() {
     let device = Default::default();
     let base = model(&device);
     let rows = [sample(5), sample(6)];
-    let pixels = Tensor::<B, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+    let pixels = pixels::<B>(2, &device);
     let batch_of = |p: Tensor<llava::backend::Cpu, 4>| {
         (rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), p)
     };
@@ -425,4 +440,221 @@ fn a_truncated_flipped_or_deleted_file_of_the_newest_checkpoint_falls_back_to_th
         }
     }
     assert_eq!(tried, 3 * (files.len() + 1));
+}
+
+// ---- LoRA -------------------------------------------------------------------------------------
+
+fn lora_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora")
+}
+
+fn read_f32(store: &llava_checkpoint::WeightStore, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let shape = store.info(name).unwrap_or_else(|| panic!("{name} in the fixture")).shape.clone();
+    (store.read_f32(name, &shape).unwrap(), shape)
+}
+
+/// Token ids, stored as f32 in the fixture.
+fn read_ids(store: &llava_checkpoint::WeightStore, name: &str) -> (Vec<i64>, Vec<usize>) {
+    let (v, shape) = read_f32(store, name);
+    (v.into_iter().map(|x| x as i64).collect(), shape)
+}
+
+fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}");
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!((a - b).abs() <= tol * scale.max(1e-3), "{what}[{i}]: {a} vs {b} (scale {scale})");
+    }
+}
+
+/// PEFT's LoRA on a tiny LlamaForCausalLM (tests/fixtures/lora, scripts/fixtures/gen_lora.py):
+/// the adapter file PEFT wrote loads, and the logits, the loss, every adapter gradient and the
+/// merged model's logits are PyTorch's.
+#[test]
+fn lora_logits_loss_gradients_and_merge_match_peft() {
+    let device = Default::default();
+    let dir = lora_fixtures();
+    let config = LlamaConfig::from_hf_dir(&dir.join("base")).unwrap();
+    let base_store = llava_checkpoint::WeightStore::open(&dir.join("base")).unwrap();
+    let base = llava_llm::LlamaModel::<B>::load_hf(&config, &llava_checkpoint::Loader::new(&base_store, &device)).unwrap();
+    let lora = llava_llm::LoraConfig::from_dir(&dir.join("adapter")).unwrap();
+    assert_eq!((lora.r, lora.lora_alpha, lora.target_modules.len()), (4, 8.0, 7));
+    let adapter_store = llava_checkpoint::WeightStore::open(&dir.join("adapter")).unwrap();
+    let model = base.load_lora(&lora, &adapter_store).unwrap().freeze_base();
+    adapter_store.ensure_all_used().unwrap();
+
+    let expected = llava_checkpoint::WeightStore::open(&dir.join("expected.safetensors")).unwrap();
+    let (ids, ids_shape) = read_ids(&expected, "input_ids");
+    let (labels, _) = read_ids(&expected, "labels");
+    let [b, s] = [ids_shape[0], ids_shape[1]];
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
+    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [b, s]), &device);
+    let logits = model.forward_ids(ids.clone(), None);
+    assert_close(&logits.clone().into_data().to_vec::<f32>().unwrap(), &read_f32(&expected, "logits").0, 1e-5, "logits");
+    let (loss, _) = causal_lm_loss(logits, labels);
+    let value: f32 = loss.clone().into_scalar();
+    assert!((value - read_f32(&expected, "loss").0[0]).abs() < 1e-5, "loss {value}");
+    let grads = loss.backward();
+    let mut checked = 0;
+    for (name, p) in model.projections() {
+        let a = p.lora.as_ref().unwrap();
+        for (which, param) in [("A", &a.lora_a), ("B", &a.lora_b)] {
+            let grad = param.val().grad(&grads).expect("adapters train");
+            // Ours are [in, r] / [r, out]; PyTorch's [r, in] / [out, r].
+            let grad = grad.transpose().into_data().to_vec::<f32>().unwrap();
+            let theirs = read_f32(&expected, &format!("grad.base_model.model.model.{name}.lora_{which}.weight")).0;
+            assert_close(&grad, &theirs, 1e-4, &format!("{name}.lora_{which} gradient"));
+            checked += 1;
+        }
+        assert!(p.base.as_float().unwrap().weight.val().grad(&grads).is_none(), "{name}: the base is frozen");
+    }
+    assert_eq!(checked, 28);
+    let merged = burn::module::AutodiffModule::valid(&model).merge_lora().unwrap();
+    let merged_logits = merged.forward_ids(ids.inner(), None).into_data().to_vec::<f32>().unwrap();
+    assert_close(&merged_logits, &read_f32(&expected, "merged_logits").0, 1e-5, "merged logits");
+}
+
+fn lora_model(device: &<B as burn::tensor::backend::BackendTypes>::Device, dropout: f64) -> llava::Llava<B> {
+    let mut m = model(device);
+    let lora = llava_llm::LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: dropout, ..llava_llm::LoraConfig::reference() };
+    m.llm = m.llm.with_lora(&lora, 3).unwrap();
+    let _ = param_values(&m);
+    m
+}
+
+fn adapters(trainer: &Trainer<B>) -> Values {
+    trainer
+        .model
+        .llm
+        .lora_adapters()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| [a.lora_a.val(), a.lora_b.val()])
+        .map(|t| t.into_data().to_vec::<f32>().unwrap())
+        .collect()
+}
+
+fn base_weights(trainer: &Trainer<B>) -> Values {
+    let mut llm = trainer.model.llm.clone();
+    llm.set_lora_adapters(Vec::new());
+    param_values(&llm).into_iter().map(|p| p.1).collect()
+}
+
+/// LoRA in stage 2: the vision tower and the LLM's base weights stay bit-identical; the adapters
+/// (every one, lora_B leaving zero) and the projector train, the projector at its own rate.
+#[test]
+fn lora_trains_only_the_adapters_and_the_projector() {
+    let device = Default::default();
+    let cfg = OptimConfig { projector_learning_rate: Some(0.0), ..config(1e-2, 1) };
+    let mut trainer = Trainer::new(lora_model(&device, 0.05), Stage::Two, cfg).with_seed(1);
+    assert!(trainer.lora());
+    let (vision, projector, _) = split(&trainer);
+    let (base, lora) = (base_weights(&trainer), adapters(&trainer));
+    // Two steps: lora_B starts at zero, so lora_A's first gradient is zero (as in PEFT).
+    let b = batch(&device, &[sample(0), sample(1)]);
+    let rng = random_lock(); // dropout draws
+    trainer.micro_step(&b).unwrap();
+    trainer.micro_step(&b).unwrap();
+    drop(rng);
+    let after = split(&trainer);
+    assert_eq!(vision, after.0, "the vision tower is bit-identical");
+    assert_eq!(projector, after.1, "a projector learning rate of 0 leaves the projector as it was");
+    assert_eq!(base, base_weights(&trainer), "the LLM's base weights are bit-identical");
+    let trained = adapters(&trainer);
+    assert!(lora.iter().zip(&trained).all(|(a, b)| a != b), "every adapter matrix trains");
+
+    let mut trainer = Trainer::new(lora_model(&device, 0.05), Stage::Two, config(1e-2, 1));
+    let _rng = random_lock();
+    trainer.micro_step(&b).unwrap();
+    assert_ne!(projector, split(&trainer).1, "the projector trains at the main rate");
+}
+
+/// A LoRA run with dropout, killed after 3 steps and resumed from its checkpoint (which holds
+/// only the adapters, projector and optimizer), continues exactly as the uninterrupted run.
+#[test]
+fn lora_with_dropout_resumes_bit_identically() {
+    let device = Default::default();
+    let base = lora_model(&device, 0.3);
+    let pixels = pixels::<B>(1, &device);
+    let batches: Vec<Batch<B>> = (0..6)
+        .map(|k| {
+            let (ids, labels) = sample(10 + k);
+            Batch { input_ids: vec![ids], labels: vec![labels], pixels: Some(pixels.clone()) }
+        })
+        .collect();
+    let cfg = OptimConfig { learning_rate: 1e-2, warmup_ratio: 0.2, total_steps: 6, ..Default::default() };
+    let _rng = random_lock();
+    let new = || Trainer::new(base.clone(), Stage::Two, cfg.clone()).with_seed(9);
+    let mut straight = new();
+    let full: Vec<f64> = batches.iter().map(|b| straight.micro_step(b).unwrap().loss).collect();
+    let mut again = new();
+    let repeat: Vec<f64> = batches.iter().map(|b| again.micro_step(b).unwrap().loss).collect();
+    assert_eq!(full, repeat, "the dropout masks come from the seed");
+    // (lora_B is zero until the first step with a learning rate above 0, the second of the
+    // warmup: the first two losses do not depend on the masks.)
+    let mut other_seed = Trainer::new(base.clone(), Stage::Two, cfg.clone()).with_seed(10);
+    let other: Vec<f64> = batches[..3].iter().map(|b| other_seed.micro_step(b).unwrap().loss).collect();
+    assert_ne!(other[2], full[2], "dropout is on");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first = new();
+    for b in &batches[..3] {
+        first.micro_step(b).unwrap();
+    }
+    let saved = llava_trainer::checkpoint::save(&first, tmp.path(), 2, serde_json::json!({})).unwrap();
+    assert!(saved.join("lora.bin").is_file() && !saved.join("llm.bin").exists(), "only the adapters are saved");
+    drop(first);
+    let mut resumed = new();
+    llava_trainer::checkpoint::load(&mut resumed, &saved).unwrap();
+    let rest: Vec<f64> = batches[3..].iter().map(|b| resumed.micro_step(b).unwrap().loss).collect();
+    assert_eq!(rest, full[3..].to_vec());
+    assert_eq!(adapters(&resumed), adapters(&straight));
+    assert_eq!(split(&resumed).1, split(&straight).1);
+}
+
+/// QLoRA: with the LLM's linear layers in NF4, a step's loss and adapter gradients are those of
+/// a float model holding the dequantized weights, and the 4-bit codes never change.
+#[test]
+fn qlora_follows_the_float_model_of_its_dequantized_base() {
+    let device = Default::default();
+    let mut config = tiny();
+    config.text.hidden_size = 32;
+    config.text.intermediate_size = 64;
+    let rng = random_lock();
+    let mut base = config.init::<B>(&device);
+    for (_, p) in base.llm.projections_mut() {
+        p.base = p.base.clone().quantized(llava::QuantFormat::Nf4).unwrap();
+    }
+    let lora = llava_llm::LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, ..llava_llm::LoraConfig::reference() };
+    base.llm = base.llm.with_lora(&lora, 3).unwrap();
+    let _ = param_values(&base);
+    drop(rng);
+    let mut float = base.clone();
+    for (_, p) in float.llm.projections_mut() {
+        if let llava_kernels::AnyLinear::Quantized(q) = &p.base {
+            let mut linear = burn::nn::LinearConfig::new(q.dims()[1], q.dims()[0]).with_bias(false).init(&device);
+            linear.weight = burn::module::Param::from_tensor(q.dequantize().transpose());
+            p.base = llava_kernels::AnyLinear::Float(linear);
+        }
+    }
+    let b = batch(&device, &[sample(5)]);
+    let mut quantized = Trainer::new(base, Stage::Two, config_lr(1e-2));
+    let mut reference = Trainer::new(float, Stage::Two, config_lr(1e-2));
+    let codes = |t: &Trainer<B>| match &t.model.llm.layers[0].mlp.up_proj.base {
+        llava_kernels::AnyLinear::Quantized(q) => q.values.clone().into_data().to_vec::<i32>().unwrap(),
+        _ => panic!("quantized"),
+    };
+    let before = codes(&quantized);
+    for _ in 0..3 {
+        let (q, f) = (quantized.micro_step(&b).unwrap(), reference.micro_step(&b).unwrap());
+        assert!((q.loss - f.loss).abs() < 1e-5 && (q.grad_norm - f.grad_norm).abs() < 1e-4, "{q:?} vs {f:?}");
+    }
+    assert_eq!(codes(&quantized), before);
+    for (a, b) in adapters(&quantized).iter().zip(adapters(&reference)) {
+        assert_close(a, &b, 1e-4, "adapters after 3 steps");
+    }
+}
+
+fn config_lr(lr: f64) -> OptimConfig {
+    config(lr, 1)
 }
