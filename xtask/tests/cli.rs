@@ -465,6 +465,61 @@ fn stage1_then_stage2_train_save_and_resume() {
     // The trained model loads for inference.
     let loaded = load_dir::<B>(&run2.join("model"), &LoadOptions::default(), &Default::default()).unwrap();
     assert_eq!(loaded.config.projector.name(), "mlp2x_gelu");
+
+    // Stage 2 with LoRA (dropout on): the reference's output folder, resumable bit-identically,
+    // loadable unmerged, and merged by merge-lora into a model with the same logits.
+    let lora =
+        ["--set", "training.epochs=1", "--set", "lora.enable=true", "--set", "lora.r=4", "--set", "lora.alpha=8"];
+    let run3 = t.join("run3");
+    let stage2 = |run: &Path, extra: &[&str]| {
+        let mut args = vec!["stage2", "--config", s2.to_str().unwrap(), "--run-dir", run.to_str().unwrap()];
+        args.extend_from_slice(&lora);
+        args.extend_from_slice(extra);
+        ok(&xtask(&args));
+    };
+    stage2(&run3, &[]);
+    let lora_losses = losses(&run3);
+    assert_eq!(lora_losses.len(), 2);
+    let run3b = t.join("run3b");
+    stage2(&run3b, &["--max-steps", "1"]);
+    stage2(&run3b, &["--resume"]);
+    assert_eq!(losses(&run3b), lora_losses, "a resumed LoRA run continues bit-identically");
+    let adapter = run3.join("model");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors", "config.json"] {
+        assert!(adapter.join(f).is_file(), "{f}");
+    }
+    assert!(!adapter.join("model.safetensors").exists(), "the frozen base is not copied");
+    let peft = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(
+        (peft["peft_type"].as_str(), peft["r"].as_u64(), peft["lora_alpha"].as_f64()),
+        (Some("LORA"), Some(4), Some(8.0))
+    );
+    let shape = |file: &Path, name: &str| WeightStore::open(file).unwrap().info(name).unwrap().shape.clone();
+    let down = shape(&tower_llm, "model.layers.1.mlp.down_proj.weight"); // [hidden, intermediate]
+    let adapter_file = adapter.join("adapter_model.safetensors");
+    assert_eq!(shape(&adapter_file, "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"), [4, down[1]]);
+    assert_eq!(shape(&adapter_file, "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"), [down[0], 4]);
+    let unmerged = load_dir::<B>(&adapter, &LoadOptions::default(), &Default::default()).unwrap();
+    assert!(unmerged.model.llm.has_lora());
+    let merged_dir = t.join("merged");
+    let msg =
+        ok(&xtask(&["merge-lora", "--adapter", adapter.to_str().unwrap(), "--out", merged_dir.to_str().unwrap()]));
+    assert!(msg.contains("merged 14 adapters"), "{msg}");
+    let merged = load_dir::<B>(&merged_dir, &LoadOptions::default(), &Default::default()).unwrap();
+    assert!(!merged.model.llm.has_lora());
+    let ids = || burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_ints([[1, 5, 9, 200, 3]], &Default::default());
+    let a = unmerged.model.llm.forward_ids(ids(), None).into_data().to_vec::<f32>().unwrap();
+    let b = merged.model.llm.forward_ids(ids(), None).into_data().to_vec::<f32>().unwrap();
+    let base = loaded.model.llm.forward_ids(ids(), None).into_data().to_vec::<f32>().unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs())), "merged = base + adapter");
+    assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-4), "the adapters changed the model");
+    assert_eq!(
+        tensor(&merged_dir.join("model.safetensors"), "multi_modal_projector.linear_1.weight"),
+        tensor(&adapter.join("non_lora_trainables.safetensors"), "base_model.model.model.mm_projector.0.weight"),
+        "the projector trained beside the adapters is the merged model's"
+    );
+    // Generation runs on the unmerged folder.
+    ok(&xtask(&["generate", "--model", adapter.to_str().unwrap(), "--prompt", "hello", "--max-new-tokens", "3"]));
 }
 
 fn read_json(path: &Path) -> serde_json::Value {

@@ -413,13 +413,10 @@ const LORA_PROJECTOR_PREFIX: &str = "base_model.model.model.mm_projector";
 fn resolve_lora(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
     let lora = LoraConfig::from_dir(dir)?;
     let adapter_config = dir.join("adapter_config.json");
-    let base = options
-        .lora_base
-        .clone()
-        .or_else(|| lora.base_model_name_or_path.as_ref().map(PathBuf::from))
-        .ok_or_else(|| {
-            LlavaError::config(&adapter_config, "base_model_name_or_path is missing: give the base LLM directory")
-        })?;
+    let base =
+        options.lora_base.clone().or_else(|| lora.base_model_name_or_path.as_ref().map(PathBuf::from)).ok_or_else(
+            || LlavaError::config(&adapter_config, "base_model_name_or_path is missing: give the base LLM directory"),
+        )?;
     let base = if base.is_relative() && !base.exists() { dir.join(base) } else { base };
     if !base.join("config.json").is_file() {
         return Err(LlavaError::config(

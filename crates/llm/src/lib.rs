@@ -36,8 +36,8 @@ use llava_kernels::attention;
 use llava_kernels::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 
 pub mod lora;
-pub use lora::{LoraAdapter, LoraConfig, LoraLinear};
 use llava_kernels::{add, silu_mul};
+pub use lora::{LoraAdapter, LoraConfig, LoraLinear};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +245,7 @@ impl LlamaConfig {
             norm: norm(),
             lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false).into()),
             rope_theta: self.rope_theta,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -427,6 +428,10 @@ pub struct LlamaModel<B: Backend> {
     /// `None` when the head is tied to `embed_tokens`.
     pub lm_head: Option<AnyLinear<B>>,
     pub rope_theta: f64,
+    /// With LoRA: the modules trained whole beside the adapters (PEFT's `modules_to_save`:
+    /// `embed_tokens`, `lm_head`); see [`LlamaModel::freeze_base`].
+    #[module(skip)]
+    pub modules_to_save: Vec<String>,
 }
 
 impl<B: Backend> LlamaModel<B> {
@@ -560,7 +565,14 @@ impl<B: Backend> LlamaModel<B> {
             let head_format = quantize.map(|_| QuantFormat::Q8);
             Some(load_linear(lm_head, "", d, config.vocab_size, false, head_format)?)
         };
-        Ok(Self { embed_tokens, layers, norm: vb.rms_norm("norm", d, eps)?, lm_head, rope_theta: config.rope_theta })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: vb.rms_norm("norm", d, eps)?,
+            lm_head,
+            rope_theta: config.rope_theta,
+            modules_to_save: Vec::new(),
+        })
     }
 
     /// The quantization of the decoder's linear layers (`None`: float; the first layer's

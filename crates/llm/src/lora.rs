@@ -55,7 +55,19 @@ pub struct LoraConfig {
     /// Where the base model is (a local path here).
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// Modules trained whole beside the adapters and saved in the adapter file: `embed_tokens`
+    /// and/or `lm_head` (what a model with new or untrained vocabulary needs; the reference's
+    /// recipes use none).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub modules_to_save: Vec<String>,
 }
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The modules [`LoraConfig::modules_to_save`] may name.
+pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
 
 fn bias_none() -> String {
     "none".into()
@@ -72,6 +84,7 @@ impl LoraConfig {
             bias: bias_none(),
             use_rslora: false,
             base_model_name_or_path: None,
+            modules_to_save: Vec::new(),
         }
     }
 
@@ -97,9 +110,16 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             return Err("target_modules is empty".into());
         }
+        for m in &self.modules_to_save {
+            if !SAVABLE_MODULES.contains(&m.as_str()) {
+                return Err(format!("modules_to_save: `{m}` is not supported (expected some of {SAVABLE_MODULES:?})"));
+            }
+        }
         for m in &self.target_modules {
             if !ALL_LINEAR.contains(&m.as_str()) {
-                return Err(format!("target_modules: `{m}` is not a decoder linear layer (expected some of {ALL_LINEAR:?})"));
+                return Err(format!(
+                    "target_modules: `{m}` is not a decoder linear layer (expected some of {ALL_LINEAR:?})"
+                ));
             }
         }
         Ok(())
@@ -157,7 +177,7 @@ impl LoraConfig {
             "inference_mode": true,
             "layers_to_transform": null,
             "layers_pattern": null,
-            "modules_to_save": null,
+            "modules_to_save": if self.modules_to_save.is_empty() { serde_json::Value::Null } else { self.modules_to_save.clone().into() },
             "rank_pattern": {},
             "alpha_pattern": {},
             "revision": null,
@@ -332,16 +352,29 @@ impl<B: Backend> LlamaModel<B> {
                 p.lora = Some(LoraAdapter::init(d_in, d_out, config, seed.wrapping_add(k as u64), &device));
             }
         }
+        self.modules_to_save = config.modules_to_save.clone();
         Ok(self)
     }
 
-    /// Every parameter frozen (`require_grad = false`) but the adapters' (for LoRA training).
+    /// Every parameter frozen (`require_grad = false`) but the adapters' and those of
+    /// [`LlamaModel::modules_to_save`] (for LoRA training).
     pub fn freeze_base(self) -> Self {
         let adapters = self.lora_adapters();
         let mut model = self.no_grad();
         let trainable = adapters.into_iter().map(|a| a.map(|a| a.map(&mut RequireGrad))).collect();
         model.set_lora_adapters(trainable);
+        if model.saves("embed_tokens") {
+            model.embed_tokens = model.embed_tokens.map(&mut RequireGrad);
+        }
+        if model.saves("lm_head") {
+            model.lm_head = model.lm_head.map(|h| h.map(&mut RequireGrad));
+        }
         model
+    }
+
+    /// Whether `module` trains whole beside the adapters.
+    pub fn saves(&self, module: &str) -> bool {
+        self.modules_to_save.iter().any(|m| m == module)
     }
 
     /// Whether any layer carries an adapter.
@@ -365,6 +398,7 @@ impl<B: Backend> LlamaModel<B> {
             lora_alpha: first.scaling * r as f64,
             lora_dropout: first.dropout.prob,
             target_modules,
+            modules_to_save: self.modules_to_save.clone(),
             ..LoraConfig::reference()
         })
     }
@@ -397,12 +431,21 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Writes the adapters with PEFT's names (`{prefix}layers.{i}.self_attn.q_proj.lora_A.weight`
     /// `[r, in]`, `…lora_B.weight` `[out, r]`); `prefix` is usually [`PEFT_PREFIX`].
+    /// The modules of [`LlamaModel::modules_to_save`] are written whole, under PEFT's names
+    /// (`{prefix}embed_tokens.weight`; the head beside the decoder, `{prefix}../lm_head.weight`,
+    /// i.e. `base_model.model.lm_head.weight` for [`PEFT_PREFIX`]).
     pub fn export_lora(&self, e: &mut Exporter, prefix: &str) {
         for (name, p) in self.projections() {
             if let Some(lora) = &p.lora {
                 e.tensor(&format!("{prefix}{name}.lora_A.weight"), &lora.lora_a.val().transpose());
                 e.tensor(&format!("{prefix}{name}.lora_B.weight"), &lora.lora_b.val().transpose());
             }
+        }
+        if self.saves("embed_tokens") {
+            e.embedding(&format!("{prefix}embed_tokens"), &self.embed_tokens);
+        }
+        if let (true, Some(AnyLinear::Float(head))) = (self.saves("lm_head"), &self.lm_head) {
+            e.linear(&format!("{}lm_head", head_prefix(prefix)), head);
         }
     }
 
@@ -447,6 +490,30 @@ impl<B: Backend> LlamaModel<B> {
             p.lora = Some(LoraAdapter::from_parts(a, b, config));
             loaded += 1;
         }
+        // Whole modules saved beside the adapters replace the base's.
+        let whole = |module: &str| store.names().find(|n| n.ends_with(&format!("{module}.weight"))).map(str::to_string);
+        if config.modules_to_save.iter().any(|m| m == "embed_tokens") {
+            let name = whole("embed_tokens").ok_or_else(|| LlmError::Config {
+                path: "adapter_model".into(),
+                reason: "modules_to_save names embed_tokens, but the adapter file has no embed_tokens.weight".into(),
+            })?;
+            let [vocab, d] = self.embed_tokens.weight.dims();
+            let dtype = self.embed_tokens.weight.dtype();
+            let w = Tensor::<B, 2>::from_data(store.read(&name, &[vocab, d], Some(dtype))?, &device);
+            self.embed_tokens.weight = Param::from_tensor(w);
+        }
+        if config.modules_to_save.iter().any(|m| m == "lm_head") && self.lm_head.is_some() {
+            let name = whole("lm_head").ok_or_else(|| LlmError::Config {
+                path: "adapter_model".into(),
+                reason: "modules_to_save names lm_head, but the adapter file has no lm_head.weight".into(),
+            })?;
+            let [d, vocab] = self.lm_head.as_ref().expect("checked").dims();
+            let w = store.read(&name, &[vocab, d], Some(DType::F32))?;
+            let mut head = burn::nn::LinearConfig::new(d, vocab).with_bias(false).init(&device);
+            head.weight = Param::from_tensor(Tensor::<B, 2>::from_data(w, &device).transpose());
+            self.lm_head = Some(AnyLinear::Float(head));
+        }
+        self.modules_to_save = config.modules_to_save.clone();
         let unused: Vec<String> = store.unused().into_iter().filter(|n| n.contains("lora_")).collect();
         if let Some(first) = unused.first() {
             return Err(LlmError::Config {
@@ -465,6 +532,14 @@ struct RequireGrad;
 impl<B: Backend> burn::module::ModuleMapper<B> for RequireGrad {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         param.map(|t| t.set_require_grad(true))
+    }
+}
+
+/// `base_model.model.model.` → `base_model.model.` (the head is beside the decoder).
+fn head_prefix(prefix: &str) -> String {
+    match prefix.strip_suffix("model.") {
+        Some(outer) if !prefix.is_empty() => outer.to_string(),
+        _ => prefix.to_string(),
     }
 }
 
@@ -522,7 +597,8 @@ mod tests {
             let lora = p.lora.as_mut().unwrap();
             let [r, out] = lora.lora_b.dims();
             Flex::seed(device, 100 + k as u64);
-            lora.lora_b = Param::from_tensor(Tensor::random([r, out], burn::tensor::Distribution::Normal(0.0, 0.05), device));
+            lora.lora_b =
+                Param::from_tensor(Tensor::random([r, out], burn::tensor::Distribution::Normal(0.0, 0.05), device));
         }
         model
     }
@@ -577,6 +653,36 @@ mod tests {
         for (a, b) in values(loaded.forward_ids(ids(&device), None)).iter().zip(&expected) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    /// `modules_to_save`: the embeddings and LM head travel in the adapter file under PEFT's names, replacing the base's when it loads.
+    #[test]
+    fn modules_to_save_train_and_travel_with_the_adapter() {
+        let device = Default::default();
+        let config = LoraConfig { modules_to_save: vec!["embed_tokens".into(), "lm_head".into()], ..config() };
+        let mut model = tiny(&device).with_lora(&config, 7).unwrap();
+        Flex::seed(&device, 11);
+        model.embed_tokens.weight =
+            Param::from_tensor(Tensor::random([50, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &device));
+        // (That they train, and nothing else of the base, is the trainer's test.)
+        let expected = values(model.forward_ids(ids(&device), None));
+        let mut e = Exporter::new();
+        model.export_lora(&mut e, PEFT_PREFIX);
+        let names: Vec<&str> = e.names().collect();
+        assert!(names.contains(&"base_model.model.model.embed_tokens.weight"), "{names:?}");
+        assert!(names.contains(&"base_model.model.lm_head.weight"), "{names:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("adapter_model.safetensors");
+        e.save(&file, llava_checkpoint::SaveDtype::F32, &[]).unwrap();
+        let read = LoraConfig::from_peft_json(&model.lora_config().unwrap().to_peft_json()).unwrap();
+        assert_eq!(read.modules_to_save, config.modules_to_save);
+        let store = WeightStore::open(&file).unwrap();
+        let loaded = tiny(&device).load_lora(&read, &store).unwrap();
+        for (a, b) in values(loaded.forward_ids(ids(&device), None)).iter().zip(&expected) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let bad = LoraConfig { modules_to_save: vec!["norm".into()], ..config };
+        assert!(bad.validate().unwrap_err().contains("norm"));
     }
 
     #[test]

@@ -59,7 +59,14 @@ pub fn save<B: AutodiffBackend>(
     rec.record(trainer.model.projector.clone().into_record(), tmp.join("projector")).map_err(err(&tmp))?;
     if trainer.lora() {
         // Only the adapters train; the frozen base is the run's input, not saved again.
-        rec.record(trainer.model.llm.lora_adapters().into_record(), tmp.join("lora")).map_err(err(&tmp))?;
+        let llm = &trainer.model.llm;
+        rec.record(llm.lora_adapters().into_record(), tmp.join("lora")).map_err(err(&tmp))?;
+        if llm.saves("embed_tokens") {
+            rec.record(llm.embed_tokens.clone().into_record(), tmp.join("embed_tokens")).map_err(err(&tmp))?;
+        }
+        if llm.saves("lm_head") {
+            rec.record(llm.lm_head.clone().into_record(), tmp.join("lm_head")).map_err(err(&tmp))?;
+        }
     } else if trainer.stage == Stage::Two {
         rec.record(trainer.model.llm.clone().into_record(), tmp.join("llm")).map_err(err(&tmp))?;
     }
@@ -180,6 +187,14 @@ pub fn load<B: AutodiffBackend>(
         let record = rec.load(checkpoint.join("lora"), &device).map_err(err("lora"))?;
         let adapters = model.llm.lora_adapters().load_record(record);
         model.llm.set_lora_adapters(adapters);
+        if model.llm.saves("embed_tokens") {
+            let record = rec.load(checkpoint.join("embed_tokens"), &device).map_err(err("embed_tokens"))?;
+            model.llm.embed_tokens = model.llm.embed_tokens.clone().load_record(record);
+        }
+        if model.llm.saves("lm_head") {
+            let record = rec.load(checkpoint.join("lm_head"), &device).map_err(err("lm_head"))?;
+            model.llm.lm_head = model.llm.lm_head.clone().load_record(record);
+        }
     } else if state.stage == Stage::Two {
         model.llm = model.llm.clone().load_record(rec.load(checkpoint.join("llm"), &device).map_err(err("llm"))?);
     }

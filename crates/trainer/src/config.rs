@@ -165,6 +165,11 @@ pub struct LoraSettings {
     /// 4-bit format: `nf4` (QLoRA's NormalFloat, the reference's default) or `q4`.
     #[serde(default = "default_quant_type")]
     pub quant_type: String,
+    /// Modules trained whole beside the adapters (PEFT's `modules_to_save`): `embed_tokens`,
+    /// `lm_head`. The reference's recipes use none; an LLM whose vocabulary is untrained (the
+    /// demo's) needs both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraSettings {
@@ -177,6 +182,7 @@ impl Default for LoraSettings {
             bias: default_lora_bias(),
             bits: default_bits(),
             quant_type: default_quant_type(),
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -208,6 +214,7 @@ impl LoraSettings {
             lora_alpha: self.alpha,
             lora_dropout: self.dropout,
             bias: self.bias.clone(),
+            modules_to_save: self.modules_to_save.clone(),
             ..llava_llm::LoraConfig::reference()
         }
     }
@@ -306,7 +313,10 @@ impl RunConfig {
                     return Err("lora.enable with text_pretrain: LoRA adapts a pretrained LLM".into());
                 }
             } else if quantize.is_some() {
-                return Err(format!("lora.bits = {}: a quantized LLM trains only through LoRA (lora.enable)", lora.bits));
+                return Err(format!(
+                    "lora.bits = {}: a quantized LLM trains only through LoRA (lora.enable)",
+                    lora.bits
+                ));
             }
         }
         Ok(())
@@ -458,6 +468,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Sets `a.b.c = value` in a TOML tree; the value is parsed as TOML (number, bool, string…),
 /// and falls back to a plain string.
+/// Recipe sections every field of which has a default: `--set lora.enable=true` works on a
+/// recipe without a `[lora]` section.
+const OPTIONAL_SECTIONS: [&str; 1] = ["lora"];
+
 pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), ConfigError> {
     let (key, raw) = assignment
         .split_once('=')
@@ -483,6 +497,10 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), Co
             }
             table.insert(part.to_string(), value);
             return Ok(());
+        }
+        // Sections whose fields all have defaults may be absent from the recipe.
+        if i == 0 && !table.contains_key(*part) && OPTIONAL_SECTIONS.contains(part) {
+            table.insert(part.to_string(), toml::Value::Table(Default::default()));
         }
         if !table.contains_key(*part) {
             let known: Vec<&str> = table.keys().map(String::as_str).collect();

@@ -265,8 +265,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (frozen_vision, frozen_llm) = self.frozen_compute.clone().expect("set with the compute dtype");
         let llm = match frozen_llm {
             Some(mut llm) => {
-                let adapters = self.model.llm.lora_adapters();
+                let trained = &self.model.llm;
+                let adapters = trained.lora_adapters();
                 llm.set_lora_adapters(adapters.into_iter().map(|a| a.map(|a| a.map(&mut CastParams(dtype)))).collect());
+                if trained.saves("embed_tokens") {
+                    llm.embed_tokens = trained.embed_tokens.clone().map(&mut CastParams(dtype));
+                }
+                if trained.saves("lm_head") {
+                    llm.lm_head = trained.lm_head.clone().map(|h| h.map(&mut CastParams(dtype)));
+                }
                 llm
             }
             None => self.model.llm.clone().map(&mut CastParams(dtype)),

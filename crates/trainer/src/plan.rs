@@ -36,6 +36,9 @@ pub struct TrainingShape {
     pub widened_products: bool,
     /// LoRA: the adapters' rank and the frozen LLM's format (`None`: the run's float dtype).
     pub lora: Option<(usize, Option<llava::QuantFormat>)>,
+    /// LoRA: the modules trained whole beside the adapters (`modules_to_save`), counted as
+    /// trainable f32 parameters (their frozen copies stay in the LLM's entry).
+    pub lora_modules_to_save: Vec<String>,
 }
 
 impl TrainingShape {
@@ -60,6 +63,7 @@ impl TrainingShape {
             stored,
             widened_products,
             lora,
+            lora_modules_to_save: cfg.lora_enabled().map(|l| l.modules_to_save.clone()).unwrap_or_default(),
         })
     }
 }
@@ -98,8 +102,19 @@ pub fn training_plan(
     let wb = dtype_bytes(w);
     let mixed = w != DType::F32;
     let lora_params = shape.lora.map_or(0, |(r, _)| {
-        llava_llm::lora::lora_parameters(&config.text, &llava_llm::LoraConfig { r, ..llava_llm::LoraConfig::reference() })
+        llava_llm::lora::lora_parameters(
+            &config.text,
+            &llava_llm::LoraConfig { r, ..llava_llm::LoraConfig::reference() },
+        )
     });
+    let embedding_params = (config.text.vocab_size * config.text.hidden_size) as u64;
+    let lora_params = lora_params
+        + shape
+            .lora_modules_to_save
+            .iter()
+            .filter(|m| m.as_str() == "embed_tokens" || !config.text.tie_word_embeddings)
+            .count() as u64
+            * embedding_params;
     let full_llm = shape.stage == Stage::Two && shape.lora.is_none();
     let trainable = projector + lora_params + if full_llm { llm } else { 0 };
     let rows = shape.micro_batch;
@@ -123,7 +138,8 @@ pub fn training_plan(
     match (shape.lora, full_llm) {
         (Some((r, Some(format))), _) => {
             let (linear, head) = llava::plan::quantizable_parameters(config);
-            let bits = |params: u64, format: llava::QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
+            let bits =
+                |params: u64, format: llava::QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
             held.push(PlanEntry::new(
                 format!("LLM linear layers, frozen ({} parameters, {format})", llava::plan::count(linear)),
                 bits(linear, format),
@@ -270,7 +286,10 @@ pub fn training_plan(
 }
 
 fn lora_entry(r: usize, params: u64) -> PlanEntry {
-    PlanEntry::new(format!("LoRA adapters, trainable (r {r}, {} parameters, f32)", llava::plan::count(params)), params * 4)
+    PlanEntry::new(
+        format!("LoRA adapters, trainable (r {r}, {} parameters, f32)", llava::plan::count(params)),
+        params * 4,
+    )
 }
 
 /// What a user could change to make a run fit, each with its plan's peak: gradient checkpointing,

@@ -20,6 +20,7 @@ fn recipes_have_the_reference_hyperparameters() {
         ("llava-13b-scienceqa", Stage::Two, 2e-5, 32, 12.0, "v1", "linear"),
         ("llava-v1.5-7b-stage1", Stage::One, 1e-3, 256, 1.0, "plain", "mlp2x_gelu"),
         ("llava-v1.5-7b-stage2", Stage::Two, 2e-5, 128, 1.0, "v1", "mlp2x_gelu"),
+        ("llava-v1.5-7b-lora", Stage::Two, 2e-4, 128, 1.0, "v1", "mlp2x_gelu"),
     ];
     for (name, stage, lr, global, epochs, template, projector) in expected {
         let c = RunConfig::load(&configs().join(format!("{name}.toml")), &[]).unwrap();
@@ -33,6 +34,32 @@ fn recipes_have_the_reference_hyperparameters() {
         assert_eq!(c.training.model_max_length, 2048, "{name}");
         assert!(llava_data::conversation::conv_template(&c.data.template).is_some());
     }
+    // finetune_lora.sh: r 128, α 256, dropout 0.05, bias none, projector at 2e-5, float base.
+    let c = RunConfig::load(&configs().join("llava-v1.5-7b-lora.toml"), &[]).unwrap();
+    let lora = c.lora_enabled().expect("LoRA on");
+    assert_eq!((lora.r, lora.alpha, lora.dropout, lora.bias.as_str()), (128, 256.0, 0.05, "none"));
+    assert_eq!((c.training.mm_projector_lr, lora.quantize()), (Some(2e-5), Ok(None)));
+    assert_eq!(lora.peft_config().target_modules.len(), 7, "every linear layer of the LLM but the head");
+    // QLoRA (finetune_qlora.sh's --bits 4, nf4) from the command line; bad settings are named.
+    let q = RunConfig::load(&configs().join("llava-v1.5-7b-lora.toml"), &["lora.bits=4".into()]).unwrap();
+    assert_eq!(q.lora_enabled().unwrap().quantize(), Ok(Some(llava::QuantFormat::Nf4)));
+    for (set, field) in [
+        ("lora.bits=3", "lora.bits"),
+        ("lora.quant_type=\"fp4\"", "lora.quant_type"),
+        ("lora.r=0", "r must"),
+        ("lora.dropout=1.5", "lora_dropout"),
+        ("lora.bias=\"all\"", "bias"),
+    ] {
+        let err = RunConfig::load(&configs().join("llava-v1.5-7b-lora.toml"), &[set.into()]).unwrap_err().to_string();
+        assert!(err.contains(field), "{set}: {err}");
+    }
+    // `--set lora.enable=true` on a recipe without a [lora] section: the reference's defaults.
+    let c = RunConfig::load(&configs().join("llava-v1.5-7b-stage2.toml"), &["lora.enable=true".into()]).unwrap();
+    assert_eq!(c.lora_enabled().map(|l| (l.r, l.alpha, l.bits)), Some((128, 256.0, 16)));
+    let err =
+        RunConfig::load(&configs().join("llava-v1.5-7b-stage2.toml"), &["lora.bits=4".into()]).unwrap_err().to_string();
+    assert!(err.contains("lora.enable"), "a quantized LLM without LoRA: {err}");
+
     // 558K samples at 256 per step on 8 GPUs × 32: 2,181 steps without accumulation.
     let c = RunConfig::load(&configs().join("llava-v1.5-7b-stage1.toml"), &[]).unwrap();
     let o = c.optim(558_128, 8);

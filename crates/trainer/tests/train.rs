@@ -476,7 +476,8 @@ fn lora_logits_loss_gradients_and_merge_match_peft() {
     let dir = lora_fixtures();
     let config = LlamaConfig::from_hf_dir(&dir.join("base")).unwrap();
     let base_store = llava_checkpoint::WeightStore::open(&dir.join("base")).unwrap();
-    let base = llava_llm::LlamaModel::<B>::load_hf(&config, &llava_checkpoint::Loader::new(&base_store, &device)).unwrap();
+    let base =
+        llava_llm::LlamaModel::<B>::load_hf(&config, &llava_checkpoint::Loader::new(&base_store, &device)).unwrap();
     let lora = llava_llm::LoraConfig::from_dir(&dir.join("adapter")).unwrap();
     assert_eq!((lora.r, lora.lora_alpha, lora.target_modules.len()), (4, 8.0, 7));
     let adapter_store = llava_checkpoint::WeightStore::open(&dir.join("adapter")).unwrap();
@@ -490,7 +491,12 @@ fn lora_logits_loss_gradients_and_merge_match_peft() {
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
     let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [b, s]), &device);
     let logits = model.forward_ids(ids.clone(), None);
-    assert_close(&logits.clone().into_data().to_vec::<f32>().unwrap(), &read_f32(&expected, "logits").0, 1e-5, "logits");
+    assert_close(
+        &logits.clone().into_data().to_vec::<f32>().unwrap(),
+        &read_f32(&expected, "logits").0,
+        1e-5,
+        "logits",
+    );
     let (loss, _) = causal_lm_loss(logits, labels);
     let value: f32 = loss.clone().into_scalar();
     assert!((value - read_f32(&expected, "loss").0[0]).abs() < 1e-5, "loss {value}");
@@ -516,7 +522,8 @@ fn lora_logits_loss_gradients_and_merge_match_peft() {
 
 fn lora_model(device: &<B as burn::tensor::backend::BackendTypes>::Device, dropout: f64) -> llava::Llava<B> {
     let mut m = model(device);
-    let lora = llava_llm::LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: dropout, ..llava_llm::LoraConfig::reference() };
+    let lora =
+        llava_llm::LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: dropout, ..llava_llm::LoraConfig::reference() };
     m.llm = m.llm.with_lora(&lora, 3).unwrap();
     let _ = param_values(&m);
     m
@@ -564,9 +571,24 @@ fn lora_trains_only_the_adapters_and_the_projector() {
     assert!(lora.iter().zip(&trained).all(|(a, b)| a != b), "every adapter matrix trains");
 
     let mut trainer = Trainer::new(lora_model(&device, 0.05), Stage::Two, config(1e-2, 1));
-    let _rng = random_lock();
+    let rng = random_lock();
     trainer.micro_step(&b).unwrap();
+    drop(rng);
     assert_ne!(projector, split(&trainer).1, "the projector trains at the main rate");
+
+    // modules_to_save: the embeddings and the LM head train too; the decoder's base does not.
+    let mut m = lora_model(&device, 0.0);
+    m.llm.modules_to_save = vec!["embed_tokens".into(), "lm_head".into()];
+    let mut trainer = Trainer::new(m, Stage::Two, config(1e-2, 1));
+    let llm = &trainer.model.llm;
+    let head = |llm: &llava_llm::LlamaModel<B>| param_values(llm.lm_head.as_ref().unwrap());
+    let (embed, lm_head, layers) =
+        (param_values(&llm.embed_tokens), head(llm), param_values(&llm.layers[1].mlp.up_proj.base));
+    trainer.micro_step(&b).unwrap();
+    let llm = &trainer.model.llm;
+    assert_ne!(embed, param_values(&llm.embed_tokens));
+    assert_ne!(lm_head, head(llm));
+    assert_eq!(layers, param_values(&llm.layers[1].mlp.up_proj.base));
 }
 
 /// A LoRA run with dropout, killed after 3 steps and resumed from its checkpoint (which holds
