@@ -3,6 +3,7 @@
 //! Standard output carries only a command's result; logs and progress go to standard error.
 
 mod bench;
+mod bench_lora;
 mod bench_real;
 mod data_cmds;
 mod demo;
@@ -81,6 +82,8 @@ enum Command {
     BenchBackends(bench::BenchBackendsArgs),
     /// Generation at real shapes (checkpoint folders, e.g. from scripts/real_shapes.py) against
     /// PyTorch loading the same folders: load, peak RSS, prefill/decode tok/s, bandwidth use.
+    /// One LoRA training step of a LLaMA folder, ours against PyTorch + PEFT in the same run.
+    BenchLora(bench_lora::BenchLoraArgs),
     BenchReal(bench_real::BenchRealArgs),
     /// One configuration of bench-real in a process of its own (prints one JSON line).
     #[command(hide = true)]
@@ -131,6 +134,7 @@ fn main() -> Result<()> {
         Command::BenchTrain(args) => bench::bench_train(args, &root),
         Command::BenchGenerate(args) => bench::bench_generate(args, &root),
         Command::BenchPipeline(args) => bench::bench_pipeline(args, &root),
+        Command::BenchLora(args) => bench_lora::bench_lora(args, &root),
         Command::BenchReal(args) => bench_real::bench_real(args, &root),
         Command::BenchRealOne(args) => bench_real::bench_real_one(args),
         Command::Plan(args) => plan_cmds::plan(args, &root),

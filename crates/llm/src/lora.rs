@@ -623,9 +623,10 @@ mod tests {
     #[test]
     fn merged_adapters_give_the_unmerged_logits() {
         let device = Default::default();
-        let model = perturbed(tiny(&device), &device);
+        let base_model = tiny(&device);
+        let model = perturbed(base_model.clone(), &device);
         let unmerged = values(model.forward_ids(ids(&device), None));
-        let base = values(tiny(&device).forward_ids(ids(&device), None));
+        let base = values(base_model.forward_ids(ids(&device), None));
         assert!(unmerged.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-3), "the adapters change the output");
         let merged = model.merge_lora().unwrap();
         assert!(!merged.has_lora());
@@ -637,7 +638,9 @@ mod tests {
     #[test]
     fn saved_adapters_load_back_with_the_same_logits_and_config() {
         let device = Default::default();
-        let model = perturbed(tiny(&device), &device);
+        // One base, cloned: the backend's generator is shared with the tests running beside.
+        let base = tiny(&device);
+        let model = perturbed(base.clone(), &device);
         let expected = values(model.forward_ids(ids(&device), None));
         let dir = tempfile::tempdir().unwrap();
         let mut e = Exporter::new();
@@ -648,7 +651,7 @@ mod tests {
         let read = LoraConfig::from_peft_json(&config_json).unwrap();
         assert_eq!(read, config());
         let store = WeightStore::open(&file).unwrap();
-        let loaded = tiny(&device).load_lora(&read, &store).unwrap();
+        let loaded = base.load_lora(&read, &store).unwrap();
         // The same values; the products may sum in another order (a transposed view).
         for (a, b) in values(loaded.forward_ids(ids(&device), None)).iter().zip(&expected) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
@@ -660,7 +663,8 @@ mod tests {
     fn modules_to_save_train_and_travel_with_the_adapter() {
         let device = Default::default();
         let config = LoraConfig { modules_to_save: vec!["embed_tokens".into(), "lm_head".into()], ..config() };
-        let mut model = tiny(&device).with_lora(&config, 7).unwrap();
+        let base = tiny(&device);
+        let mut model = base.clone().with_lora(&config, 7).unwrap();
         Flex::seed(&device, 11);
         model.embed_tokens.weight =
             Param::from_tensor(Tensor::random([50, 32], burn::tensor::Distribution::Normal(0.0, 1.0), &device));
@@ -677,7 +681,7 @@ mod tests {
         let read = LoraConfig::from_peft_json(&model.lora_config().unwrap().to_peft_json()).unwrap();
         assert_eq!(read.modules_to_save, config.modules_to_save);
         let store = WeightStore::open(&file).unwrap();
-        let loaded = tiny(&device).load_lora(&read, &store).unwrap();
+        let loaded = base.load_lora(&read, &store).unwrap();
         for (a, b) in values(loaded.forward_ids(ids(&device), None)).iter().zip(&expected) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }

@@ -221,6 +221,9 @@ impl LoraSettings {
 
     /// The format the frozen LLM is held in (`None`: float).
     pub fn quantize(&self) -> Result<Option<llava::QuantFormat>, String> {
+        if !["nf4", "q4"].contains(&self.quant_type.as_str()) {
+            return Err(format!("lora.quant_type = {:?}: expected nf4 or q4", self.quant_type));
+        }
         match (self.bits, self.quant_type.as_str()) {
             (16 | 32, _) => Ok(None),
             (8, _) => Ok(Some(llava::QuantFormat::Q8)),
