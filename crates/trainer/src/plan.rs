@@ -220,6 +220,16 @@ pub fn training_plan(
         PlanEntry::new("vision tower activations (no gradient)", llava::plan::vision_activations(config, images, act)),
         PlanEntry::new("parameter gradients (f32)", trainable * 4),
     ];
+    if let Some((_, Some(format))) = shape.lora {
+        // Measured (7B, nf4, bf16): the autodiff graph keeps each layer's dequantized weight for
+        // the backward pass (Burn's dequantize + matmul; no custom backward yet), so the step
+        // holds the whole base in the compute dtype again.
+        let (linear, head) = llava::plan::quantizable_parameters(config);
+        step.push(PlanEntry::new(
+            format!("{format} layers dequantized for the products, kept for the backward pass ({})", dtype_name(act)),
+            (linear + head) * a,
+        ));
+    }
     if mixed {
         step.push(PlanEntry::new(
             format!("the trainable parameters cast to {} for the forward pass", dtype_name(w)),
