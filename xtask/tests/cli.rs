@@ -485,7 +485,7 @@ fn stage1_then_stage2_train_save_and_resume() {
     stage2(&run3b, &["--resume"]);
     assert_eq!(losses(&run3b), lora_losses, "a resumed LoRA run continues bit-identically");
     let adapter = run3.join("model");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors", "config.json"] {
+    for f in ["adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin", "config.json"] {
         assert!(adapter.join(f).is_file(), "{f}");
     }
     assert!(!adapter.join("model.safetensors").exists(), "the frozen base is not copied");
@@ -519,7 +519,7 @@ fn stage1_then_stage2_train_save_and_resume() {
     assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-4), "the adapters changed the model");
     assert_eq!(
         tensor(&merged_dir.join("model.safetensors"), "multi_modal_projector.linear_1.weight"),
-        tensor(&adapter.join("non_lora_trainables.safetensors"), "base_model.model.model.mm_projector.0.weight"),
+        tensor(&adapter.join("non_lora_trainables.bin"), "base_model.model.model.mm_projector.0.weight"),
         "the projector trained beside the adapters is the merged model's"
     );
     // Generation runs on the unmerged folder.

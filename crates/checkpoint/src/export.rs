@@ -364,4 +364,126 @@ impl Exporter {
         })
         .map_err(|source| failed.take().unwrap_or(WeightsError::Io { path: path.to_path_buf(), source }))
     }
+
+    /// Writes the tensors as `torch.save` does (a zip of `archive/data.pkl`, one stored entry per
+    /// tensor and `archive/version`), a state dict that `torch.load` reads, for tools that only
+    /// read `.bin` files (the LLaVA reference's `non_lora_trainables.bin`). Tensors in memory
+    /// only (not passed-through ones); f32, f16 or bf16. The pickle is the one `torch.save`
+    /// writes for a plain state dict: an `OrderedDict` of `torch._utils._rebuild_tensor_v2` calls
+    /// on persistent storages.
+    pub fn save_torch(&self, path: &Path, dtype: SaveDtype) -> Result<()> {
+        let mut pickle = vec![0x80, 2]; // PROTO 2
+        let global = |p: &mut Vec<u8>, module: &str, name: &str| {
+            p.push(b'c');
+            p.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        };
+        let unicode = |p: &mut Vec<u8>, text: &str| {
+            p.push(b'X');
+            p.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            p.extend_from_slice(text.as_bytes());
+        };
+        let int = |p: &mut Vec<u8>, v: usize| {
+            p.push(b'J');
+            p.extend_from_slice(&(v as i32).to_le_bytes());
+        };
+        global(&mut pickle, "collections", "OrderedDict");
+        pickle.extend_from_slice(b")R("); // OrderedDict(), MARK
+        let mut storages = Vec::new();
+        for (key, (name, entry)) in self.tensors.iter().enumerate() {
+            let target = dtype.target(entry.dtype());
+            let data = match entry {
+                Entry::Values(data) => data.clone().convert_dtype(target),
+                Entry::Tensor { data, .. } => (data.0)().convert_dtype(target),
+                Entry::Stored { .. } | Entry::Declared { .. } => {
+                    return Err(WeightsError::Missing {
+                        name: name.clone(),
+                        hint: " (a passed-through tensor cannot be written as a .bin)".into(),
+                    });
+                }
+            };
+            let storage = match target {
+                DType::F16 => "HalfStorage",
+                DType::BF16 => "BFloat16Storage",
+                _ => "FloatStorage",
+            };
+            let shape = entry.shape();
+            let numel: usize = shape.iter().product();
+            unicode(&mut pickle, name);
+            global(&mut pickle, "torch._utils", "_rebuild_tensor_v2");
+            pickle.extend_from_slice(b"((");
+            unicode(&mut pickle, "storage");
+            global(&mut pickle, "torch", storage);
+            unicode(&mut pickle, &key.to_string());
+            unicode(&mut pickle, "cpu");
+            int(&mut pickle, numel);
+            pickle.extend_from_slice(b"tQ"); // TUPLE, BINPERSID
+            int(&mut pickle, 0); // storage offset
+            pickle.push(b'(');
+            for &d in &shape {
+                int(&mut pickle, d);
+            }
+            pickle.extend_from_slice(b"t(");
+            let mut stride = 1;
+            let mut strides = vec![0; shape.len()];
+            for (i, &d) in shape.iter().enumerate().rev() {
+                strides[i] = stride;
+                stride *= d;
+            }
+            for s in strides {
+                int(&mut pickle, s);
+            }
+            pickle.push(b't');
+            pickle.push(0x89); // NEWFALSE: requires_grad
+            global(&mut pickle, "collections", "OrderedDict");
+            pickle.extend_from_slice(b")Rt"); // backward hooks; the args TUPLE
+            pickle.push(b'R'); // REDUCE
+            storages.push(data);
+        }
+        pickle.extend_from_slice(b"u."); // SETITEMS, STOP
+        let io = |source: std::io::Error| WeightsError::Io { path: path.to_path_buf(), source };
+        llava_io::write_atomically(path, |f| {
+            let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            let entry = |zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>, name: &str, bytes: &[u8]| {
+                zip.start_file(format!("archive/{name}"), stored).map_err(std::io::Error::other)?;
+                std::io::Write::write_all(zip, bytes)
+            };
+            entry(&mut zip, "data.pkl", &pickle)?;
+            entry(&mut zip, "byteorder", b"little")?;
+            for (key, data) in storages.iter().enumerate() {
+                entry(&mut zip, &format!("data/{key}"), data.as_bytes())?;
+            }
+            entry(&mut zip, "version", b"3\n")?;
+            let bytes = zip.finish().map_err(std::io::Error::other)?.into_inner();
+            f.write_all(&bytes)
+        })
+        .map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::WeightStore;
+
+    /// A `torch.save`-format file written here reads back (through the `.bin` reader, which
+    /// interprets the pickle as `torch.load` does) to the same names, shapes and values.
+    #[test]
+    fn torch_format_files_read_back_exactly() {
+        let mut e = Exporter::new();
+        let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+        e.data("base_model.model.model.mm_projector.0.weight", TensorData::new(a.clone(), [3, 4]));
+        e.data("base_model.model.model.mm_projector.0.bias", TensorData::new(vec![0.5f32, -2.0, 3.0], [3]));
+        let dir = tempfile::tempdir().unwrap();
+        for (dtype, tol) in [(SaveDtype::F32, 0.0), (SaveDtype::F16, 1e-3), (SaveDtype::BF16, 1e-2)] {
+            let path = dir.path().join("non_lora_trainables.bin");
+            e.save_torch(&path, dtype).unwrap();
+            let store = WeightStore::open_files(&[path]).unwrap();
+            assert_eq!(store.names().count(), 2);
+            let back = store.read_f32("base_model.model.model.mm_projector.0.weight", &[3, 4]).unwrap();
+            assert!(back.iter().zip(&a).all(|(x, y)| (x - y).abs() <= tol), "{back:?}");
+            let bias = store.read_f32("base_model.model.model.mm_projector.0.bias", &[3]).unwrap();
+            assert_eq!(bias, [0.5, -2.0, 3.0]);
+        }
+    }
 }

@@ -250,9 +250,8 @@ fn original_config_json(config: &LlavaConfig, vision_tower: &str) -> serde_json:
 /// Writes a LoRA run's result into `dir` as the reference writes it (`finetune_lora.sh`'s output
 /// folder), complete or absent: PEFT's `adapter_config.json` (`base_model_name_or_path` =
 /// `base_llm`) and `adapter_model.safetensors` (f32), the projector as
-/// `non_lora_trainables.safetensors` (`base_model.model.model.mm_projector.*`, the reference's
-/// names; the reference writes a `.bin` of the same keys), an original-layout `config.json`
-/// whose `mm_vision_tower` is `vision_tower`, and the base's tokenizer files. [`crate::load`]
+/// `non_lora_trainables.bin` (`torch.save`'s format, `base_model.model.model.mm_projector.*`:
+/// what the reference writes and `torch.load`s), an original-layout `config.json` whose `mm_vision_tower` is `vision_tower`, and the base's tokenizer files. [`crate::load`]
 /// reads the folder as a model (base + adapter, unmerged); `cargo xtask merge-lora` merges it.
 pub fn save_lora<B: Backend>(
     model: &Llava<B>, config: &LlavaConfig, dir: &Path, base_llm: &Path, vision_tower: &Path,
@@ -269,7 +268,7 @@ pub fn save_lora<B: Backend>(
     e.save(&out.path().join("adapter_model.safetensors"), SaveDtype::F32, &[("format", "pt")])?;
     let mut e = Exporter::new();
     e.scope("base_model.model.model.mm_projector", |e| model.projector.export(ProjectorNaming::Original, e));
-    e.save(&out.path().join(NON_LORA_TRAINABLES), SaveDtype::Keep, &[("format", "pt")])?;
+    e.save_torch(&out.path().join(NON_LORA_TRAINABLES), SaveDtype::Keep)?;
     let tower = absolute(vision_tower).display().to_string();
     write_json(&out.path().join("config.json"), &original_config_json(config, &tower))?;
     out.commit().map_err(|e| LlavaError::config(dir, e))?;
@@ -277,7 +276,7 @@ pub fn save_lora<B: Backend>(
 }
 
 /// The projector's file in a LoRA folder.
-pub const NON_LORA_TRAINABLES: &str = "non_lora_trainables.safetensors";
+pub const NON_LORA_TRAINABLES: &str = "non_lora_trainables.bin";
 
 /// Adds `quantization_config` for a model whose LLM is quantized: what was done, for people and
 /// for tools (transformers refuses the unknown `quant_method` rather than loading codes as
