@@ -424,16 +424,8 @@ fn resolve_lora(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaE
             format!("the base model {} is not a local model directory (nothing is downloaded)", base.display()),
         ));
     }
-    let projector_file = ["non_lora_trainables.safetensors", "non_lora_trainables.bin"]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| LlavaError::config(dir, "non_lora_trainables.safetensors (or .bin) is missing: no projector"))?;
-    let adapter_file = ["adapter_model.safetensors", "adapter_model.bin"]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| LlavaError::config(dir, "adapter_model.safetensors (or .bin) is missing"))?;
+    let projector_file = file_of(dir, "non_lora_trainables", "no projector")?;
+    let adapter_file = file_of(dir, "adapter_model", "no adapters")?;
     let mut files = WeightStore::open(&base)?.files().to_vec();
     files.push(projector_file);
     let store = WeightStore::open_files(&files)?;
@@ -441,6 +433,15 @@ fn resolve_lora(dir: &Path, options: &LoadOptions) -> Result<ModelSource, LlavaE
     let mut source = resolve_original(dir, &json, options, Some((store, LORA_PROJECTOR_PREFIX)))?;
     source.adapter = Some((lora, WeightStore::open(&adapter_file)?));
     Ok(source)
+}
+
+/// `dir/{stem}.safetensors`, else `dir/{stem}.bin`; neither is an error saying what is missing.
+fn file_of(dir: &Path, stem: &str, meaning: &str) -> Result<PathBuf, LlavaError> {
+    ["safetensors", "bin"]
+        .iter()
+        .map(|ext| dir.join(format!("{stem}.{ext}")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LlavaError::config(dir, format!("{stem}.safetensors (or .bin) is missing: {meaning}")))
 }
 
 /// `weights`: the store and projector prefix when they are not `dir`'s own checkpoint (a LoRA

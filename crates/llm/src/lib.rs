@@ -733,7 +733,8 @@ mod tests {
         }
     }
 
-    fn tiny(device: &<Flex as burn::tensor::backend::BackendTypes>::Device) -> LlamaModel<Flex> {
+    /// A 2-layer GQA decoder seeded with 4 (also the LoRA tests' base).
+    pub(crate) fn tiny(device: &<Flex as burn::tensor::backend::BackendTypes>::Device) -> LlamaModel<Flex> {
         let config = LlamaConfig {
             vocab_size: 50,
             hidden_size: 32,

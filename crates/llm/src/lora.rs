@@ -559,23 +559,9 @@ mod tests {
     use burn::tensor::Int;
 
     use super::*;
-    use crate::LlamaConfig;
+    use crate::tests::tiny;
 
     type Device = <Flex as burn::tensor::backend::BackendTypes>::Device;
-
-    fn tiny(device: &Device) -> LlamaModel<Flex> {
-        let config = LlamaConfig {
-            vocab_size: 50,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            ..Default::default()
-        };
-        Flex::seed(device, 4);
-        config.init(device)
-    }
 
     fn config() -> LoraConfig {
         LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.0, ..LoraConfig::reference() }

@@ -323,3 +323,87 @@ pub fn alternatives(config: &LlavaConfig, shape: &TrainingShape, bf16_supported:
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use llava::SelectFeature;
+    use llava_data::image::AspectMode;
+    use llava_llm::LlamaConfig;
+    use llava_projector::ProjectorKind;
+    use llava_vision_encoder::ClipVisionConfig;
+
+    use super::*;
+
+    fn llava_7b() -> LlavaConfig {
+        LlavaConfig {
+            vision: ClipVisionConfig {
+                hidden_size: 1024,
+                intermediate_size: 4096,
+                num_hidden_layers: 24,
+                num_attention_heads: 16,
+                image_size: 336,
+                patch_size: 14,
+                ..Default::default()
+            },
+            text: LlamaConfig {
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                ..Default::default()
+            },
+            projector: ProjectorKind::MlpGelu { depth: 2 },
+            select_layer: -2,
+            select_feature: SelectFeature::Patch,
+            image_aspect: AspectMode::Pad,
+            max_length: 2048,
+        }
+    }
+
+    fn shape(lora: Option<(usize, Option<llava::QuantFormat>)>) -> TrainingShape {
+        TrainingShape {
+            stage: Stage::Two,
+            micro_batch: 1,
+            accumulation: 1,
+            sequence: 662,
+            weights: DType::BF16,
+            gradient_checkpointing: true,
+            validation_samples: 0,
+            text_pretrain_batch: None,
+            stored: llava::load::PartDtypes { vision: Some(DType::F16), projector: None, llm: Some(DType::F16) },
+            widened_products: true,
+            lora,
+            lora_modules_to_save: Vec::new(),
+        }
+    }
+
+    fn entry(plan: &MemoryPlan, phase: Option<&str>, starts: &str) -> Option<u64> {
+        let entries = match phase {
+            None => &plan.held,
+            Some(name) => &plan.phases.iter().find(|p| p.name == name).unwrap().entries,
+        };
+        entries.iter().find(|e| e.what.starts_with(starts)).map(|e| e.bytes)
+    }
+
+    /// LoRA holds the base frozen (no f32 masters, no moments for it), the adapters' f32 values
+    /// and moments; QLoRA holds the base's linear layers in 4.5 bits but, during a step, their
+    /// dequantized copies in the compute dtype (measured at 7B: the autodiff graph keeps them).
+    #[test]
+    fn lora_and_qlora_plans_count_what_they_hold() {
+        let config = llava_7b();
+        let plan = |lora| training_plan(&config, &shape(lora), "test", None);
+        let (full, lora, qlora) =
+            (plan(None), plan(Some((128, None))), plan(Some((128, Some(llava::QuantFormat::Nf4)))));
+        let adapters = llava_llm::lora::lora_parameters(&config.text, &llava_llm::LoraConfig::reference());
+        assert_eq!(entry(&lora, None, "LoRA adapters"), Some(adapters * 4));
+        assert_eq!(entry(&lora, None, "LLM, frozen"), Some(config.text.num_parameters() * 2));
+        assert!(entry(&lora, Some("loading"), "the LLM as loaded").is_none(), "no f32 masters of the base");
+        let (linear, head) = llava::plan::quantizable_parameters(&config);
+        let dequantized = entry(&qlora, Some("a training step"), "nf4 layers dequantized");
+        assert_eq!(dequantized, Some((linear + head) * 2));
+        assert!(entry(&lora, Some("a training step"), "nf4 layers dequantized").is_none());
+        let held = |p: &MemoryPlan| p.held.iter().map(|e| e.bytes).sum::<u64>();
+        assert!(held(&qlora) < held(&lora) && held(&lora) < held(&full));
+        assert!(lora.peak() < full.peak());
+    }
+}

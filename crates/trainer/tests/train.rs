@@ -232,17 +232,22 @@ fn a_tiny_model_overfits_one_sample() {
     assert!(last < 0.05 && first > 2.0, "loss {first} → {last}");
 }
 
-#[test]
-fn resuming_from_a_checkpoint_continues_bit_identically() {
-    let device = Default::default();
-    let base = model(&device);
-    let pixels = pixels::<B>(1, &device);
-    let batches: Vec<Batch<B>> = (0..6)
+/// Six one-sample batches sharing one picture (the resume tests' run).
+fn six_batches(device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Vec<Batch<B>> {
+    let pixels = pixels::<B>(1, device);
+    (0..6)
         .map(|k| {
             let (ids, labels) = sample(10 + k);
             Batch { input_ids: vec![ids], labels: vec![labels], pixels: Some(pixels.clone()) }
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_bit_identically() {
+    let device = Default::default();
+    let base = model(&device);
+    let batches = six_batches(&device);
     for stage in [Stage::One, Stage::Two] {
         let cfg = OptimConfig { learning_rate: 1e-2, warmup_ratio: 0.2, total_steps: 6, ..Default::default() };
         let mut straight = Trainer::new(base.clone(), stage, cfg.clone());
@@ -597,13 +602,7 @@ fn lora_trains_only_the_adapters_and_the_projector() {
 fn lora_with_dropout_resumes_bit_identically() {
     let device = Default::default();
     let base = lora_model(&device, 0.3);
-    let pixels = pixels::<B>(1, &device);
-    let batches: Vec<Batch<B>> = (0..6)
-        .map(|k| {
-            let (ids, labels) = sample(10 + k);
-            Batch { input_ids: vec![ids], labels: vec![labels], pixels: Some(pixels.clone()) }
-        })
-        .collect();
+    let batches = six_batches(&device);
     let cfg = OptimConfig { learning_rate: 1e-2, warmup_ratio: 0.2, total_steps: 6, ..Default::default() };
     let _rng = random_lock();
     let new = || Trainer::new(base.clone(), Stage::Two, cfg.clone()).with_seed(9);
