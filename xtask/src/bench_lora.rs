@@ -43,6 +43,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn bench_lora(args: BenchLoraArgs, root: &Path) -> Result<()> {
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1 (timed steps after the warm-up)");
+    anyhow::ensure!(args.tokens >= 2, "--tokens must be at least 2 (a next-token loss needs two)");
     let device = Default::default();
     let config = LlamaConfig::from_hf_dir(&args.model)?;
     let store = WeightStore::open(&args.model)?;
