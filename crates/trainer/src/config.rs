@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use llava_data::dataset::OnError;
 use serde::{Deserialize, Serialize};
 
+use crate::replicas::Devices;
 use crate::{OptimConfig, Stage};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,11 @@ pub struct TrainingConfig {
     /// Validation loss every this many optimizer steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_steps: usize,
+    /// Data-parallel replicas: a count (`2`) or device names (`["cuda:0", "cuda:1"]`); each
+    /// takes `per_device_batch_size` samples per micro-step and the gradients are averaged
+    /// before clipping ([`crate::replicas`]). A resume needs the same devices.
+    #[serde(default, skip_serializing_if = "Devices::is_single")]
+    pub devices: Devices,
 }
 
 fn default_warmup() -> f64 {
@@ -307,6 +313,13 @@ impl RunConfig {
             && !(lr.is_finite() && lr >= 0.0)
         {
             return Err(format!("training.mm_projector_lr = {lr} must be a finite number ≥ 0"));
+        }
+        let replicas = t.devices.parse()?.len();
+        if t.global_batch_size < t.per_device_batch_size * replicas {
+            return Err(format!(
+                "training.global_batch_size = {} is less than one micro-batch of {} on each of the {replicas} devices",
+                t.global_batch_size, t.per_device_batch_size
+            ));
         }
         if let Some(lora) = &self.lora {
             let quantize = lora.quantize()?;

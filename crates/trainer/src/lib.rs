@@ -29,6 +29,7 @@ pub mod config;
 pub mod loss;
 pub mod metrics;
 pub mod plan;
+pub mod replicas;
 pub mod run;
 pub mod schedule;
 
@@ -200,6 +201,9 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Seeds the backend's generator before each micro-step (LoRA dropout masks), so that a
     /// resumed run draws the same masks.
     seed: u64,
+    /// Data-parallel: this trainer's replica; gradients and step statistics are averaged with
+    /// the others' before clipping.
+    replica: Option<replicas::Replica>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -223,6 +227,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             micro: 0,
             pending: (0.0, 0, 0),
             seed: 0,
+            replica: None,
         }
     }
 
@@ -230,6 +235,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// seeded with a mix of `seed` and `k` (only when something draws, i.e. LoRA dropout).
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// Makes this trainer one of `replica.count` data-parallel replicas (registered with the
+    /// collective by [`replicas::register`]): each optimizer step averages the accumulated
+    /// gradients over the replicas, so every replica takes the same step.
+    pub fn with_replica(mut self, replica: replicas::Replica) -> Self {
+        self.replica = (replica.count > 1).then_some(replica);
         self
     }
 
@@ -309,7 +322,16 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Forward and backward on one micro-batch; after `gradient_accumulation_steps` of them,
     /// clips and applies the optimizer step and returns its report.
+    ///
+    /// A replicated trainer ([`Self::with_replica`]) steps through [`Self::try_micro_step`],
+    /// which reports a failed all-reduce; here such a failure panics.
     pub fn micro_step(&mut self, batch: &Batch<B>) -> Option<StepReport> {
+        self.try_micro_step(batch).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::micro_step`], with the failure of a replicated step (another replica gone) as
+    /// an error. Without replicas it never fails.
+    pub fn try_micro_step(&mut self, batch: &Batch<B>) -> Result<Option<StepReport>, replicas::ReplicaError> {
         let longest = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
         let _doing = llava_io::activity::doing(&format!(
             "training step {}: {} sample(s) of up to {longest} text tokens",
@@ -317,7 +339,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             batch.input_ids.len()
         ));
         if self.lora() {
-            let micro_index = (self.step * self.config.gradient_accumulation_steps + self.micro) as u64;
+            // The global index of this micro-batch: the same masks as one replica accumulating
+            // every replica's micro-batches in turn.
+            let (rank, count) = self.replica.map_or((0, 1), |r| (r.rank, r.count));
+            let local = self.step * self.config.gradient_accumulation_steps + self.micro;
+            let micro_index = (local * count + rank) as u64;
             let device = self.model.llm.embed_tokens.weight.device();
             B::seed(&device, splitmix(self.seed ^ splitmix(micro_index)));
         }
@@ -333,13 +359,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.pending.2 += supervised;
         self.micro += 1;
         if self.micro < self.config.gradient_accumulation_steps {
-            return None;
+            return Ok(None);
         }
-        Some(self.apply())
+        self.apply().map(Some)
     }
 
-    fn apply(&mut self) -> StepReport {
+    fn apply(&mut self) -> Result<StepReport, replicas::ReplicaError> {
         let mut grads = self.accumulator.grads();
+        let mut micro_batches = self.micro;
+        if let Some(replica) = self.replica {
+            // Between accumulation and clipping, as the reference's DeepSpeed: the clipping
+            // norm is the averaged gradient's, the same on every replica.
+            grads = replicas::all_reduce_mean(replica, &self.model, grads)?;
+            let (loss_sum, tokens, supervised) = self.pending;
+            let device = self.model.llm.embed_tokens.weight.device();
+            let sums = replicas::all_reduce_sum::<B::InnerBackend>(
+                replica,
+                vec![loss_sum, tokens as f64, supervised as f64],
+                burn::tensor::backend::DeviceOps::inner(&device),
+            )?;
+            self.pending = (sums[0], sums[1].round() as usize, sums[2].round() as usize);
+            micro_batches *= replica.count;
+        }
         let grad_norm = global_grad_norm(&self.model, &grads);
         if let Some(max) = self.config.max_grad_norm {
             // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is < 1.
@@ -359,10 +400,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model = self.model.clone();
         self.model = self.optim.step(lr, model, grads);
         let (loss_sum, tokens, supervised) = std::mem::take(&mut self.pending);
-        let report = StepReport { loss: loss_sum / self.micro as f64, lr, grad_norm, tokens, supervised };
+        let report = StepReport { loss: loss_sum / micro_batches as f64, lr, grad_norm, tokens, supervised };
         self.micro = 0;
         self.step += 1;
-        report
+        Ok(report)
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
@@ -27,6 +27,7 @@ use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 
 use crate::config::{RunConfig, TextPretrainConfig};
 use crate::metrics::{MetricsWriter, Progress, StepMetrics, plot_loss_curve, read_metrics, resume_metrics};
+use crate::replicas::{self, CollectiveLease, Replica};
 use crate::{Batch, BatchLoss, OptimConfig, Stage, Trainer, batch_loss, checkpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,15 @@ pub enum TrainError {
     ConfigChanged { path: PathBuf, differences: Vec<String> },
     #[error("{path}: {reason}")]
     Resume { path: PathBuf, reason: String },
+    #[error(
+        "the data-parallel run stopped at step {step}: {}; {}",
+        failures.join("; "),
+        match last_checkpoint {
+            Some(dir) => format!("the last checkpoint, {}, is intact (continue with --resume)", dir.display()),
+            None => "no checkpoint had been written yet".to_string(),
+        }
+    )]
+    ReplicaFailed { step: usize, failures: Vec<String>, last_checkpoint: Option<PathBuf> },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -385,6 +395,10 @@ pub fn run<B: AutodiffBackend>(
     cfg: &RunConfig, options: &RunOptions, device: &B::Device,
 ) -> Result<RunSummary, TrainError> {
     let run_dir = options.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+    // Data-parallel replicas: replica 0 runs here on the first device (it loads, logs and
+    // writes), the others in threads of their own.
+    let devices = cfg.training.devices.resolve::<B>(device).map_err(TrainError::Config)?;
+    let device = &devices[0];
     let data = RunData::open(cfg)?;
     let (plan, alternatives) = plan_for::<B>(cfg, &model_config(cfg)?, &data, device, options.capacity.clone())?;
     tracing::info!("memory plan: peak {} ({})", llava::plan::human(plan.peak()), plan.run);
@@ -470,24 +484,24 @@ pub fn run<B: AutodiffBackend>(
         }
         None => Vec::new(),
     };
-    let optim = cfg.optim(dataset.len(), 1);
+    let replica_count = devices.len();
+    let optim = cfg.optim(dataset.len(), replica_count);
     let accumulation = optim.gradient_accumulation_steps;
     let total_steps = optim.total_steps;
     let max_length = optim.max_length;
-    let mut trainer = Trainer::new(model, cfg.stage, optim).with_seed(cfg.training.seed);
-    llava::plan::log_resident("with the trainer");
+    let bf16 = cfg.training.bf16 && B::supports_dtype(device, DType::BF16);
     if cfg.training.bf16 {
-        if B::supports_dtype(device, DType::BF16) {
+        if bf16 {
             tracing::info!("bf16 mixed precision: f32 master weights, bf16 forward and backward");
-            trainer = trainer.with_compute_dtype(DType::BF16);
         } else {
             tracing::warn!("training.bf16: this backend has no bf16 arithmetic, the run computes in f32");
         }
     }
 
     // The sample order of the whole run, epoch after epoch, each shuffled with the seed; enough
-    // epochs for every optimizer step (batches run across epoch boundaries).
-    let needed = total_steps * accumulation * micro.max(1);
+    // epochs for every optimizer step (batches run across epoch boundaries). Replicas take
+    // consecutive micro-batches of it in turn (a disjoint shard each).
+    let needed = total_steps * accumulation * micro.max(1) * replica_count;
     let epochs = (cfg.training.epochs.ceil().max(1.0) as usize).max(needed.div_ceil(dataset.len()));
     let order: Vec<usize> = (0..epochs as u64)
         .flat_map(|e| {
@@ -500,26 +514,9 @@ pub fn run<B: AutodiffBackend>(
         })
         .collect();
 
-    let mut position = 0usize;
-    if options.resume {
+    let resume_from = if options.resume {
         match checkpoint::latest_intact(&ckpt_dir)? {
             checkpoint::Intact { newest: Some((_, latest)), rejected } => {
-                let extra = checkpoint::load(&mut trainer, &latest)?;
-                let state = latest.join("state.json");
-                position = extra["position"].as_u64().ok_or_else(|| TrainError::Resume {
-                    path: state.clone(),
-                    reason: "extra.position is missing or not a sample index".into(),
-                })? as usize;
-                if trainer.step > total_steps || position > order.len() {
-                    return Err(TrainError::Resume {
-                        path: state,
-                        reason: format!(
-                            "step {} of {total_steps}, sample {position} of {}: past the end of this run",
-                            trainer.step,
-                            order.len()
-                        ),
-                    });
-                }
                 if !rejected.is_empty() {
                     tracing::warn!(
                         "{} newer checkpoint(s) did not verify (see above); resuming from {}",
@@ -527,15 +524,63 @@ pub fn run<B: AutodiffBackend>(
                         latest.display()
                     );
                 }
-                tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
+                Some(latest)
             }
             checkpoint::Intact { newest: None, rejected } if !rejected.is_empty() => {
                 tracing::warn!("no checkpoint in {} verifies (see above): starting from step 0", ckpt_dir.display());
+                None
             }
             checkpoint::Intact { newest: None, .. } => {
-                tracing::info!("no checkpoint in {}: starting from step 0", ckpt_dir.display())
+                tracing::info!("no checkpoint in {}: starting from step 0", ckpt_dir.display());
+                None
             }
         }
+    } else {
+        None
+    };
+    // Every replica starts from the same model and, on resume, the same checkpoint: they hold
+    // identical weights and optimizer state from then on.
+    let replica_model = (replica_count > 1).then(|| model.clone());
+    let make_trainer = |model: Llava<B>, rank: usize| -> Result<(Trainer<B>, serde_json::Value), TrainError> {
+        let mut trainer = Trainer::new(model, cfg.stage, optim.clone())
+            .with_seed(cfg.training.seed)
+            .with_replica(Replica { rank, count: replica_count });
+        if bf16 {
+            trainer = trainer.with_compute_dtype(DType::BF16);
+        }
+        let extra = match &resume_from {
+            Some(latest) => checkpoint::load(&mut trainer, latest)?,
+            None => serde_json::Value::Null,
+        };
+        Ok((trainer, extra))
+    };
+    let (mut trainer, extra) = make_trainer(model, 0)?;
+    llava::plan::log_resident("with the trainer");
+    let mut position = 0usize;
+    if let Some(latest) = &resume_from {
+        let state = latest.join("state.json");
+        position = extra["position"].as_u64().ok_or_else(|| TrainError::Resume {
+            path: state.clone(),
+            reason: "extra.position is missing or not a sample index".into(),
+        })? as usize;
+        if trainer.step > total_steps || position > order.len() {
+            return Err(TrainError::Resume {
+                path: state,
+                reason: format!(
+                    "step {} of {total_steps}, sample {position} of {}: past the end of this run",
+                    trainer.step,
+                    order.len()
+                ),
+            });
+        }
+        tracing::info!("resumed from {} (step {}, sample {position})", latest.display(), trainer.step);
+    }
+    let mut others = Vec::with_capacity(replica_count - 1);
+    if let Some(model) = replica_model {
+        for (rank, device) in devices.iter().enumerate().skip(1) {
+            others.push((make_trainer(model.clone().fork(device), rank)?.0, device.clone()));
+        }
+        tracing::info!("{replica_count} data-parallel replicas on {:?}", devices);
     }
     // Metrics from the resumed step on describe steps this run does again: dropped; every
     // complete line before it is kept.
@@ -564,69 +609,120 @@ pub fn run<B: AutodiffBackend>(
     );
     let (mut skipped, mut first_loss, mut last_loss) = (0usize, f64::NAN, f64::NAN);
     let mut progress = Progress::new(&cfg.name, trainer.step, stop_at);
-    while trainer.step < stop_at {
-        let mut samples = Vec::with_capacity(micro);
-        while samples.len() < micro {
-            match loader.next() {
-                Some(Ok(s)) => samples.push(s),
-                Some(Err(e)) if cfg.data.on_bad_record == OnError::Stop => {
-                    progress.finish();
-                    return Err(e.into());
-                }
-                Some(Err(e)) => {
-                    tracing::warn!("skipping a sample: {e}");
-                    skipped += 1;
-                }
-                None => break,
-            }
-            position += 1;
-        }
-        if samples.is_empty() {
-            break;
-        }
-        let batch = to_batch(&samples, image_shape, device);
-        let step_start = Instant::now();
-        let Some(report) = trainer.micro_step(&batch) else { continue };
-        if !report.loss.is_finite() {
-            progress.finish();
-            return Err(TrainError::NonFinite { loss: report.loss, step: trainer.step, dir: ckpt_dir });
-        }
-        if first_loss.is_nan() {
-            first_loss = report.loss;
-        }
-        last_loss = report.loss;
-        let tokens_per_s = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
-        let evaluate = !val_batches.is_empty()
-            && (trainer.step == stop_at
-                || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
-        let val_loss = evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
-        metrics
-            .write(&StepMetrics {
-                step: trainer.step - 1,
-                loss: report.loss,
-                lr: report.lr,
-                grad_norm: report.grad_norm,
-                tokens_per_s,
-                val_loss,
+    let _lease = (replica_count > 1).then(|| {
+        let lease = CollectiveLease::acquire();
+        replicas::reset::<B::InnerBackend>();
+        lease
+    });
+    let trained = std::thread::scope(|scope| -> Result<(), TrainError> {
+        let workers: Vec<ReplicaWorker> = others
+            .into_iter()
+            .enumerate()
+            .map(|(i, (trainer, device))| {
+                let replica = Replica { rank: i + 1, count: replica_count };
+                ReplicaWorker::spawn(scope, trainer, replica, device, image_shape)
             })
-            .map_err(io(&metrics_path))?;
-        progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
-        if let Some(v) = val_loss {
-            progress.finish();
-            tracing::info!("step {}: validation loss {v:.4}", trainer.step);
+            .collect();
+        if replica_count > 1 {
+            replicas::register::<B::InnerBackend>(Replica { rank: 0, count: replica_count }, device)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
         }
-        llava::plan::log_resident(&format!("after step {}", trainer.step));
-        if trainer.step % cfg.checkpoint.save_steps.max(1) == 0 || trainer.step == stop_at {
-            let saved = checkpoint::save(
-                &trainer,
-                &ckpt_dir,
-                cfg.checkpoint.keep,
-                serde_json::json!({ "position": position }),
-            )?;
-            tracing::debug!("checkpoint {}", saved.display());
-            llava::plan::log_resident("after the checkpoint");
+        while trainer.step < stop_at {
+            // One micro-batch per replica, in the order's turn: replica r takes the r-th.
+            let mut micro_batches: Vec<Vec<Sample>> = Vec::with_capacity(replica_count);
+            for _ in 0..replica_count {
+                let mut samples = Vec::with_capacity(micro);
+                while samples.len() < micro {
+                    match loader.next() {
+                        Some(Ok(s)) => samples.push(s),
+                        Some(Err(e)) if cfg.data.on_bad_record == OnError::Stop => {
+                            progress.finish();
+                            return Err(e.into());
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("skipping a sample: {e}");
+                            skipped += 1;
+                        }
+                        None => break,
+                    }
+                    position += 1;
+                }
+                micro_batches.push(samples);
+            }
+            if micro_batches.iter().any(Vec::is_empty) {
+                break;
+            }
+            let mine = micro_batches.remove(0);
+            for (worker, samples) in workers.iter().zip(micro_batches) {
+                worker.send(samples);
+            }
+            let batch = to_batch(&mine, image_shape, device);
+            let step_start = Instant::now();
+            let stepped = trainer.try_micro_step(&batch);
+            if stepped.is_err() {
+                // Wake any replica still waiting in the collective.
+                replicas::reset::<B::InnerBackend>();
+            }
+            let mut failures: Vec<String> = workers.iter().filter_map(ReplicaWorker::outcome).collect();
+            let report = match stepped {
+                Ok(report) if failures.is_empty() => report,
+                outcome => {
+                    progress.finish();
+                    if let Err(e) = outcome {
+                        failures.insert(0, e.to_string());
+                    }
+                    let last = checkpoint::latest_intact(&ckpt_dir).ok().and_then(|i| i.newest).map(|(_, p)| p);
+                    return Err(TrainError::ReplicaFailed { step: trainer.step + 1, failures, last_checkpoint: last });
+                }
+            };
+            let Some(report) = report else { continue };
+            if !report.loss.is_finite() {
+                progress.finish();
+                return Err(TrainError::NonFinite { loss: report.loss, step: trainer.step, dir: ckpt_dir.clone() });
+            }
+            if first_loss.is_nan() {
+                first_loss = report.loss;
+            }
+            last_loss = report.loss;
+            let tokens_per_s = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+            let evaluate = !val_batches.is_empty()
+                && (trainer.step == stop_at
+                    || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
+            let val_loss =
+                evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
+            metrics
+                .write(&StepMetrics {
+                    step: trainer.step - 1,
+                    loss: report.loss,
+                    lr: report.lr,
+                    grad_norm: report.grad_norm,
+                    tokens_per_s,
+                    val_loss,
+                })
+                .map_err(io(&metrics_path))?;
+            progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
+            if let Some(v) = val_loss {
+                progress.finish();
+                tracing::info!("step {}: validation loss {v:.4}", trainer.step);
+            }
+            llava::plan::log_resident(&format!("after step {}", trainer.step));
+            if trainer.step % cfg.checkpoint.save_steps.max(1) == 0 || trainer.step == stop_at {
+                let saved = checkpoint::save(
+                    &trainer,
+                    &ckpt_dir,
+                    cfg.checkpoint.keep,
+                    serde_json::json!({ "position": position, "replicas": replica_count }),
+                )?;
+                tracing::debug!("checkpoint {}", saved.display());
+                llava::plan::log_resident("after the checkpoint");
+            }
         }
+        Ok(())
+    });
+    if replica_count > 1 {
+        replicas::reset::<B::InnerBackend>();
     }
+    trained?;
     progress.finish();
 
     // Outputs: the projector alone, the whole model, the loss curve.
@@ -667,4 +763,78 @@ pub fn run<B: AutodiffBackend>(
         skipped_samples: skipped + dataset.skipped.len(),
         final_val_loss,
     })
+}
+
+/// A replica other than the first: its own thread, fed one micro-batch at a time, answering
+/// each with its outcome. A replica that fails (an error, or a panic such as a device lost)
+/// resets the collective, so the replicas waiting for it in an all-reduce get an error instead
+/// of waiting for ever, and reports what happened.
+struct ReplicaWorker {
+    rank: usize,
+    work: std::sync::mpsc::Sender<Vec<Sample>>,
+    done: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl ReplicaWorker {
+    fn spawn<'scope, B: AutodiffBackend>(
+        scope: &'scope std::thread::Scope<'scope, '_>, mut trainer: Trainer<B>, replica: Replica, device: B::Device,
+        shape: [usize; 3],
+    ) -> Self {
+        let (work, inbox) = std::sync::mpsc::channel::<Vec<Sample>>();
+        let (outcome, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name(format!("replica-{}", replica.rank));
+        let spawned = thread.spawn_scoped(scope, move || {
+            if let Err(e) = replicas::register::<B::InnerBackend>(replica, &device) {
+                replicas::reset::<B::InnerBackend>();
+                let _ = outcome.send(Err(e.to_string()));
+                return;
+            }
+            let rank = replica.rank.to_string();
+            for samples in inbox {
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    // Fault injection for the tests: a replica that dies mid-run.
+                    if let Some(point) = llava_io::fault::armed(&["replica", &rank, "step"]) {
+                        panic!("{}: replica died at {point}", llava_io::fault::KILL_AT);
+                    }
+                    let batch = to_batch(&samples, shape, &device);
+                    trainer.try_micro_step(&batch).map(|_| ()).map_err(|e| e.to_string())
+                }));
+                let stepped =
+                    stepped.unwrap_or_else(|panic| Err(format!("replica {rank} panicked: {}", panic_text(&panic))));
+                let failed = stepped.is_err();
+                if failed {
+                    replicas::reset::<B::InnerBackend>();
+                }
+                if outcome.send(stepped).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("replica {}: its thread could not start: {e}", replica.rank);
+        }
+        ReplicaWorker { rank: replica.rank, work, done }
+    }
+
+    /// Hands the replica its micro-batch (a replica that is gone shows in [`Self::outcome`]).
+    fn send(&self, samples: Vec<Sample>) {
+        let _ = self.work.send(samples);
+    }
+
+    /// Waits for the replica's micro-step: `None` when it went well, else what went wrong.
+    fn outcome(&self) -> Option<String> {
+        match self.done.recv() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("replica {}: {e}", self.rank)),
+            Err(_) => Some(format!("replica {}: its thread ended", self.rank)),
+        }
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
 }

@@ -679,3 +679,101 @@ fn qlora_follows_the_float_model_of_its_dequantized_base() {
 fn config_lr(lr: f64) -> OptimConfig {
     config(lr, 1)
 }
+
+// ---- data parallel -----------------------------------------------------------------------------
+
+use llava_trainer::replicas::{self, CollectiveLease, Replica};
+
+/// Runs `replicas` trainers of `base` in threads, replica r stepping on micro-batches r, r + R,
+/// …; returns each replica's losses and final parameter values. `stop_before` makes replica 1
+/// leave (as a dead device) before that micro-step, resetting the collective.
+fn replicated(
+    base: &llava::Llava<B>, cfg: &OptimConfig, batches: &[Batch<B>], count: usize, stop_before: Option<usize>,
+) -> Vec<Result<(Vec<f64>, Values), String>> {
+    let _lease = CollectiveLease::acquire();
+    replicas::reset::<llava::backend::Cpu>();
+    let out = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..count)
+            .map(|rank| {
+                let replica = Replica { rank, count };
+                let mut trainer = Trainer::new(base.clone(), Stage::Two, cfg.clone()).with_replica(replica);
+                scope.spawn(move || -> Result<(Vec<f64>, Values), String> {
+                    let device = Default::default();
+                    replicas::register::<llava::backend::Cpu>(replica, &device).map_err(|e| e.to_string())?;
+                    let mut losses = Vec::new();
+                    for (k, batch) in batches.iter().skip(rank).step_by(count).enumerate() {
+                        if rank == 1 && stop_before == Some(k) {
+                            replicas::reset::<llava::backend::Cpu>();
+                            return Err("replica 1 left".into());
+                        }
+                        if let Some(report) = trainer.try_micro_step(batch).map_err(|e| e.to_string())? {
+                            losses.push(report.loss);
+                        }
+                    }
+                    Ok((losses, param_values(&trainer.model).into_iter().map(|p| p.1).collect()))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    replicas::reset::<llava::backend::Cpu>();
+    out
+}
+
+/// Eight one-sample micro-batches; the fourth has no image, so on its replica the projector gets
+/// no gradient (it counts as zero there, as in one replica's accumulation).
+fn eight_batches(device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Vec<Batch<B>> {
+    let mut batches: Vec<Batch<B>> = six_batches(device);
+    batches.extend(six_batches(device).into_iter().take(2));
+    let (ids, labels) = sample(30);
+    let text: Vec<i64> = ids.into_iter().filter(|&t| t != -200).collect();
+    let labels = labels[1..].to_vec();
+    batches[3] = Batch { input_ids: vec![text], labels: vec![labels], pixels: None };
+    batches
+}
+
+#[test]
+fn two_replicas_step_as_one_replica_accumulating_their_micro_batches() {
+    let device = Default::default();
+    let base = model(&device);
+    let batches = eight_batches(&device);
+    let cfg = |accumulation| OptimConfig {
+        learning_rate: 1e-2,
+        warmup_ratio: 0.25,
+        total_steps: 4,
+        gradient_accumulation_steps: accumulation,
+        ..Default::default()
+    };
+    // One replica accumulating two micro-batches per step …
+    let mut single = Trainer::new(base.clone(), Stage::Two, cfg(2));
+    let expected: Vec<f64> = batches.iter().filter_map(|b| single.micro_step(b)).map(|r| r.loss).collect();
+    let expected_params: Values = param_values(&single.model).into_iter().map(|p| p.1).collect();
+    assert_eq!(expected.len(), 4);
+    // … and two replicas of one micro-batch each.
+    let outcomes = replicated(&base, &cfg(1), &batches, 2, None);
+    for (rank, outcome) in outcomes.into_iter().enumerate() {
+        let (losses, params) = outcome.unwrap();
+        assert_eq!(losses.len(), 4, "replica {rank}");
+        for (a, b) in losses.iter().zip(&expected) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "replica {rank}: loss {a} vs {b}");
+        }
+        let max = params.iter().flatten().zip(expected_params.iter().flatten()).map(|(a, b)| (a - b).abs());
+        let max = max.fold(0f32, f32::max);
+        assert!(max <= 1e-5, "replica {rank}: parameters differ by {max}");
+    }
+}
+
+#[test]
+fn a_replica_that_leaves_ends_the_others_step_with_an_error() {
+    let device = Default::default();
+    let base = model(&device);
+    let batches = eight_batches(&device);
+    let cfg = OptimConfig { learning_rate: 1e-2, total_steps: 4, ..Default::default() };
+    let outcomes = replicated(&base, &cfg, &batches, 2, Some(2));
+    let e = outcomes[0].as_ref().unwrap_err();
+    assert!(e.contains("replica 0") && e.contains("all-reduce failed"), "{e}");
+    assert_eq!(outcomes[1].as_ref().unwrap_err(), "replica 1 left");
+    // The collective works again afterwards.
+    let again = replicated(&base, &cfg, &batches[..2], 2, None);
+    assert!(again.iter().all(Result::is_ok));
+}
