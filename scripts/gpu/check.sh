@@ -8,7 +8,7 @@
 # Steps: (1) build xtask for the backend; (2) the parity tests (HF parity of CLIP, projector, LLaMA,
 # the f16/bf16 fixtures) on that backend; (3) generation on the demo checkpoint and on the half
 # precision fixtures with tokens/s; (4) a few stage-1 and stage-2 steps (bf16, gradient checkpointing)
-# with step time; (5) with REAL_MODEL=DIR (a real-shape folder, scripts/real_shapes.py), load + prefill
+# with step time, and stage 2 data-parallel (one replica per GPU, at least 2); (5) with REAL_MODEL=DIR (a real-shape folder, scripts/real_shapes.py), load + prefill
 # + decode of it via bench-real-one, and next to PyTorch when REF_PYTHON names a python with torch.
 # Peak device memory comes from nvidia-smi's log on CUDA, peak RSS on the CPU.
 # Everything goes to $OUT (default runs/gpu-check): check.log and one file per step.
@@ -81,6 +81,12 @@ step stage1 "${XTASK[@]}" stage1 --backend "$BACKEND" --config configs/demo-stag
     "${TRAIN[@]}" --set text_pretrain.steps=2
 step stage2 "${XTASK[@]}" stage2 --backend "$BACKEND" --config configs/demo-stage2.toml --run-dir "$OUT/stage2" \
     "${TRAIN[@]}" --set "model.pretrained_projector=$OUT/stage1/mm_projector.safetensors"
+# Data parallel: one replica per GPU (at least 2 replicas: on one GPU or the CPU they share it).
+REPLICAS=2
+if [ "$BACKEND" = cuda ]; then REPLICAS=$(( $(nvidia-smi -L | wc -l) > 2 ? $(nvidia-smi -L | wc -l) : 2 )); fi
+step stage2-replicas "${XTASK[@]}" stage2 --backend "$BACKEND" --config configs/demo-stage2.toml \
+    --run-dir "$OUT/stage2-replicas" "${TRAIN[@]}" --set "model.pretrained_projector=$OUT/stage1/mm_projector.safetensors" \
+    --set "training.devices=$REPLICAS" --set "training.global_batch_size=$(( 16 * REPLICAS ))"
 if [ -n "${REAL_MODEL:-}" ]; then
     step real-model "${XTASK[@]}" bench-real-one --model "$REAL_MODEL" --prompt-tokens 59 --new-tokens 32 \
         --batches 1,8 --iters 2

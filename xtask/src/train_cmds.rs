@@ -73,11 +73,10 @@ pub fn stage(args: StageArgs, stage: Stage, root: &Path) -> Result<()> {
         capacity: args.memory.capacity(args.backend),
     };
     let started = std::time::Instant::now();
+    let cfg = args.recipe(stage, root)?;
+    check_devices(&cfg, args.backend)?;
     let summary = match &args.config {
-        Some(_) => {
-            let cfg = args.recipe(stage, root)?;
-            llava::with_backend!(args.backend, recipe_on(&cfg, &options))?
-        }
+        Some(_) => llava::with_backend!(args.backend, recipe_on(&cfg, &options))?,
         None => llava::with_backend!(args.backend, demo_on(root, stage, &args.overrides, &options))?,
     };
     tracing::info!(
@@ -100,4 +99,18 @@ fn demo_on<B: Backend>(
     device: &B::Device, root: &Path, stage: Stage, overrides: &[String], options: &RunOptions,
 ) -> Result<RunSummary> {
     Ok(llava_demo::run_stage::<B>(&llava_demo::DemoPaths::new(root), stage, overrides, options, device)?)
+}
+
+/// `training.devices` names must be devices of the backend the run uses (`cuda:1` with
+/// `--backend cuda`); a count is always the backend's own.
+fn check_devices(cfg: &RunConfig, backend: BackendKind) -> Result<()> {
+    let devices = cfg.training.devices.parse().map_err(anyhow::Error::msg)?;
+    for (kind, index) in devices {
+        if let Some(kind) = kind
+            && kind != backend.to_string()
+        {
+            bail!("training.devices: `{kind}:{index}` is not a device of the {backend} backend (--backend {backend})");
+        }
+    }
+    Ok(())
 }

@@ -526,6 +526,65 @@ fn stage1_then_stage2_train_save_and_resume() {
     ok(&xtask(&["generate", "--model", adapter.to_str().unwrap(), "--prompt", "hello", "--max-new-tokens", "3"]));
 }
 
+/// Data-parallel stage 2 on the CPU (two replicas in threads of one process): the loss curve and
+/// the saved model equal one device's with the same global batch; a replica that dies mid-run
+/// ends it with an error naming the replica and the intact checkpoint, and the run resumes to
+/// the uninterrupted result.
+#[test]
+fn two_replicas_train_as_one_device_and_a_dead_replica_leaves_a_resumable_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    ok(&xtask(&["demo-towers", "--out", t.join("towers").to_str().unwrap()]));
+    let s1 = recipe(t, "p1", "one", "plain", None);
+    let run1 = t.join("p1");
+    ok(&xtask(&["stage1", "--config", s1.to_str().unwrap(), "--run-dir", run1.to_str().unwrap(), "--max-steps", "1"]));
+    let s2 = recipe(t, "p2", "two", "v1", Some(&run1.join("mm_projector.safetensors")));
+    let stage2 = |run: &Path, devices: &str, extra: &[&str]| {
+        let devices = format!("training.devices={devices}");
+        let mut args =
+            vec!["stage2", "--config", s2.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--set", &devices];
+        args.extend_from_slice(extra);
+        xtask(&args)
+    };
+    // Global batch 8 = 4 per device × (2 devices, or 1 device accumulating 2 micro-batches).
+    let one = t.join("one");
+    ok(&stage2(&one, "1", &[]));
+    let two = t.join("two");
+    ok(&stage2(&two, "2", &[]));
+    let (expected, got) = (losses(&one), losses(&two));
+    assert_eq!(got.len(), 4);
+    for (a, b) in got.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+    }
+    let weights = |run: &Path| {
+        let file = run.join("model/model.safetensors");
+        let mut all = tensor(&file, "multi_modal_projector.linear_1.weight");
+        all.extend(tensor(&file, "language_model.model.layers.1.mlp.down_proj.weight"));
+        all.extend(tensor(&file, "language_model.lm_head.weight"));
+        all
+    };
+    let max = weights(&one).iter().zip(weights(&two)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max <= 1e-5, "the two-replica model differs by {max}");
+
+    // Replica 1 dies at its third micro-step (step 3): the run stops there, naming it.
+    let dead = t.join("dead");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    let devices_two = "training.devices=2";
+    command.args(["stage2", "--config", s2.to_str().unwrap(), "--run-dir", dead.to_str().unwrap()]);
+    command.args(["--set", devices_two]).env("NO_COLOR", "1").env(llava_io::fault::KILL_AT, "replica:1:step@3");
+    let msg = err(&command.output().unwrap());
+    assert!(msg.contains("stopped at step 3") && msg.contains("replica 1"), "{msg}");
+    assert!(msg.contains("checkpoint-2") && msg.contains("--resume"), "{msg}");
+    assert_eq!(losses(&dead), got[..2].to_vec());
+    ok(&stage2(&dead, "2", &["--resume"]));
+    assert_eq!(losses(&dead), got, "the resumed run ends as the uninterrupted one");
+    assert_eq!(weights(&dead), weights(&two));
+
+    // Device names must be the backend's.
+    let msg = err(&stage2(&t.join("named"), r#"["cuda:0","cuda:1"]"#, &["--backend", "cpu"]));
+    assert!(msg.contains("`cuda:0` is not a device of the cpu backend"), "{msg}");
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }

@@ -72,6 +72,16 @@ pub fn half_products_widen<B: burn::tensor::backend::Backend>() -> bool {
     false
 }
 
+/// Whether a quantized layer's product on `B` dequantizes its weight again in the backward pass
+/// (`Autodiff<Flex>`: [`QuantLinear`]'s own backward) instead of the autodiff graph keeping the
+/// dequantized weight from the forward pass (Burn's dequantize + matmul elsewhere), for memory plans.
+pub fn quantized_backward_recomputes<B: burn::tensor::backend::Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    return crate::cpu::flex::is_autodiff_flex::<B>();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// One AdamW step, Burn's and `torch.optim.AdamW`'s formula:
 /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
 /// `p ← p·(1 − lr·wd) − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`. Returns `[param, m, v]`.

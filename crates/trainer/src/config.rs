@@ -266,6 +266,11 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Data-parallel replicas of the run (`training.devices`).
+    pub fn world_size(&self) -> Result<usize, String> {
+        Ok(self.training.devices.parse()?.len())
+    }
+
     /// Reads a TOML file and applies `key=value` overrides (`training.learning_rate=1e-3`).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -314,10 +319,10 @@ impl RunConfig {
         {
             return Err(format!("training.mm_projector_lr = {lr} must be a finite number ≥ 0"));
         }
-        let replicas = t.devices.parse()?.len();
+        let replicas = self.world_size()?;
         if t.global_batch_size < t.per_device_batch_size * replicas {
             return Err(format!(
-                "training.global_batch_size = {} is less than one micro-batch of {} on each of the {replicas} devices",
+                "training.global_batch_size = {} is less than one micro-batch of {} on each of the {replicas} replicas",
                 t.global_batch_size, t.per_device_batch_size
             ));
         }

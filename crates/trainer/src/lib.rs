@@ -87,6 +87,20 @@ impl<B: AutodiffBackend> ModuleMapper<B> for ToF32Leaves {
     }
 }
 
+/// Every parameter as a new leaf of the autodiff graph (same values, same id, same
+/// `require_grad`), sharing no graph node with the module it was cloned from.
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|t| {
+            let trainable = t.is_require_grad();
+            let fresh = Tensor::from_inner(t.inner());
+            if trainable { fresh.require_grad() } else { fresh }
+        })
+    }
+}
+
 /// Optimisation settings (the reference's HF Trainer arguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -241,8 +255,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Makes this trainer one of `replica.count` data-parallel replicas (registered with the
     /// collective by [`replicas::register`]): each optimizer step averages the accumulated
     /// gradients over the replicas, so every replica takes the same step.
+    ///
+    /// Call it before [`Self::with_compute_dtype`]. The parameters become leaves of their own
+    /// in the autodiff graph: replicas made from clones of one model would otherwise share leaf
+    /// nodes, and Burn 0.21's autodiff graphs, merged across threads through a shared node,
+    /// deadlock when two replicas run a backward pass and a forward pass at once.
     pub fn with_replica(mut self, replica: replicas::Replica) -> Self {
         self.replica = (replica.count > 1).then_some(replica);
+        if self.replica.is_some() {
+            self.model = self.model.map(&mut FreshLeaves);
+        }
         self
     }
 
@@ -370,14 +392,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         if let Some(replica) = self.replica {
             // Between accumulation and clipping, as the reference's DeepSpeed: the clipping
             // norm is the averaged gradient's, the same on every replica.
-            grads = replicas::all_reduce_mean(replica, &self.model, grads)?;
             let (loss_sum, tokens, supervised) = self.pending;
-            let device = self.model.llm.embed_tokens.weight.device();
-            let sums = replicas::all_reduce_sum::<B::InnerBackend>(
-                replica,
-                vec![loss_sum, tokens as f64, supervised as f64],
-                burn::tensor::backend::DeviceOps::inner(&device),
-            )?;
+            let (averaged, sums) =
+                replicas::all_reduce_step(replica, &self.model, grads, &[loss_sum, tokens as f64, supervised as f64])?;
+            grads = averaged;
             self.pending = (sums[0], sums[1].round() as usize, sums[2].round() as usize);
             micro_batches *= replica.count;
         }

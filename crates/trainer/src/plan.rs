@@ -36,6 +36,9 @@ pub struct TrainingShape {
     pub widened_products: bool,
     /// LoRA: the adapters' rank and the frozen LLM's format (`None`: the run's float dtype).
     pub lora: Option<(usize, Option<llava::QuantFormat>)>,
+    /// Quantized layers dequantize again in the backward pass instead of keeping a float copy
+    /// ([`llava_kernels::quantized_backward_recomputes`]); set by the caller, `false` here.
+    pub quantized_backward_recomputes: bool,
     /// LoRA: the modules trained whole beside the adapters (`modules_to_save`), counted as
     /// trainable f32 parameters (their frozen copies stay in the LLM's entry).
     pub lora_modules_to_save: Vec<String>,
@@ -54,7 +57,7 @@ impl TrainingShape {
         Ok(Self {
             stage: cfg.stage,
             micro_batch: cfg.training.per_device_batch_size.max(1),
-            accumulation: cfg.gradient_accumulation_steps(1).max(1),
+            accumulation: cfg.gradient_accumulation_steps(cfg.world_size().unwrap_or(1)).max(1),
             sequence: cfg.training.model_max_length,
             weights,
             gradient_checkpointing: cfg.training.gradient_checkpointing,
@@ -63,6 +66,7 @@ impl TrainingShape {
             stored,
             widened_products,
             lora,
+            quantized_backward_recomputes: false,
             lora_modules_to_save: cfg.lora_enabled().map(|l| l.modules_to_save.clone()).unwrap_or_default(),
         })
     }
@@ -221,14 +225,27 @@ pub fn training_plan(
         PlanEntry::new("parameter gradients (f32)", trainable * 4),
     ];
     if let Some((_, Some(format))) = shape.lora {
-        // Measured (7B, nf4, bf16): the autodiff graph keeps each layer's dequantized weight for
-        // the backward pass (Burn's dequantize + matmul; no custom backward yet), so the step
-        // holds the whole base in the compute dtype again.
-        let (linear, head) = llava::plan::quantizable_parameters(config);
-        step.push(PlanEntry::new(
-            format!("{format} layers dequantized for the products, kept for the backward pass ({})", dtype_name(act)),
-            (linear + head) * a,
-        ));
+        if shape.quantized_backward_recomputes {
+            // Autodiff<Flex>: each layer's weight is dequantized again for its input gradient,
+            // one layer at a time, in f32.
+            let t = &config.text;
+            let largest = (t.intermediate_size * t.hidden_size).max(t.hidden_size * t.hidden_size) as u64;
+            step.push(PlanEntry::new(
+                format!("one {format} layer dequantized for its backward product (f32)"),
+                largest * 4,
+            ));
+        } else {
+            // Measured (7B, nf4, bf16) before the custom backward: the autodiff graph keeps each
+            // layer's dequantized weight (Burn's dequantize + matmul), the whole base again.
+            let (linear, head) = llava::plan::quantizable_parameters(config);
+            step.push(PlanEntry::new(
+                format!(
+                    "{format} layers dequantized for the products, kept for the backward pass ({})",
+                    dtype_name(act)
+                ),
+                (linear + head) * a,
+            ));
+        }
     }
     if mixed {
         step.push(PlanEntry::new(
@@ -373,6 +390,7 @@ mod tests {
             stored: llava::load::PartDtypes { vision: Some(DType::F16), projector: None, llm: Some(DType::F16) },
             widened_products: true,
             lora,
+            quantized_backward_recomputes: false,
             lora_modules_to_save: Vec::new(),
         }
     }
@@ -402,6 +420,15 @@ mod tests {
         let dequantized = entry(&qlora, Some("a training step"), "nf4 layers dequantized");
         assert_eq!(dequantized, Some((linear + head) * 2));
         assert!(entry(&lora, Some("a training step"), "nf4 layers dequantized").is_none());
+        // Where the backward pass dequantizes again (the CPU backend), one layer at a time.
+        let recomputing =
+            TrainingShape { quantized_backward_recomputes: true, ..shape(Some((128, Some(llava::QuantFormat::Nf4)))) };
+        let qlora_cpu = training_plan(&config, &recomputing, "test", None);
+        assert!(entry(&qlora_cpu, Some("a training step"), "nf4 layers dequantized").is_none());
+        let t = &config.text;
+        let one = entry(&qlora_cpu, Some("a training step"), "one nf4 layer dequantized");
+        assert_eq!(one, Some((t.intermediate_size * t.hidden_size * 4) as u64));
+        assert!(qlora_cpu.peak() < qlora.peak());
         let held = |p: &MemoryPlan| p.held.iter().map(|e| e.bytes).sum::<u64>();
         assert!(held(&qlora) < held(&lora) && held(&lora) < held(&full));
         assert!(lora.peak() < full.peak());

@@ -44,6 +44,9 @@ impl Devices {
     pub fn parse(&self) -> Result<Vec<(Option<String>, usize)>, String> {
         match self {
             Devices::Count(0) => Err("training.devices: 0 devices; give a count ≥ 1 or a list of names".into()),
+            Devices::Count(n) if *n > usize::from(u16::MAX) => {
+                Err(format!("training.devices: {n} replicas is too many"))
+            }
             Devices::Count(n) => Ok((0..*n).map(|i| (None, i)).collect()),
             Devices::Named(names) if names.is_empty() => {
                 Err("training.devices: an empty list; give a count ≥ 1 or names like \"cuda:0\"".into())
@@ -53,7 +56,8 @@ impl Devices {
                 .map(|name| {
                     let (kind, index) = name.split_once(':').unwrap_or((name.as_str(), "0"));
                     let index = index
-                        .parse::<usize>()
+                        .parse::<u16>()
+                        .map(usize::from)
                         .map_err(|_| format!("training.devices: `{name}` is not `kind:index` (e.g. \"cuda:1\")"))?;
                     if kind.is_empty() {
                         return Err(format!("training.devices: `{name}` names no backend"));
@@ -109,7 +113,11 @@ fn collective_error(rank: usize) -> impl Fn(CollectiveError) -> ReplicaError {
 }
 
 /// Registers replica `rank` of `count` with the collective server of `B` (the inner backend of
-/// the autodiff one). Every replica must register before any of them all-reduces.
+/// the autodiff one). Every replica must register before any of them all-reduces; this returns
+/// once all have.
+///
+/// All replicas are in this process: `burn-collective`'s multi-node layer is not used, because
+/// in 0.21 every global operation after the first waits for ever (see docs/DISTRIBUTED.md).
 pub fn register<B: Backend>(replica: Replica, device: &B::Device) -> Result<(), ReplicaError> {
     let config = CollectiveConfig::default()
         .with_num_devices(replica.count)
@@ -135,55 +143,83 @@ impl CollectiveLease {
     }
 }
 
+/// The most elements one all-reduce carries (256 MiB of f32): the gradients are packed into
+/// buckets of this size, so that a step costs a few collective operations, not one per tensor.
+pub const BUCKET_ELEMENTS: usize = 64 << 20;
+
 /// Averages `grads` over the replicas, as if one replica had accumulated every replica's
-/// micro-batches: a trainable parameter some replica has no gradient for (say, the projector
-/// on a micro-batch without images) counts as zero there, and one that no replica has a
-/// gradient for stays without one (the optimizer leaves it alone, as on one device).
+/// micro-batches, and sums `stats` (the step's loss sum and token counts): a trainable parameter
+/// some replica has no gradient for (say, the projector on a micro-batch without images) counts
+/// as zero there, and one that no replica has a gradient for stays without one (the optimizer
+/// leaves it alone, as on one device).
 ///
-/// Parameters go in the order the module visits them, which is the same on every replica.
-pub fn all_reduce_mean<B: AutodiffBackend, M: Module<B>>(
-    replica: Replica, module: &M, mut grads: GradientsParams,
-) -> Result<GradientsParams, ReplicaError> {
+/// Everything travels packed, in the order the module visits its parameters (the same on every
+/// replica): presence flags, `stats`, then the gradients flattened, in buckets of at most
+/// [`BUCKET_ELEMENTS`], each summed by one all-reduce; the gradients are divided by the replica
+/// count afterwards.
+pub fn all_reduce_step<B: AutodiffBackend, M: Module<B>>(
+    replica: Replica, module: &M, mut grads: GradientsParams, stats: &[f64],
+) -> Result<(GradientsParams, Vec<f64>), ReplicaError> {
     let device = first_device(module);
     let trainable = trainable_params(module);
-    // Which parameters have a gradient somewhere: one small all-reduce for all of them.
-    let present: Vec<f32> = trainable.iter().map(|p| if grads_contains::<B>(&grads, p) { 1.0 } else { 0.0 }).collect();
-    let counts = all_reduce_host::<B::InnerBackend>(replica, present, ReduceOperation::Sum, &device)?;
-    let mut reduced = GradientsParams::new();
-    for (param, count) in trainable.iter().zip(counts) {
-        if count == 0.0 {
-            continue;
-        }
-        let tensor = match take_grad::<B>(&mut grads, param) {
-            Some(g) => g,
-            None => zeros_like::<B>(param, &device),
+    let mut head: Vec<f32> = trainable.iter().map(|p| if grads_contains::<B>(&grads, p) { 1.0 } else { 0.0 }).collect();
+    head.extend(stats.iter().map(|&v| v as f32));
+    let mut pieces =
+        vec![Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(head, [trainable.len() + stats.len()]), &device)];
+    for param in &trainable {
+        let flat = match take_grad::<B>(&mut grads, param) {
+            Some(g) => flatten::<B>(param, g),
+            None => Tensor::zeros([param.shape.iter().product::<usize>()], &device),
         };
-        let out = collective::all_reduce::<B::InnerBackend>(replica.peer(), tensor, ReduceOperation::Mean)
-            .map_err(collective_error(replica.rank))?;
-        register_grad::<B>(&mut reduced, param, out);
+        pieces.push(flat.cast(burn::tensor::DType::F32));
     }
-    Ok(reduced)
-}
-
-/// Sums a few host numbers over the replicas (loss sums and token counts for the step report).
-pub fn all_reduce_sum<B: Backend>(
-    replica: Replica, values: Vec<f64>, device: &B::Device,
-) -> Result<Vec<f64>, ReplicaError> {
-    let values = values.into_iter().map(|v| v as f32).collect();
-    Ok(all_reduce_host::<B>(replica, values, ReduceOperation::Sum, device)?.into_iter().map(f64::from).collect())
-}
-
-fn all_reduce_host<B: Backend>(
-    replica: Replica, values: Vec<f32>, op: ReduceOperation, device: &B::Device,
-) -> Result<Vec<f32>, ReplicaError> {
-    let n = values.len().max(1);
-    let mut values = values;
-    values.resize(n, 0.0);
-    let tensor = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device);
-    let out = collective::all_reduce::<B>(replica.peer(), tensor.into_primitive().tensor(), op)
+    // Buckets: consecutive pieces up to BUCKET_ELEMENTS (a larger piece is a bucket of its own).
+    let mut reduced: Vec<Tensor<B::InnerBackend, 1>> = Vec::with_capacity(pieces.len());
+    let mut bucket: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+    let mut size = 0;
+    let mut flush = |bucket: &mut Vec<Tensor<B::InnerBackend, 1>>| -> Result<(), ReplicaError> {
+        if bucket.is_empty() {
+            return Ok(());
+        }
+        let lengths: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
+        let packed = Tensor::cat(std::mem::take(bucket), 0);
+        let summed = collective::all_reduce::<B::InnerBackend>(
+            replica.peer(),
+            packed.into_primitive().tensor(),
+            ReduceOperation::Sum,
+        )
         .map_err(collective_error(replica.rank))?;
-    let out = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(out));
-    Ok(out.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default())
+        let summed = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(summed));
+        let mut start = 0;
+        for n in lengths {
+            reduced.push(summed.clone().slice(start..start + n));
+            start += n;
+        }
+        Ok(())
+    };
+    for piece in pieces {
+        let n = piece.dims()[0];
+        if size + n > BUCKET_ELEMENTS {
+            flush(&mut bucket)?;
+            size = 0;
+        }
+        bucket.push(piece);
+        size += n;
+    }
+    flush(&mut bucket)?;
+    drop(flush);
+    let mut reduced = reduced.into_iter();
+    let head =
+        reduced.next().expect("the head piece").into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+    let (counts, sums) = head.split_at(trainable.len());
+    let mut averaged = GradientsParams::new();
+    for ((param, &count), summed) in trainable.iter().zip(counts).zip(reduced) {
+        if count > 0.0 {
+            let mean = (summed / replica.count as f64).cast(param.dtype);
+            register_grad::<B>(&mut averaged, param, unflatten::<B>(param, mean));
+        }
+    }
+    Ok((averaged, sums.iter().map(|&v| f64::from(v)).collect()))
 }
 
 /// A trainable parameter, seen from outside the module's type: its id, rank and shape.
@@ -247,11 +283,19 @@ fn take_grad<B: AutodiffBackend>(grads: &mut GradientsParams, p: &Trainable) -> 
     by_rank!(p.shape.len(), D => grads.remove::<B::InnerBackend, D>(p.id).map(|g| g.into_primitive().tensor()))
 }
 
-fn zeros_like<B: AutodiffBackend>(p: &Trainable, device: &<B::InnerBackend as BackendTypes>::Device) -> Primitive<B> {
+/// A gradient as one row of numbers.
+fn flatten<B: AutodiffBackend>(p: &Trainable, g: Primitive<B>) -> Tensor<B::InnerBackend, 1> {
+    by_rank!(p.shape.len(), D => {
+        Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(g)).reshape([p.shape.iter().product::<usize>()])
+    })
+}
+
+/// A row of numbers back in the parameter's shape.
+fn unflatten<B: AutodiffBackend>(p: &Trainable, flat: Tensor<B::InnerBackend, 1>) -> Primitive<B> {
     by_rank!(p.shape.len(), D => {
         let mut shape = [1usize; D];
         shape.copy_from_slice(&p.shape[..D]);
-        Tensor::<B::InnerBackend, D>::zeros(shape, device).cast(p.dtype).into_primitive().tensor()
+        flat.reshape(shape).into_primitive().tensor()
     })
 }
 

@@ -168,6 +168,7 @@ fn plan_for<B: AutodiffBackend>(
         crate::plan::TrainingShape::from_recipe(cfg, weights_dtype::<B>(cfg, device), validation, stored, widened)
             .map_err(TrainError::Config)?;
     shape.sequence = longest_sequence(cfg, config, &data.train)?;
+    shape.quantized_backward_recomputes = llava_kernels::quantized_backward_recomputes::<B>();
     let plan = crate::plan::training_plan(config, &shape, B::name(device), capacity);
     let alternatives = crate::plan::alternatives(config, &shape, B::supports_dtype(device, DType::BF16));
     Ok((plan, alternatives))
@@ -541,6 +542,7 @@ pub fn run<B: AutodiffBackend>(
     // Every replica starts from the same model and, on resume, the same checkpoint: they hold
     // identical weights and optimizer state from then on.
     let replica_model = (replica_count > 1).then(|| model.clone());
+    let distributed = replica_count > 1;
     let make_trainer = |model: Llava<B>, rank: usize| -> Result<(Trainer<B>, serde_json::Value), TrainError> {
         let mut trainer = Trainer::new(model, cfg.stage, optim.clone())
             .with_seed(cfg.training.seed)
@@ -609,7 +611,7 @@ pub fn run<B: AutodiffBackend>(
     );
     let (mut skipped, mut first_loss, mut last_loss) = (0usize, f64::NAN, f64::NAN);
     let mut progress = Progress::new(&cfg.name, trainer.step, stop_at);
-    let _lease = (replica_count > 1).then(|| {
+    let _lease = distributed.then(|| {
         let lease = CollectiveLease::acquire();
         replicas::reset::<B::InnerBackend>();
         lease
@@ -623,7 +625,7 @@ pub fn run<B: AutodiffBackend>(
                 ReplicaWorker::spawn(scope, trainer, replica, device, image_shape)
             })
             .collect();
-        if replica_count > 1 {
+        if distributed {
             replicas::register::<B::InnerBackend>(Replica { rank: 0, count: replica_count }, device)
                 .map_err(|e| TrainError::Config(e.to_string()))?;
         }
@@ -656,9 +658,8 @@ pub fn run<B: AutodiffBackend>(
             for (worker, samples) in workers.iter().zip(micro_batches) {
                 worker.send(samples);
             }
-            let batch = to_batch(&mine, image_shape, device);
             let step_start = Instant::now();
-            let stepped = trainer.try_micro_step(&batch);
+            let stepped = trainer.try_micro_step(&to_batch(&mine, image_shape, device));
             if stepped.is_err() {
                 // Wake any replica still waiting in the collective.
                 replicas::reset::<B::InnerBackend>();
@@ -690,16 +691,15 @@ pub fn run<B: AutodiffBackend>(
                     || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
             let val_loss =
                 evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
-            metrics
-                .write(&StepMetrics {
-                    step: trainer.step - 1,
-                    loss: report.loss,
-                    lr: report.lr,
-                    grad_norm: report.grad_norm,
-                    tokens_per_s,
-                    val_loss,
-                })
-                .map_err(io(&metrics_path))?;
+            let step_metrics = StepMetrics {
+                step: trainer.step - 1,
+                loss: report.loss,
+                lr: report.lr,
+                grad_norm: report.grad_norm,
+                tokens_per_s,
+                val_loss,
+            };
+            metrics.write(&step_metrics).map_err(io(&metrics_path))?;
             progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
             if let Some(v) = val_loss {
                 progress.finish();
@@ -719,7 +719,7 @@ pub fn run<B: AutodiffBackend>(
         }
         Ok(())
     });
-    if replica_count > 1 {
+    if distributed {
         replicas::reset::<B::InnerBackend>();
     }
     trained?;

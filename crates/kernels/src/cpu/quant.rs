@@ -14,12 +14,20 @@
 //! multiply it with gemm, as the half-precision path does: the dequantization is paid once per
 //! product and shared by every row.
 
-use crate::cpu::dense::gemm_into;
-use crate::cpu::flex::{flex_f32, flex_int, from_f32, values as f32_values};
+use crate::cpu::dense::{PARALLEL_WORK, gemm_into};
+use crate::cpu::flex::{
+    AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_int, flex_tensor, from_autodiff, from_f32, is_autodiff_flex,
+    values as f32_values,
+};
 use crate::cpu::skinny::{MAX_ROWS, OutPtr};
 use crate::quant::{BLOCK, NF4_LEVELS, QuantFormat, QuantLinear, dequantize_block};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
 use half::f16;
 use rayon::prelude::*;
 
@@ -61,6 +69,9 @@ pub(crate) fn linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option
     if qk != k || m == 0 || n == 0 {
         return None;
     }
+    if is_autodiff_flex::<B>() {
+        return autodiff_linear(x, q);
+    }
     let codes = flex_int(&q.values)?;
     let scales = crate::cpu::flex::flex_any(&q.scales)?;
     if codes.dtype() != DType::I32 || scales.dtype() != DType::F16 {
@@ -86,6 +97,104 @@ pub(crate) fn linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option
         }
     }
     from_f32(out, [m, n])
+}
+
+/// The codes and scales of a frozen quantized weight, as the backward pass needs them (shared
+/// with the layer, not copied).
+#[derive(Debug, Clone)]
+struct QuantWeight {
+    format: QuantFormat,
+    n: usize,
+    k: usize,
+    codes: FlexTensor,
+    scales: FlexTensor,
+}
+
+impl QuantWeight {
+    fn view(&self) -> QuantView<'_> {
+        QuantView {
+            format: self.format,
+            n: self.n,
+            k: self.k,
+            codes: &self.codes.bytes()[..self.n * self.k * self.format.bits() / 8],
+            scales: &self.scales.storage::<f16>()[..self.n * self.k / BLOCK],
+        }
+    }
+}
+
+/// Under `Autodiff<Flex>` (QLoRA): the product with a frozen quantized weight, whose backward
+/// pass dequantizes the weight again for `dX = dY · W` instead of keeping a float copy of it
+/// from the forward pass, as bitsandbytes does. Burn's dequantize-then-matmul kept every layer's
+/// dequantized weight in the graph: at 7B, the whole base again (measured: out of memory at 24
+/// GiB). The weight is frozen, so it gets no gradient; `x` in another dtype goes through f32
+/// (Burn's differentiable cast) and the result back.
+fn autodiff_linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option<Tensor<B, 2>> {
+    let [m, k] = x.dims();
+    let [n, _] = q.dims();
+    let codes = flex_int(&q.values)?;
+    let scales = autodiff_primitive(q.scales.clone()).primitive;
+    if codes.dtype() != DType::I32 || scales.dtype() != DType::F16 || !codes.is_contiguous() {
+        return None;
+    }
+    if codes.layout().start_offset() != 0 || !scales.is_contiguous() {
+        return None;
+    }
+    let weight = QuantWeight { format: q.format, n, k, codes, scales: scales.to_contiguous() };
+    let dtype = x.dtype();
+    let x: AutodiffFlexTensor =
+        autodiff_primitive(if dtype == DType::F32 { x.clone() } else { x.clone().cast(DType::F32) });
+    let xf = x.primitive.to_contiguous();
+    let view = weight.view();
+    let values = if m <= MAX_ROWS { decode(f32_values(&xf), m, &view) } else { prefill(f32_values(&xf), m, &view) };
+    let out = flex_tensor(values, [m, n]);
+    let y = match QuantLinearBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(weight, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    let mut y: Tensor<B, 2> = from_autodiff(y);
+    if let Some(bias) = &q.bias {
+        y = y + bias.val().cast(DType::F32).unsqueeze::<2>();
+    }
+    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+#[derive(Debug)]
+struct QuantLinearBackward;
+
+impl Backward<Flex, 1> for QuantLinearBackward {
+    type State = QuantWeight;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let w = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [x_node] = ops.parents;
+        let Some(node) = x_node else { return };
+        let (n, k) = (w.n, w.k);
+        let m = grad.layout().shape().num_elements() / n;
+        // W dequantized for this product only ([n, k] f32, one layer's worth, freed at once).
+        let view = w.view();
+        let mut dense = vec![0f32; n * k];
+        dense.par_chunks_mut(k).enumerate().for_each(|(j, row)| view.dequantize_row(j, row));
+        let parallelism =
+            if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+        let mut dx = Vec::<f32>::with_capacity(m * k);
+        // SAFETY: dY is [m, n] row-major, W [n, k] row-major, dx has room for m × k values,
+        // all of which gemm writes.
+        unsafe {
+            gemm_into(
+                m,
+                n,
+                k,
+                dx.as_mut_ptr(),
+                k,
+                (f32_values(&grad).as_ptr(), n, 1),
+                (dense.as_ptr(), k, 1),
+                parallelism,
+            );
+            dx.set_len(m * k);
+        }
+        grads.register::<Flex>(node.id, flex_tensor(dx, [m, k]));
+    }
 }
 
 /// Few rows: outputs split among the threads, each output's blocks streamed once per 8 rows.
@@ -323,6 +432,57 @@ mod tests {
                 let magnitude = magnitude.to_data().to_vec::<f32>().unwrap();
                 for (i, ((a, b), mag)) in ours.iter().zip(&want).zip(&magnitude).enumerate() {
                     assert!((a - b).abs() <= 1e-5 * mag, "{format} {m}x{k}x{n} [{i}]: {a} vs {b} (|terms| {mag})");
+                }
+            }
+        }
+    }
+
+    /// On `Autodiff<Flex>` (QLoRA training) the product and the input's gradient equal Burn's
+    /// dequantize-and-matmul (the reference path), in f32 and under bf16 compute, for every
+    /// format, with the weight re-dequantized in the backward pass instead of kept.
+    #[test]
+    fn the_autodiff_product_and_input_gradient_equal_the_dequantized_reference() {
+        type AD = burn::backend::Autodiff<Flex>;
+        use burn::tensor::TensorData;
+        let device = Default::default();
+        for format in QuantFormat::ALL {
+            for (m, k, n) in [(3, 64, 50), (20, 128, 72)] {
+                // Fixed values, not the shared generator (tests run in parallel).
+                let values: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0).collect();
+                let matrix = QuantMatrix::quantize(format, n, k, &values).unwrap();
+                let bias = Tensor::<AD, 1>::from_data(
+                    TensorData::new((0..n).map(|i| i as f32 / n as f32).collect(), [n]),
+                    &device,
+                );
+                let layer = QuantLinear::<AD>::new(&matrix, Some(bias), &device);
+                let xs: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
+                let rs: Vec<f32> = (0..m * n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+                for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
+                    let run = |ours: bool| {
+                        let x = Tensor::<AD, 2>::from_data(TensorData::new(xs.clone(), [m, k]), &device)
+                            .cast(dtype)
+                            .require_grad();
+                        let y = if ours {
+                            linear(&x, &layer).expect("Autodiff<Flex> takes the kernel")
+                        } else {
+                            crate::reference::quant_linear(x.clone(), &layer)
+                        };
+                        assert_eq!(y.dtype(), dtype);
+                        let r = Tensor::<AD, 2>::from_data(TensorData::new(rs.clone(), [m, n]), &device);
+                        let grads = (y.clone().cast(DType::F32) * r).sum().backward();
+                        let dx = x.grad(&grads).expect("x has a gradient");
+                        let host = |t: Tensor<Flex, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+                        (host(y.inner()), host(dx))
+                    };
+                    let ((y, dx), (y_ref, dx_ref)) = (run(true), run(false));
+                    for (what, a, b) in [("y", &y, &y_ref), ("dx", &dx, &dx_ref)] {
+                        for (i, (a, b)) in a.iter().zip(b.iter()).enumerate() {
+                            assert!(
+                                (a - b).abs() <= tol * (1.0 + b.abs()),
+                                "{format} {dtype:?} {what}[{i}]: {a} vs {b}"
+                            );
+                        }
+                    }
                 }
             }
         }
