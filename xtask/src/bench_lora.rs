@@ -10,6 +10,7 @@ use burn::backend::Autodiff;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use clap::Args;
+use llava::QuantFormat;
 use llava::backend::Cpu;
 use llava_checkpoint::{Loader, WeightStore};
 use llava_llm::{LlamaConfig, LlamaModel, LoraConfig};
@@ -32,6 +33,10 @@ pub struct BenchLoraArgs {
     /// Timed steps after one warm-up; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// 4: QLoRA, the frozen base's linear layers in NF4 (ours: activations f32; the reference:
+    /// bitsandbytes' `Linear4bit`, compute f32 and bf16); 16: a float base (LoRA).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(["4", "16"]), |s| s.parse::<u8>()))]
+    pub bits: u8,
     /// Python with torch, transformers and peft; a missing one skips the reference.
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: PathBuf,
@@ -49,7 +54,16 @@ pub fn bench_lora(args: BenchLoraArgs, root: &Path) -> Result<()> {
     let config = LlamaConfig::from_hf_dir(&args.model)?;
     let store = WeightStore::open(&args.model)?;
     // f32 weights and activations: the CPU's training dtype (bf16 is slower here, README).
-    let base = LlamaModel::<B>::load_hf(&config, &Loader::new(&store, &device).with_dtype(Some(DType::F32)))?;
+    let loader = Loader::new(&store, &device).with_dtype(Some(DType::F32));
+    let base = match args.bits {
+        4 => LlamaModel::<B>::load_quantized(
+            &config,
+            &loader.pp("model"),
+            &loader.pp("lm_head"),
+            Some(QuantFormat::Nf4),
+        )?,
+        _ => LlamaModel::<B>::load_hf(&config, &loader)?,
+    };
     let lora = LoraConfig { r: args.r, lora_alpha: 2.0 * args.r as f64, lora_dropout: 0.05, ..LoraConfig::reference() };
     let mut model = base.with_lora(&lora, 0)?.freeze_base();
     let mut optim = FusedAdamW::new(AdamWParams { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.0 })
@@ -71,7 +85,8 @@ pub fn bench_lora(args: BenchLoraArgs, root: &Path) -> Result<()> {
     let ours = median(times.clone());
     let trainable = llava_llm::lora::lora_parameters(&config, &lora);
     println!(
-        "ours (Flex, f32): LoRA r {} ({:.1}M adapter parameters), 1 × {} tokens: median step {ours:.2}s, steps {:?}",
+        "ours (Flex, f32{}): LoRA r {} ({:.1}M adapter parameters), 1 × {} tokens: median step {ours:.2}s, steps {:?}",
+        if args.bits == 4 { ", nf4 base" } else { "" },
         args.r,
         trainable as f64 / 1e6,
         args.tokens,
@@ -82,6 +97,7 @@ pub fn bench_lora(args: BenchLoraArgs, root: &Path) -> Result<()> {
         .arg(&script)
         .args(["--model", &args.model.display().to_string()])
         .args(["--tokens", &args.tokens.to_string(), "--r", &args.r.to_string(), "--steps", &args.steps.to_string()])
+        .args(["--bits", &args.bits.to_string()])
         .output();
     match out {
         Ok(out) if out.status.success() => {

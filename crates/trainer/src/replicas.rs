@@ -207,7 +207,6 @@ pub fn all_reduce_step<B: AutodiffBackend, M: Module<B>>(
         size += n;
     }
     flush(&mut bucket)?;
-    drop(flush);
     let mut reduced = reduced.into_iter();
     let head =
         reduced.next().expect("the head piece").into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
