@@ -583,6 +583,11 @@ pub fn run<B: AutodiffBackend>(
             others.push((make_trainer(model.clone().fork(device), rank)?.0, device.clone()));
         }
         tracing::info!("{replica_count} data-parallel replicas on {:?}", devices);
+        if devices.iter().all(|d| d == device) {
+            tracing::warn!(
+                "the {replica_count} replicas share one device (each holds its own model and optimizer state there; the memory plan above is for one)"
+            );
+        }
     }
     // Metrics from the resumed step on describe steps this run does again: dropped; every
     // complete line before it is kept.
