@@ -7,14 +7,16 @@
 //! (each micro-batch loss is a mean over its own tokens, as the reference's DeepSpeed runs).
 //!
 //! The collective is Burn's: peers register with the process's collective server of the inner
-//! backend, and each gradient tensor goes through `all_reduce(.., Mean)`. That server is one per
-//! backend type and process, so one replicated run at a time holds it ([`CollectiveLease`]).
+//! backend, and each step's gradients go through `all_reduce(.., Sum)` packed in a few buckets
+//! ([`all_reduce_step`]). That server is one per backend type and process, so one replicated run
+//! at a time holds it ([`CollectiveLease`]).
 
 use std::sync::{Mutex, MutexGuard};
 
 use burn::collective::{self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
+use burn::tensor::DType;
 use burn::tensor::backend::{AutodiffBackend, Backend, BackendTypes, Device, DeviceId, DeviceOps};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use serde::{Deserialize, Serialize};
@@ -158,150 +160,106 @@ pub const BUCKET_ELEMENTS: usize = 64 << 20;
 /// [`BUCKET_ELEMENTS`], each summed by one all-reduce; the gradients are divided by the replica
 /// count afterwards.
 pub fn all_reduce_step<B: AutodiffBackend, M: Module<B>>(
-    replica: Replica, module: &M, mut grads: GradientsParams, stats: &[f64],
+    replica: Replica, module: &M, grads: GradientsParams, stats: &[f64],
 ) -> Result<(GradientsParams, Vec<f64>), ReplicaError> {
-    let device = first_device(module);
-    let trainable = trainable_params(module);
-    let mut head: Vec<f32> = trainable.iter().map(|p| if grads_contains::<B>(&grads, p) { 1.0 } else { 0.0 }).collect();
-    head.extend(stats.iter().map(|&v| v as f32));
-    let mut pieces =
-        vec![Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(head, [trainable.len() + stats.len()]), &device)];
-    for param in &trainable {
-        let flat = match take_grad::<B>(&mut grads, param) {
-            Some(g) => flatten::<B>(param, g),
-            None => Tensor::zeros([param.shape.iter().product::<usize>()], &device),
-        };
-        pieces.push(flat.cast(burn::tensor::DType::F32));
-    }
+    let device = module.devices().into_iter().next().map(|d| d.inner().clone()).unwrap_or_default();
+    let mut pack = Pack::<B> { grads, flags: Vec::new(), pieces: Vec::new(), device: device.clone() };
+    module.visit(&mut pack);
+    let Pack { mut flags, pieces, .. } = pack;
+    let trainable = flags.len();
+    flags.extend(stats.iter().map(|&v| v as f32));
+    let head = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(flags, [trainable + stats.len()]), &device);
+    let mut reduced = Vec::with_capacity(pieces.len() + 1);
     // Buckets: consecutive pieces up to BUCKET_ELEMENTS (a larger piece is a bucket of its own).
-    let mut reduced: Vec<Tensor<B::InnerBackend, 1>> = Vec::with_capacity(pieces.len());
-    let mut bucket: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+    let mut bucket = Vec::new();
     let mut size = 0;
-    let mut flush = |bucket: &mut Vec<Tensor<B::InnerBackend, 1>>| -> Result<(), ReplicaError> {
-        if bucket.is_empty() {
-            return Ok(());
-        }
-        let lengths: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
-        let packed = Tensor::cat(std::mem::take(bucket), 0);
-        let summed = collective::all_reduce::<B::InnerBackend>(
-            replica.peer(),
-            packed.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(collective_error(replica.rank))?;
-        let summed = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(summed));
-        let mut start = 0;
-        for n in lengths {
-            reduced.push(summed.clone().slice(start..start + n));
-            start += n;
-        }
-        Ok(())
-    };
-    for piece in pieces {
+    for piece in std::iter::once(head).chain(pieces) {
         let n = piece.dims()[0];
-        if size + n > BUCKET_ELEMENTS {
-            flush(&mut bucket)?;
+        if size + n > BUCKET_ELEMENTS && !bucket.is_empty() {
+            all_reduce_bucket::<B::InnerBackend>(replica, std::mem::take(&mut bucket), &mut reduced)?;
             size = 0;
         }
         bucket.push(piece);
         size += n;
     }
-    flush(&mut bucket)?;
+    all_reduce_bucket::<B::InnerBackend>(replica, bucket, &mut reduced)?;
     let mut reduced = reduced.into_iter();
-    let head =
-        reduced.next().expect("the head piece").into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
-    let (counts, sums) = head.split_at(trainable.len());
-    let mut averaged = GradientsParams::new();
-    for ((param, &count), summed) in trainable.iter().zip(counts).zip(reduced) {
-        if count > 0.0 {
-            let mean = (summed / replica.count as f64).cast(param.dtype);
-            register_grad::<B>(&mut averaged, param, unflatten::<B>(param, mean));
-        }
-    }
-    Ok((averaged, sums.iter().map(|&v| f64::from(v)).collect()))
-}
-
-/// A trainable parameter, seen from outside the module's type: its id, rank and shape.
-struct Trainable {
-    id: burn::module::ParamId,
-    shape: Vec<usize>,
-    dtype: burn::tensor::DType,
-}
-
-fn trainable_params<B: AutodiffBackend, M: Module<B>>(module: &M) -> Vec<Trainable> {
-    struct Collect(Vec<Trainable>);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let value = param.val();
-            if value.is_require_grad() {
-                self.0.push(Trainable { id: param.id, shape: value.dims().to_vec(), dtype: value.dtype() });
-            }
-        }
-    }
-    let mut collect = Collect(Vec::new());
-    module.visit(&mut collect);
-    collect.0
-}
-
-fn first_device<B: AutodiffBackend, M: Module<B>>(module: &M) -> <B::InnerBackend as BackendTypes>::Device {
-    module.devices().into_iter().next().map(|d| d.inner().clone()).unwrap_or_default()
-}
-
-// GradientsParams is typed by rank; the parameters here come in every rank, so each helper
-// dispatches on it (LLaVA's parameters have rank 1 to 4).
-macro_rules! by_rank {
-    ($rank:expr, $D:ident => $body:expr) => {
-        match $rank {
-            1 => {
-                const $D: usize = 1;
-                $body
-            }
-            2 => {
-                const $D: usize = 2;
-                $body
-            }
-            3 => {
-                const $D: usize = 3;
-                $body
-            }
-            _ => {
-                const $D: usize = 4;
-                $body
-            }
-        }
+    let head = reduced.next().map(|t| t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default());
+    let head = head.unwrap_or_default();
+    let (counts, sums) = head.split_at(trainable.min(head.len()));
+    let mut unpack = Unpack::<B> {
+        counts: counts.iter(),
+        summed: reduced,
+        replicas: replica.count as f64,
+        averaged: GradientsParams::new(),
     };
+    module.visit(&mut unpack);
+    Ok((unpack.averaged, sums.iter().map(|&v| f64::from(v)).collect()))
 }
 
-fn grads_contains<B: AutodiffBackend>(grads: &GradientsParams, p: &Trainable) -> bool {
-    by_rank!(p.shape.len(), D => grads.get::<B::InnerBackend, D>(p.id).is_some())
+/// Sums one bucket of pieces over the replicas and appends the pieces, summed, to `reduced`.
+fn all_reduce_bucket<B: Backend>(
+    replica: Replica, bucket: Vec<Tensor<B, 1>>, reduced: &mut Vec<Tensor<B, 1>>,
+) -> Result<(), ReplicaError> {
+    let lengths: Vec<usize> = bucket.iter().map(|t| t.dims()[0]).collect();
+    let packed = Tensor::cat(bucket, 0);
+    let summed = collective::all_reduce::<B>(replica.peer(), packed.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(collective_error(replica.rank))?;
+    let summed = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed));
+    let mut start = 0;
+    for n in lengths {
+        reduced.push(summed.clone().slice(start..start + n));
+        start += n;
+    }
+    Ok(())
 }
 
-type Primitive<B> = <<B as AutodiffBackend>::InnerBackend as BackendTypes>::FloatTensorPrimitive;
-
-fn take_grad<B: AutodiffBackend>(grads: &mut GradientsParams, p: &Trainable) -> Option<Primitive<B>> {
-    by_rank!(p.shape.len(), D => grads.remove::<B::InnerBackend, D>(p.id).map(|g| g.into_primitive().tensor()))
+/// Visits the trainable parameters in order: each one's gradient flattened to f32 (zeros where
+/// there is none) and a presence flag.
+struct Pack<B: AutodiffBackend> {
+    grads: GradientsParams,
+    flags: Vec<f32>,
+    pieces: Vec<Tensor<B::InnerBackend, 1>>,
+    device: <B::InnerBackend as BackendTypes>::Device,
 }
 
-/// A gradient as one row of numbers.
-fn flatten<B: AutodiffBackend>(p: &Trainable, g: Primitive<B>) -> Tensor<B::InnerBackend, 1> {
-    by_rank!(p.shape.len(), D => {
-        Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(g)).reshape([p.shape.iter().product::<usize>()])
-    })
+impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let n = value.shape().num_elements();
+        let (flag, flat) = match self.grads.remove::<B::InnerBackend, D>(param.id) {
+            Some(g) => (1.0, g.reshape([n]).cast(DType::F32)),
+            None => (0.0, Tensor::zeros([n], &self.device)),
+        };
+        self.flags.push(flag);
+        self.pieces.push(flat);
+    }
 }
 
-/// A row of numbers back in the parameter's shape.
-fn unflatten<B: AutodiffBackend>(p: &Trainable, flat: Tensor<B::InnerBackend, 1>) -> Primitive<B> {
-    by_rank!(p.shape.len(), D => {
-        let mut shape = [1usize; D];
-        shape.copy_from_slice(&p.shape[..D]);
-        flat.reshape(shape).into_primitive().tensor()
-    })
+/// Visits the trainable parameters in the same order: the summed gradient divided by the
+/// replica count, in the parameter's shape and dtype, where some replica had one.
+struct Unpack<'a, B: AutodiffBackend> {
+    counts: std::slice::Iter<'a, f32>,
+    summed: std::vec::IntoIter<Tensor<B::InnerBackend, 1>>,
+    replicas: f64,
+    averaged: GradientsParams,
 }
 
-fn register_grad<B: AutodiffBackend>(grads: &mut GradientsParams, p: &Trainable, g: Primitive<B>) {
-    by_rank!(p.shape.len(), D => {
-        grads.register::<B::InnerBackend, D>(p.id, Tensor::from_primitive(TensorPrimitive::Float(g)))
-    })
+impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let (Some(&count), Some(summed)) = (self.counts.next(), self.summed.next()) else { return };
+        if count > 0.0 {
+            let mean = (summed / self.replicas).cast(value.dtype()).reshape(value.dims());
+            self.averaged.register::<B::InnerBackend, D>(param.id, mean);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -541,8 +541,8 @@ pub fn run<B: AutodiffBackend>(
     };
     // Every replica starts from the same model and, on resume, the same checkpoint: they hold
     // identical weights and optimizer state from then on.
-    let replica_model = (replica_count > 1).then(|| model.clone());
     let distributed = replica_count > 1;
+    let replica_model = distributed.then(|| model.clone());
     let make_trainer = |model: Llava<B>, rank: usize| -> Result<(Trainer<B>, serde_json::Value), TrainError> {
         let mut trainer = Trainer::new(model, cfg.stage, optim.clone())
             .with_seed(cfg.training.seed)
@@ -696,15 +696,16 @@ pub fn run<B: AutodiffBackend>(
                     || (cfg.training.eval_steps > 0 && trainer.step % cfg.training.eval_steps == 0));
             let val_loss =
                 evaluate.then(|| validation_loss(&trainer.compute_model().valid(), &val_batches, max_length));
-            let step_metrics = StepMetrics {
-                step: trainer.step - 1,
-                loss: report.loss,
-                lr: report.lr,
-                grad_norm: report.grad_norm,
-                tokens_per_s,
-                val_loss,
-            };
-            metrics.write(&step_metrics).map_err(io(&metrics_path))?;
+            metrics
+                .write(&StepMetrics {
+                    step: trainer.step - 1,
+                    loss: report.loss,
+                    lr: report.lr,
+                    grad_norm: report.grad_norm,
+                    tokens_per_s,
+                    val_loss,
+                })
+                .map_err(io(&metrics_path))?;
             progress.update(trainer.step, report.loss, report.lr, tokens_per_s);
             if let Some(v) = val_loss {
                 progress.finish();
@@ -716,7 +717,7 @@ pub fn run<B: AutodiffBackend>(
                     &trainer,
                     &ckpt_dir,
                     cfg.checkpoint.keep,
-                    serde_json::json!({ "position": position, "replicas": replica_count }),
+                    serde_json::json!({ "position": position }),
                 )?;
                 tracing::debug!("checkpoint {}", saved.display());
                 llava::plan::log_resident("after the checkpoint");

@@ -54,7 +54,7 @@ pub(crate) fn linear<B: Backend>(
 pub(crate) const PARALLEL_WORK: usize = 192 * 192 * 192;
 
 /// `lhs · rhs`, `[m, k] · [k, n]`, each operand given as (values, row stride, column stride).
-fn matmul(
+pub(crate) fn matmul(
     m: usize, k: usize, n: usize, (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
 ) -> Vec<f32> {

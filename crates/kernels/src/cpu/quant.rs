@@ -14,7 +14,7 @@
 //! multiply it with gemm, as the half-precision path does: the dequantization is paid once per
 //! product and shared by every row.
 
-use crate::cpu::dense::{PARALLEL_WORK, gemm_into};
+use crate::cpu::dense::{gemm_into, matmul};
 use crate::cpu::flex::{
     AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_int, flex_tensor, from_autodiff, from_f32, is_autodiff_flex,
     values as f32_values,
@@ -52,6 +52,12 @@ impl QuantView<'_> {
     }
 
     /// Output `j`'s weights as f32 into `dst` (`k` values).
+    /// `x [m, k]` times the weight's transpose, `[m, n]`: the decode kernel for few rows, the
+    /// dequantized-panel one for more.
+    fn product(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if m <= MAX_ROWS { decode(x, m, self) } else { prefill(x, m, self) }
+    }
+
     fn dequantize_row(&self, j: usize, dst: &mut [f32]) {
         let (rb, blocks) = (self.row_bytes(), self.k / BLOCK);
         let codes = &self.codes[j * rb..(j + 1) * rb];
@@ -72,24 +78,9 @@ pub(crate) fn linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option
     if is_autodiff_flex::<B>() {
         return autodiff_linear(x, q);
     }
-    let codes = flex_int(&q.values)?;
-    let scales = crate::cpu::flex::flex_any(&q.scales)?;
-    if codes.dtype() != DType::I32 || scales.dtype() != DType::F16 {
-        return None;
-    }
-    if !codes.is_contiguous() || codes.layout().start_offset() != 0 || !scales.is_contiguous() {
-        return None;
-    }
+    let weight = QuantWeight::new(q.format, n, k, flex_int(&q.values)?, crate::cpu::flex::flex_any(&q.scales)?)?;
     let x = flex_f32(x)?.to_contiguous();
-    let scales = scales.to_contiguous();
-    let view = QuantView {
-        format: q.format,
-        n,
-        k,
-        codes: &codes.bytes()[..n * k * q.format.bits() / 8],
-        scales: &scales.storage::<f16>()[..n * k / BLOCK],
-    };
-    let mut out = if m <= MAX_ROWS { decode(f32_values(&x), m, &view) } else { prefill(f32_values(&x), m, &view) };
+    let mut out = weight.view().product(f32_values(&x), m);
     if let Some(bias) = &q.bias {
         let bias = bias.val().cast(DType::F32).into_data().into_vec::<f32>().ok()?;
         for row in out.chunks_mut(n) {
@@ -111,6 +102,17 @@ struct QuantWeight {
 }
 
 impl QuantWeight {
+    /// `None` unless the codes are contiguous `i32` words from offset 0 and the scales
+    /// contiguous f16 (what the kernels read).
+    fn new(format: QuantFormat, n: usize, k: usize, codes: FlexTensor, scales: FlexTensor) -> Option<Self> {
+        let usable = codes.dtype() == DType::I32
+            && scales.dtype() == DType::F16
+            && codes.is_contiguous()
+            && codes.layout().start_offset() == 0
+            && scales.is_contiguous();
+        usable.then(|| QuantWeight { format, n, k, codes, scales: scales.to_contiguous() })
+    }
+
     fn view(&self) -> QuantView<'_> {
         QuantView {
             format: self.format,
@@ -131,22 +133,13 @@ impl QuantWeight {
 fn autodiff_linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option<Tensor<B, 2>> {
     let [m, k] = x.dims();
     let [n, _] = q.dims();
-    let codes = flex_int(&q.values)?;
     let scales = autodiff_primitive(q.scales.clone()).primitive;
-    if codes.dtype() != DType::I32 || scales.dtype() != DType::F16 || !codes.is_contiguous() {
-        return None;
-    }
-    if codes.layout().start_offset() != 0 || !scales.is_contiguous() {
-        return None;
-    }
-    let weight = QuantWeight { format: q.format, n, k, codes, scales: scales.to_contiguous() };
+    let weight = QuantWeight::new(q.format, n, k, flex_int(&q.values)?, scales)?;
     let dtype = x.dtype();
     let x: AutodiffFlexTensor =
         autodiff_primitive(if dtype == DType::F32 { x.clone() } else { x.clone().cast(DType::F32) });
     let xf = x.primitive.to_contiguous();
-    let view = weight.view();
-    let values = if m <= MAX_ROWS { decode(f32_values(&xf), m, &view) } else { prefill(f32_values(&xf), m, &view) };
-    let out = flex_tensor(values, [m, n]);
+    let out = flex_tensor(weight.view().product(f32_values(&xf), m), [m, n]);
     let y = match QuantLinearBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(weight, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -175,24 +168,7 @@ impl Backward<Flex, 1> for QuantLinearBackward {
         let view = w.view();
         let mut dense = vec![0f32; n * k];
         dense.par_chunks_mut(k).enumerate().for_each(|(j, row)| view.dequantize_row(j, row));
-        let parallelism =
-            if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-        let mut dx = Vec::<f32>::with_capacity(m * k);
-        // SAFETY: dY is [m, n] row-major, W [n, k] row-major, dx has room for m × k values,
-        // all of which gemm writes.
-        unsafe {
-            gemm_into(
-                m,
-                n,
-                k,
-                dx.as_mut_ptr(),
-                k,
-                (f32_values(&grad).as_ptr(), n, 1),
-                (dense.as_ptr(), k, 1),
-                parallelism,
-            );
-            dx.set_len(m * k);
-        }
+        let dx = matmul(m, n, k, (f32_values(&grad), n, 1), (&dense, k, 1));
         grads.register::<Flex>(node.id, flex_tensor(dx, [m, k]));
     }
 }
