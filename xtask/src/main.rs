@@ -10,6 +10,7 @@ mod demo;
 mod eval_cmds;
 mod model_cmds;
 mod plan_cmds;
+mod serve_cmds;
 mod train_cmds;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ enum Command {
     Stage1(train_cmds::StageArgs),
     /// Stage 2 (end-to-end): train projector and LLM, vision frozen.
     Stage2(train_cmds::StageArgs),
+    /// Serve the model: OpenAI-compatible chat completions with continuous batching, metrics and
+    /// the web chat page at `/`.
+    Serve(serve_cmds::ServeArgs),
     /// Interactive multi-turn chat about an image (reads standard input; /image, /reset, /exit).
     Chat(eval_cmds::ChatArgs),
     /// ScienceQA prediction (model_vqa_science): one JSON line per question, batched, resumable.
@@ -80,10 +84,10 @@ enum Command {
     BenchGenerate(bench::BenchGenerateArgs),
     /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
     BenchBackends(bench::BenchBackendsArgs),
-    /// Generation at real shapes (checkpoint folders, e.g. from scripts/real_shapes.py) against
-    /// PyTorch loading the same folders: load, peak RSS, prefill/decode tok/s, bandwidth use.
     /// One LoRA training step of a LLaMA folder, ours against PyTorch + PEFT in the same run.
     BenchLora(bench_lora::BenchLoraArgs),
+    /// Generation at real shapes (checkpoint folders, e.g. from scripts/real_shapes.py) against
+    /// PyTorch loading the same folders: load, peak RSS, prefill/decode tok/s, bandwidth use.
     BenchReal(bench_real::BenchRealArgs),
     /// One configuration of bench-real in a process of its own (prints one JSON line).
     #[command(hide = true)]
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Forward(args) => model_cmds::forward(args),
+        Command::Serve(args) => serve_cmds::serve(args),
         Command::Generate(args) => model_cmds::generate(args),
         Command::Quantize(args) => model_cmds::quantize(args),
         Command::MergeLora(args) => model_cmds::merge_lora(args),

@@ -320,7 +320,6 @@ fn generate_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> Result<()
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
         eos_ids: loaded.eos_ids(),
-        use_cache: true,
     };
     let prompt_len = ids.len();
     let mut stream = tokenizer.stream(true);

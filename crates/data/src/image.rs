@@ -191,23 +191,47 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     // sniffed from the bytes (not the extension): a mislabelled file still decodes.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
-    if crate::jpeg::is_jpeg(&bytes) {
-        return crate::jpeg::decode(&bytes, max_image_pixels()).map_err(err);
+    decode_rgb(&bytes, path)
+}
+
+/// [`load_rgb`] on bytes already in memory (an upload); `label` names them in errors. The
+/// format is sniffed from the bytes; the pixel limit is [`max_image_pixels`].
+pub fn decode_rgb(bytes: &[u8], label: &Path) -> Result<RgbImage, ImageError> {
+    let err = |reason: String| ImageError::Decode { path: label.to_path_buf(), reason };
+    if crate::jpeg::is_jpeg(bytes) {
+        return crate::jpeg::decode(bytes, max_image_pixels()).map_err(err);
     }
-    let mut reader =
-        image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
-    let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;
+    let (w, h) = image_dimensions(bytes).map_err(err)?;
     let limit = max_image_pixels();
     if w as u64 * h as u64 > limit {
         return Err(err(format!(
             "{w}x{h} pixels, more than the {limit} allowed (PIL's decompression-bomb limit; raise it with --max-image-pixels)"
         )));
     }
-    reader =
-        image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
     reader.no_limits();
     let img = reader.decode().map_err(|e| err(e.to_string()))?;
     Ok(to_rgb(img))
+}
+
+/// The width and height an encoded image declares, read from its header only (nothing is
+/// decoded): lets a server refuse a too-large upload before decoding it.
+pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
+/// Decodes and preprocesses an image held in memory (see [`decode_rgb`], [`preprocess`]).
+pub fn preprocess_bytes(
+    bytes: &[u8], label: &Path, config: &ProcessorConfig, mode: AspectMode,
+) -> Result<Vec<f32>, ImageError> {
+    let img = decode_rgb(bytes, label)?;
+    check_preprocessable(label, img.width(), img.height(), config, mode)?;
+    Ok(preprocess(&img, config, mode))
 }
 
 /// The largest image file read (bytes).

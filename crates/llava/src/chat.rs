@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use llava_data::conversation::{Conversation, conv_template, template_for_model_name};
-use llava_data::{DEFAULT_IMAGE_TOKEN, tokenizer_image_token};
+use llava_data::{DEFAULT_IMAGE_TOKEN, StreamDecoder, Tokenizer, tokenizer_image_token};
 
 use crate::LlavaError;
 use crate::generate::{GenerationConfig, SamplingConfig, generate};
@@ -29,11 +29,11 @@ pub fn choose_template(name: Option<&str>, model_dir: Option<&Path>) -> Result<(
     Ok((chosen, conv))
 }
 
-/// Streams text and cuts it at a stop string: what could still be the start of the stop string
-/// is held back until the next piece shows whether it is.
+/// Streams text and cuts it at the first stop string: what could still be the start of a stop
+/// string is held back until the next piece shows whether it is.
 #[derive(Debug, Clone, Default)]
 pub struct StopStream {
-    stop: Option<String>,
+    stops: Vec<String>,
     text: String,
     shown: usize,
     stopped: bool,
@@ -41,37 +41,54 @@ pub struct StopStream {
 
 impl StopStream {
     pub fn new(stop: Option<&str>) -> Self {
-        Self { stop: stop.filter(|s| !s.is_empty()).map(str::to_string), ..Self::default() }
+        Self::with_stops(stop.map(str::to_string))
+    }
+
+    /// Several stop strings (the template's and a request's); empty ones are ignored.
+    pub fn with_stops(stops: impl IntoIterator<Item = String>) -> Self {
+        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Self::default() }
+    }
+
+    /// Where the earliest stop string starts in the text so far.
+    fn stop_at(&self) -> Option<usize> {
+        self.stops.iter().filter_map(|s| self.text.find(s.as_str())).min()
     }
 
     /// Adds a piece of decoded text; returns the part that can be shown now (never a part of
-    /// the stop string or anything after it, never half a UTF-8 character).
+    /// a stop string or anything after it, never half a UTF-8 character).
     pub fn push(&mut self, piece: &str) -> &str {
         if self.stopped {
             return "";
         }
         self.text += piece;
-        let visible = match self.stop.as_deref() {
-            Some(stop) => match self.text.find(stop) {
-                Some(i) => {
-                    self.stopped = true;
-                    i
-                }
-                None => {
-                    // The longest proper prefix of the stop string that the text ends with (prefixes
-                    // cut at character boundaries: a stop string may be non-ASCII).
-                    let held = (1..stop.len()).rev().filter(|&k| stop.is_char_boundary(k));
-                    self.text.len() - held.into_iter().find(|&k| self.text.ends_with(&stop[..k])).unwrap_or(0)
-                }
-            },
-            None => self.text.len(),
+        let visible = match self.stop_at() {
+            Some(i) => {
+                self.stopped = true;
+                i
+            }
+            None => {
+                // The longest proper prefix of a stop string that the text ends with (prefixes cut
+                // at character boundaries: a stop string may be non-ASCII).
+                let held = self
+                    .stops
+                    .iter()
+                    .filter_map(|stop| {
+                        (1..stop.len())
+                            .rev()
+                            .filter(|&k| stop.is_char_boundary(k))
+                            .find(|&k| self.text.ends_with(&stop[..k]))
+                    })
+                    .max()
+                    .unwrap_or(0);
+                self.text.len() - held
+            }
         };
         let start = self.shown;
         self.shown = (start..=visible).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(start);
         &self.text[start..self.shown]
     }
 
-    /// Whether the stop string has appeared.
+    /// Whether a stop string has appeared.
     pub fn stopped(&self) -> bool {
         self.stopped
     }
@@ -79,12 +96,38 @@ impl StopStream {
     /// The whole reply: everything before the stop string (held-back text included when the
     /// stream ended without it), and the part of it not yet shown.
     pub fn finish(&self) -> (&str, &str) {
-        let end = match self.stop.as_deref().and_then(|s| self.text.find(s)) {
-            Some(i) => i,
-            None => self.text.len(),
-        };
+        let end = self.stop_at().unwrap_or(self.text.len());
         let reply = &self.text[..end];
         (reply, &reply[self.shown.min(end)..])
+    }
+}
+
+/// A reply as it streams: token ids decoded incrementally, then cut at the stop strings. What
+/// [`ChatSession::send`] and the server show of a generation.
+pub struct ReplyStream<'t> {
+    decoder: StreamDecoder<'t>,
+    stop: StopStream,
+}
+
+impl<'t> ReplyStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, stops: impl IntoIterator<Item = String>) -> Self {
+        Self { decoder: tokenizer.stream(true), stop: StopStream::with_stops(stops) }
+    }
+
+    /// Adds a token; returns the text that can be shown now.
+    pub fn push(&mut self, token: u32) -> &str {
+        let piece = self.decoder.push(token);
+        self.stop.push(&piece)
+    }
+
+    /// Whether a stop string has appeared (generation should end).
+    pub fn stopped(&self) -> bool {
+        self.stop.stopped()
+    }
+
+    /// The whole reply and the part of it not yet shown (see [`StopStream::finish`]).
+    pub fn finish(&self) -> (&str, &str) {
+        self.stop.finish()
     }
 }
 
@@ -180,13 +223,11 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             max_new_tokens: self.max_new_tokens,
             sampling: self.sampling,
             eos_ids: self.loaded.eos_ids(),
-            use_cache: true,
         };
         self.sampling.seed = self.sampling.seed.wrapping_add(1);
-        let mut decoder = tokenizer.stream(true);
-        let mut stream = StopStream::new(self.template.stop_str());
+        let mut stream = ReplyStream::new(tokenizer, self.template.stop_str().map(str::to_string));
         generate(&self.loaded.model, &[ids], self.pixels.clone(), &config, |_, token| {
-            on_text(stream.push(&decoder.push(token)));
+            on_text(stream.push(token));
             !stream.stopped()
         });
         let (reply, rest) = stream.finish();
@@ -228,6 +269,15 @@ mod tests {
         assert_eq!(s.push("#b"), "##b");
         assert!(!s.stopped());
         assert_eq!(run(Some("###"), &["tail #"]).0, "tail #");
+    }
+
+    #[test]
+    fn the_earliest_of_several_stop_strings_ends_the_reply() {
+        let mut s = StopStream::with_stops(["END".to_string(), "\n\n".to_string(), String::new()]);
+        assert_eq!(s.push("one E"), "one ");
+        assert_eq!(s.push("N\n\nEND"), "EN");
+        assert!(s.stopped());
+        assert_eq!(s.finish().0, "one EN");
     }
 
     #[test]

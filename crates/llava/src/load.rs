@@ -173,10 +173,18 @@ impl<B: Backend> LoadedLlava<B> {
     /// model's context (`max_position_embeddings`): past it, RoPE positions the model never saw
     /// give meaningless output, which is worse than an error.
     pub fn check_context(&self, ids: &[i64]) -> Result<usize, LlavaError> {
+        self.config.prompt_length(ids)
+    }
+}
+
+impl LlavaConfig {
+    /// The length of a prompt (`-200` where an image goes) once its images are spliced in,
+    /// refused when it does not fit the context (`max_position_embeddings`).
+    pub fn prompt_length(&self, ids: &[i64]) -> Result<usize, LlavaError> {
         let images = ids.iter().filter(|&&t| t == llava_data::IMAGE_TOKEN_INDEX).count();
-        let image_tokens = self.config.image_tokens();
+        let image_tokens = self.image_tokens();
         let tokens = ids.len() - images + images * image_tokens;
-        let context = self.config.text.max_position_embeddings;
+        let context = self.text.max_position_embeddings;
         if tokens > context {
             return Err(LlavaError::PromptTooLong { tokens, images, image_tokens, context });
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use llava::generate::{GenerationConfig, generate};
+use llava::generate::{DecodeBatch, GenerationConfig, SequenceRequest, generate};
 use llava::load::{LoadOptions, load_dir};
 use llava::{Llava, PaddingSide};
 use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
@@ -105,23 +105,52 @@ fn check_greedy<B: Backend>(model: &Llava<B>, exp: &Expected, pixels: Tensor<B, 
     let (shape, greedy) = exp.ints("greedy");
     let steps = shape[1];
     let expected: Vec<Vec<u32>> = greedy.chunks(steps).map(|c| c.iter().map(|&t| t as u32).collect()).collect();
-    let config =
-        |use_cache| GenerationConfig { max_new_tokens: steps, eos_ids: vec![], use_cache, ..Default::default() };
-    // One row at a time, with and without the cache; images are consumed in order.
+    let config = GenerationConfig { max_new_tokens: steps, eos_ids: vec![], ..Default::default() };
+    // One row at a time; images are consumed in order.
     let mut image_at = 0;
     for (row, prompt) in exp.rows.iter().enumerate() {
         let n = prompt.iter().filter(|&&t| t == llava_data::IMAGE_TOKEN_INDEX).count();
         #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per axis.
         let px = (n > 0).then(|| pixels.clone().slice([image_at..image_at + n]));
         image_at += n;
-        for use_cache in [true, false] {
-            let out = generate(model, std::slice::from_ref(prompt), px.clone(), &config(use_cache), |_, _| true);
-            assert_eq!(out[0], expected[row], "greedy tokens of row {row} (use_cache = {use_cache})");
-        }
+        let out = generate(model, std::slice::from_ref(prompt), px, &config, |_, _| true);
+        assert_eq!(out[0], expected[row], "greedy tokens of row {row}");
     }
     // All rows at once: left padding, one cache.
-    let out = generate(model, &exp.rows, Some(pixels), &config(true), |_, _| true);
+    let out = generate(model, &exp.rows, Some(pixels.clone()), &config, |_, _| true);
     assert_eq!(out, expected, "batched greedy tokens");
+
+    // Rows joining a running batch two steps apart (continuous batching): each row's history is
+    // aligned with the others' by front padding, and its tokens are those it gets alone.
+    let mut batch = DecodeBatch::new(model);
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); exp.rows.len()];
+    let mut row_of = std::collections::HashMap::new();
+    let mut image_at = 0;
+    let mut step = |batch: &mut DecodeBatch<'_, B>, row_of: &std::collections::HashMap<u64, usize>| {
+        batch.step(|id, token| {
+            got[row_of[&id]].push(token);
+            true
+        });
+    };
+    for (row, prompt) in exp.rows.iter().enumerate() {
+        let n = prompt.iter().filter(|&&t| t == llava_data::IMAGE_TOKEN_INDEX).count();
+        #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per axis.
+        let px = (n > 0).then(|| pixels.clone().slice([image_at..image_at + n]));
+        image_at += n;
+        let request = SequenceRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: steps,
+            sampling: Default::default(),
+            eos_ids: vec![],
+        };
+        row_of.insert(batch.join(vec![request], px)[0], row);
+        step(&mut batch, &row_of);
+        step(&mut batch, &row_of);
+    }
+    while !batch.is_empty() {
+        step(&mut batch, &row_of);
+    }
+    assert_eq!(got, expected, "greedy tokens of rows that joined a running batch");
     let _ = device;
 }
 

@@ -292,12 +292,75 @@ impl<B: Backend> KvCache<B> {
         self.layers.first().and_then(|l| l.as_ref()).map_or(self.reserve, |l| l.keys.dims()[1])
     }
 
-    /// Keeps only the batch rows in `rows` (drop finished sequences from a batch).
-    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+    /// Keeps only the batch rows `rows` (in that order) and drops the first `drop_front`
+    /// positions of every row: sequences leave a running batch, and the padding that only they
+    /// needed goes with them. The buffers keep their room for new positions.
+    ///
+    /// # Panics
+    /// When a row index is out of range or `drop_front` exceeds [`KvCache::len`] (a caller's bug).
+    pub fn retain(&mut self, rows: &[usize], drop_front: usize) {
         for layer in self.layers.iter_mut().flatten() {
-            layer.keys = layer.keys.clone().select(0, rows.clone());
-            layer.values = layer.values.clone().select(0, rows.clone());
+            let [b, capacity, h, d] = layer.keys.dims();
+            assert!(drop_front <= layer.len && rows.iter().all(|&r| r < b), "retain: rows {rows:?} of {b}");
+            if drop_front == 0 && rows.iter().copied().eq(0..b) {
+                continue;
+            }
+            let device = layer.keys.device();
+            let index = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+                &device,
+            );
+            let len = layer.len - drop_front;
+            let keep = |buffer: &Tensor<B, 4>| {
+                let filled = buffer.clone().slice([0..b, drop_front..layer.len]).select(0, index.clone());
+                let room = llava_kernels::kv::zeros([rows.len(), capacity - drop_front, h, d], &device, buffer.dtype());
+                llava_kernels::kv::assign_positions(room, 0, filled)
+            };
+            (layer.keys, layer.values) = (keep(&layer.keys), keep(&layer.values));
+            layer.len = len;
         }
+    }
+
+    /// Stacks the rows of `self` and then `other` into one cache, aligned at their last position:
+    /// the shorter one is padded at the front (with zeros the caller's attention mask must hide),
+    /// and the buffers get room for `room` more positions. A cache without rows yet is `other`.
+    ///
+    /// # Panics
+    /// When the two caches have different numbers of layers (a caller's bug).
+    pub fn stack(self, other: Self, room: usize) -> Self {
+        assert_eq!(self.layers.len(), other.layers.len(), "stack: caches of different models");
+        let len = self.len().max(other.len());
+        let layers = self
+            .layers
+            .into_iter()
+            .zip(other.layers)
+            .map(|pair| match pair {
+                (Some(a), Some(b)) => {
+                    let [_, _, h, d] = a.keys.dims();
+                    let device = a.keys.device();
+                    let rows = a.keys.dims()[0] + b.keys.dims()[0];
+                    let aligned = |layer: &LayerCache<B>, buffer: &Tensor<B, 4>| {
+                        let n = buffer.dims()[0];
+                        let filled = buffer.clone().slice([0..n, 0..layer.len]);
+                        match len - layer.len {
+                            0 => filled,
+                            pad => Tensor::cat(
+                                vec![llava_kernels::kv::zeros([n, pad, h, d], &device, buffer.dtype()), filled],
+                                1,
+                            ),
+                        }
+                    };
+                    let both = |x: &Tensor<B, 4>, y: &Tensor<B, 4>| {
+                        let stacked = Tensor::cat(vec![aligned(&a, x), aligned(&b, y)], 0);
+                        let buffer = llava_kernels::kv::zeros([rows, len + room, h, d], &device, x.dtype());
+                        llava_kernels::kv::assign_positions(buffer, 0, stacked)
+                    };
+                    Some(LayerCache { keys: both(&a.keys, &b.keys), values: both(&a.values, &b.values), len })
+                }
+                (a, b) => a.or(b),
+            })
+            .collect();
+        Self { layers, reserve: self.reserve.max(other.reserve) }
     }
 
     /// Appends layer `i`'s new keys and values `[batch, new, kv_heads, head_dim]` and returns
