@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::stats::median;
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::optim::{GradientsParams, Optimizer};
@@ -40,11 +41,6 @@ pub struct BenchLoraArgs {
     /// Python with torch, transformers and peft; a missing one skips the reference.
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: PathBuf,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn bench_lora(args: BenchLoraArgs, root: &Path) -> Result<()> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::stats::median;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use llava::backend::Cpu;
@@ -84,11 +85,6 @@ pub fn prompt_ids(batch: usize, tokens: usize) -> Vec<Vec<i64>> {
     (0..batch)
         .map(|_| std::iter::once(1).chain((1..tokens).map(|i| (3 + (i * 7919) % 31_000) as i64)).collect())
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// One of our configurations, in this process: load, then per batch size the median prefill

@@ -5,12 +5,14 @@
 mod bench;
 mod bench_lora;
 mod bench_real;
+mod bench_serve;
 mod data_cmds;
 mod demo;
 mod eval_cmds;
 mod model_cmds;
 mod plan_cmds;
 mod serve_cmds;
+mod stats;
 mod train_cmds;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +86,9 @@ enum Command {
     BenchGenerate(bench::BenchGenerateArgs),
     /// Compare the CPU backends on the small LLaVA shape (NdArray needs `--features ndarray`).
     BenchBackends(bench::BenchBackendsArgs),
+    /// Load on `serve` from 1–64 concurrent clients, with continuous batching and with batching
+    /// off (one request at a time): requests/s, output tokens/s, time to first token.
+    BenchServe(bench_serve::BenchServeArgs),
     /// One LoRA training step of a LLaMA folder, ours against PyTorch + PEFT in the same run.
     BenchLora(bench_lora::BenchLoraArgs),
     /// Generation at real shapes (checkpoint folders, e.g. from scripts/real_shapes.py) against
@@ -140,6 +145,7 @@ fn main() -> Result<()> {
         Command::BenchGenerate(args) => bench::bench_generate(args, &root),
         Command::BenchPipeline(args) => bench::bench_pipeline(args, &root),
         Command::BenchLora(args) => bench_lora::bench_lora(args, &root),
+        Command::BenchServe(args) => bench_serve::bench_serve(args, &root),
         Command::BenchReal(args) => bench_real::bench_real(args, &root),
         Command::BenchRealOne(args) => bench_real::bench_real_one(args),
         Command::Plan(args) => plan_cmds::plan(args, &root),

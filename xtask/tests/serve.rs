@@ -430,7 +430,7 @@ fn open_stream(server: &Server, request: &serde_json::Value) -> TcpStream {
             .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("\"delta\":{\"content\":\"") {
+    while !client::has_content(&seen) {
         let n = stream.read(&mut buf).unwrap();
         assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);

@@ -8,6 +8,25 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::{Result, WeightStore};
 
+/// Linear layers with at most this many input features are loaded row-major (`[in, out]`), the
+/// others as a transposed view of the stored `[out, in]` (see [`Loader::linear`]).
+pub const ROW_MAJOR_MAX_IN: usize = 256;
+
+/// A 2-D tensor's elements transposed (`[r, c]` → `[c, r]`), whatever their type.
+fn transposed(data: TensorData) -> TensorData {
+    let [r, c] = [data.shape[0], data.shape[1]];
+    let size = data.dtype.size();
+    let bytes = data.as_bytes();
+    let mut out = vec![0u8; bytes.len()];
+    for i in 0..r {
+        for j in 0..c {
+            let (from, to) = ((i * c + j) * size, (j * r + i) * size);
+            out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+        }
+    }
+    TensorData::from_bytes_vec(out, [c, r], data.dtype)
+}
+
 /// A view of a [`WeightStore`] under a name prefix, on a device, in a dtype.
 ///
 /// Tensors keep the dtype they are stored in (an f16 or bf16 checkpoint stays half precision in
@@ -97,11 +116,19 @@ impl<'a, B: Backend> Loader<'a, B> {
         let sub = self.pp(name);
         // Kept as stored, `[out, in]`, and viewed as Burn's `[in, out]` (a transpose is a view):
         // no copy at load, and each output's weights stay one contiguous run, the layout the
-        // CPU decode kernel reads fastest. The kernels take either layout.
+        // CPU decode kernel reads fastest. The kernels take either layout. A narrow input (at
+        // most `ROW_MAJOR_MAX_IN` features, tiny test and demo models) is the exception: there a
+        // per-output dot product is too short to pay for summing its SIMD lanes, and the
+        // row-major panels (sums kept in registers) are several times faster, so the few bytes
+        // are transposed here.
         let w = self.data(&sub.path("weight"), &[d_out, d_in])?;
         let dtype = w.dtype;
         let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&self.device);
-        linear.weight = Param::from_tensor(Tensor::<B, 2>::from_data(w, (&self.device, dtype)).transpose());
+        linear.weight = Param::from_tensor(if d_in <= ROW_MAJOR_MAX_IN {
+            Tensor::<B, 2>::from_data(transposed(w), (&self.device, dtype))
+        } else {
+            Tensor::<B, 2>::from_data(w, (&self.device, dtype)).transpose()
+        });
         if bias {
             linear.bias = Some(sub.param("bias", [d_out])?);
         }

@@ -96,7 +96,7 @@ pub fn stream_chat(addr: &str, body: &serde_json::Value, timeout: Duration) -> i
             break;
         }
         raw.extend_from_slice(&buf[..n]);
-        if first_token.is_none() && contains(&raw, b"\"delta\":{\"content\":") {
+        if first_token.is_none() && has_content(&raw) {
             first_token = Some(start.elapsed());
         }
     }
@@ -131,8 +131,11 @@ pub fn stream_chat(addr: &str, body: &serde_json::Value, timeout: Duration) -> i
     Ok(streamed)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether a raw stream so far holds a chunk with reply text (not only the opening chunk, whose
+/// content is empty).
+pub fn has_content(raw: &[u8]) -> bool {
+    let needle = b"\"delta\":{\"content\":\"";
+    raw.windows(needle.len() + 1).any(|w| &w[..needle.len()] == needle && w[needle.len()] != b'"')
 }
 
 /// Status and de-chunked body of a raw HTTP/1.1 response.
