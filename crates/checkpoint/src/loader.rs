@@ -10,7 +10,7 @@ use crate::{Result, WeightStore};
 
 /// Linear layers with at most this many input features are loaded row-major (`[in, out]`), the
 /// others as a transposed view of the stored `[out, in]` (see [`Loader::linear`]).
-pub const ROW_MAJOR_MAX_IN: usize = 256;
+pub const ROW_MAJOR_MAX_IN: usize = 128;
 
 /// A 2-D tensor's elements transposed (`[r, c]` → `[c, r]`), whatever their type.
 fn transposed(data: TensorData) -> TensorData {

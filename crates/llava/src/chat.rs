@@ -29,6 +29,12 @@ pub fn choose_template(name: Option<&str>, model_dir: Option<&Path>) -> Result<(
     Ok((chosen, conv))
 }
 
+/// A user message with `images` images, as the reference's chat sends it: one `<image>` and a
+/// newline per image before the text.
+pub fn with_image_places(text: &str, images: usize) -> String {
+    format!("{}{text}", format!("{DEFAULT_IMAGE_TOKEN}\n").repeat(images))
+}
+
 /// Streams text and cuts it at the first stop string: what could still be the start of a stop
 /// string is held back until the next piece shows whether it is.
 #[derive(Debug, Clone, Default)]
@@ -203,7 +209,7 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         if let Some(path) = self.image.as_ref().filter(|_| !self.image_sent) {
             self.pixels =
                 Some(crate::image_tensor::<B>(path, &self.loaded.processor, self.loaded.config.image_aspect, &device)?);
-            message = format!("{DEFAULT_IMAGE_TOKEN}\n{message}");
+            message = with_image_places(&message, 1);
         }
         let [user, assistant] = self.template.roles.clone();
         let mut conv = self.history.clone();

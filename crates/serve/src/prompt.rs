@@ -150,7 +150,7 @@ pub fn prepare(request: ChatCompletionRequest, info: &ModelInfo, limits: &Limits
             Role::User => {
                 let markers = text.matches(DEFAULT_IMAGE_TOKEN).count();
                 let text = if markers == 0 {
-                    format!("{}{text}", format!("{DEFAULT_IMAGE_TOKEN}\n").repeat(urls.len()))
+                    llava::chat::with_image_places(&text, urls.len())
                 } else if markers == urls.len() {
                     text
                 } else {
