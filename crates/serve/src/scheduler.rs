@@ -257,3 +257,45 @@ fn model_failure(during: &str, panic: &Box<dyn std::any::Any + Send>) -> ApiErro
 
 /// The scheduler's handle for the HTTP side.
 pub type SharedQueue = Arc<Queue>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (events, replies) = tokio::sync::mpsc::unbounded_channel();
+        let prepared = Prepared {
+            ids: vec![1],
+            images: Vec::new(),
+            prompt_tokens: 1,
+            max_new_tokens: 1,
+            sampling: Default::default(),
+            stops: Vec::new(),
+            stream: false,
+            include_usage: false,
+        };
+        (Job { prepared, events, received: Instant::now() }, replies)
+    }
+
+    #[test]
+    fn a_full_queue_refuses_with_429_and_a_closed_one_with_503() {
+        let queue = Queue::new(2);
+        let (a, _ra) = job();
+        let (b, _rb) = job();
+        let (c, _rc) = job();
+        queue.submit(a).unwrap();
+        queue.submit(b).unwrap();
+        let refused = queue.submit(c).unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.code, Some("queue_full"));
+        // Taking makes room again, in arrival order.
+        assert_eq!(queue.take(1, false).len(), 1);
+        let (d, _rd) = job();
+        queue.submit(d).unwrap();
+        queue.close(Duration::ZERO);
+        let (e, _re) = job();
+        assert_eq!(queue.submit(e).unwrap_err().status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(queue.take(8, true).len(), 2, "a closed queue still hands out what waits");
+        assert!(queue.take(8, true).is_empty(), "and then returns at once");
+    }
+}
