@@ -396,12 +396,22 @@ unsafe fn dots_avx512<const M: usize, W: PanelWeight>(
             unsafe { *out.add(i * n + j) = sum };
         }
     };
+    // The next pair of rows is prefetched as this pair streams: each row is a few KiB, and the
+    // hardware prefetchers stop at every 4 KiB page, so without this each row starts with a stall.
+    let line = 64 / std::mem::size_of::<W>();
     let mut j = j0;
     while j + 2 <= j1 {
         let (r0, r1) = unsafe { (wp.add(j * k), wp.add((j + 1) * k)) };
+        let prefetch = j + 4 <= j1;
         let mut a0 = [_mm512_setzero_ps(); M];
         let mut a1 = [_mm512_setzero_ps(); M];
         for c in (0..whole).step_by(16) {
+            if prefetch && c % line == 0 {
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(r0.add(2 * k + c) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(r1.add(2 * k + c) as *const i8);
+                }
+            }
             let (w0, w1) = unsafe { (load16(r0.add(c)), load16(r1.add(c))) };
             for i in 0..M {
                 let xv = unsafe { _mm512_loadu_ps(xp.add(i * k + c)) };
