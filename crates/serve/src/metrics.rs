@@ -23,6 +23,9 @@ struct State {
     batch: usize,
     max_batch: usize,
     steps: u64,
+    /// Prefills run (one per group of requests joining the batch) and their time.
+    prefills: u64,
+    prefill_seconds: f64,
     /// Sequences summed over steps (mean occupancy = this / steps).
     step_rows: u64,
     step_seconds: f64,
@@ -80,6 +83,13 @@ impl Metrics {
             }
             s.ttft_sum += t;
             s.ttft_count += 1;
+        });
+    }
+
+    pub fn prefill(&self, took: Duration) {
+        self.with(|s| {
+            s.prefills += 1;
+            s.prefill_seconds += took.as_secs_f64();
         });
     }
 
@@ -154,6 +164,18 @@ impl Metrics {
                 &one(format!("{:.6}", s.step_seconds)),
             );
             metric(
+                "llava_prefills_total",
+                "counter",
+                "Prefills run (one per group of requests joining the batch).",
+                &one(s.prefills.to_string()),
+            );
+            metric(
+                "llava_prefill_seconds_total",
+                "counter",
+                "Time spent in prefills (the running rows wait meanwhile).",
+                &one(format!("{:.6}", s.prefill_seconds)),
+            );
+            metric(
                 "llava_tokens_per_second",
                 "gauge",
                 "Recent decoding speed, all sequences together.",
@@ -191,6 +213,7 @@ mod tests {
         m.first_token(Duration::from_millis(300));
         m.step(2, Duration::from_millis(10));
         m.finished(7);
+        m.prefill(Duration::from_millis(20));
         let text = m.render();
         assert!(text.contains("llava_requests_total{status=\"200\"} 2"), "{text}");
         assert!(text.contains("llava_requests_total{status=\"429\"} 1"));
@@ -199,5 +222,6 @@ mod tests {
         assert!(text.contains("llava_time_to_first_token_seconds_bucket{le=\"0.25\"} 0"));
         assert!(text.contains("llava_time_to_first_token_seconds_bucket{le=\"0.5\"} 1"));
         assert!(text.contains("llava_batch_occupancy 0.5000"));
+        assert!(text.contains("llava_prefills_total 1") && text.contains("llava_prefill_seconds_total 0.020000"));
     }
 }

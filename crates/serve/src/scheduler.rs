@@ -154,8 +154,10 @@ pub fn run<B: Backend>(loaded: &LoadedLlava<B>, queue: &Queue, metrics: &Metrics
                     eos_ids: loaded.eos_ids(),
                 })
                 .collect();
+            let started = Instant::now();
             match std::panic::catch_unwind(AssertUnwindSafe(|| batch.join(requests, pixels))) {
                 Ok(ids) => {
+                    metrics.prefill(started.elapsed());
                     for (id, job) in ids.into_iter().zip(jobs) {
                         let reply = ReplyStream::new(tokenizer, job.prepared.stops.clone());
                         running.insert(
