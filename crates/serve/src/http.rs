@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -79,7 +79,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn chat_completions(
-    State(app): State<Arc<App>>, _headers: HeaderMap, body: Result<Bytes, BytesRejection>,
+    State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match accept(&app, body).await {
         Ok(response) => response,

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -256,9 +256,6 @@ fn model_failure(during: &str, panic: &Box<dyn std::any::Any + Send>) -> ApiErro
     tracing::error!("the model failed during {during}: {what}");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the model failed during {during}: {what}"))
 }
-
-/// The scheduler's handle for the HTTP side.
-pub type SharedQueue = Arc<Queue>;
 
 #[cfg(test)]
 mod tests {
