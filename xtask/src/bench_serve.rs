@@ -15,8 +15,9 @@ use crate::stats::{median, percentile};
 
 #[derive(Args, Debug)]
 pub struct BenchServeArgs {
-    /// The model to serve (default: the demo's stage-2 model, else the random demo checkpoint,
-    /// written to runs/demo-model when missing).
+    /// The model to serve (default: the random demo checkpoint, written to runs/demo-model when
+    /// missing: random weights run every reply to its limit, where the trained demo model stops
+    /// after a few tokens).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Concurrent clients, one load level each.
@@ -104,7 +105,6 @@ pub fn bench_serve(args: BenchServeArgs, root: &Path) -> Result<()> {
     let paths = llava_demo::DemoPaths::new(root);
     let model = match &args.model {
         Some(m) => m.clone(),
-        None if paths.stage2_model().join("config.json").is_file() => paths.stage2_model(),
         None => {
             let out = paths.runs().join("demo-model");
             if !out.join("config.json").is_file() {
