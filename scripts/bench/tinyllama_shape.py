@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""A TinyLlama-1.1B-shaped LLaMA folder with random f16 weights, written with numpy only (no torch):
-the server benchmark's second model (`cargo xtask bench-serve --model OUT`).
+"""A LLaMA folder of TinyLlama-1.1B's (default) or LLaMA-7B's shape with random f16 weights, written
+with numpy only (no torch): the server benchmark's second model (`cargo xtask bench-serve --model
+OUT`) and a quick 7B decode measurement.
 
-    python scripts/bench/tinyllama_shape.py OUT [--tokenizer datasets/tokenizers/llama/tokenizer.model]
+    python scripts/bench/tinyllama_shape.py OUT [--shape tinyllama|llama-7b]
+        [--tokenizer datasets/tokenizers/llama/tokenizer.model]
 
-The config is TinyLlama/TinyLlama-1.1B-Chat-v1.0's (GQA 32/4 heads, 22 layers, width 2048); weights are
-normal with std 0.02 (norms 1), drawn and written tensor by tensor into one model.safetensors.
+TinyLlama/TinyLlama-1.1B-Chat-v1.0's config (GQA 32/4 heads, 22 layers, width 2048) or
+lmsys/vicuna-7b-v1.5's (32 heads, 32 layers, width 4096); weights normal with std 0.02 (norms 1),
+drawn tensor by tensor, written into one model.safetensors (the 7B file is 13.5 GB and needs as
+much memory while it is written).
 """
 import argparse
 import json
@@ -28,10 +32,14 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--tokenizer", default="datasets/tokenizers/llama/tokenizer.model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=["tinyllama", "llama-7b"], default="tinyllama")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    c = CONFIG
+    c = dict(CONFIG)
+    if args.shape == "llama-7b":
+        c.update({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096})
     d, inter, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], d), "model.norm.weight": (d,),
