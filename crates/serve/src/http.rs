@@ -78,9 +78,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-async fn chat_completions(
-    State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     match accept(&app, body).await {
         Ok(response) => response,
         Err(error) => {
