@@ -120,36 +120,28 @@ pub fn argmax(values: &[f32]) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    /// `for v: if v > values[best] { best = i }`, the definition `argmax` follows.
-    fn scalar_argmax(values: &[f32]) -> u32 {
-        let mut best = 0;
-        for (i, &v) in values.iter().enumerate() {
-            if v > values[best] {
-                best = i;
-            }
-        }
-        best as u32
-    }
+    use super::argmax;
 
     #[test]
-    fn argmax_is_the_first_maximum_with_ties_nans_and_ragged_lengths() {
-        let mut state = 7u32;
-        let mut next = || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (state >> 20) as f32 / 64.0 - 8.0
-        };
-        for len in [1, 2, 15, 16, 63, 64, 65, 200, 32064] {
-            let mut values: Vec<f32> = (0..len).map(|_| next()).collect();
-            assert_eq!(super::argmax(&values), scalar_argmax(&values), "len {len}");
-            // Ties: the maximum again, later; NaNs in between.
-            let best = scalar_argmax(&values) as usize;
-            values.push(values[best]);
-            if len > 3 {
-                values[len / 2] = f32::NAN;
+    fn argmax_agrees_with_the_scalar_loop_on_long_rows() {
+        let scalar = |v: &[f32]| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32;
+        for len in [1usize, 15, 16, 17, 63, 64, 65, 100, 32064] {
+            for at in [0, len / 3, len - 1] {
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 2.0).collect();
+                v[at] = 5.0;
+                assert_eq!(argmax(&v), at as u32, "len {len}, max at {at}");
+                // A tie later keeps the first; a NaN elsewhere never wins; a NaN first does.
+                v[len - 1] = 5.0;
+                assert_eq!(argmax(&v), scalar(&v));
+                if len > 2 {
+                    v[1] = f32::NAN;
+                    assert_eq!(argmax(&v), scalar(&v));
+                }
+                v[0] = f32::NAN;
+                assert_eq!(argmax(&v), 0);
             }
-            assert_eq!(super::argmax(&values), scalar_argmax(&values), "len {len} with a tie and a NaN");
         }
-        assert_eq!(super::argmax(&[f32::NAN, 1.0, 2.0]), 0, "a NaN first is never beaten");
-        assert_eq!(super::argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 }

@@ -358,3 +358,64 @@ impl<'m, B: Backend> DecodeBatch<'m, B> {
         self.logits = Some(model.llm.logits(hidden).reshape([b, model.llm.vocab_size()]));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(config: SamplingConfig, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut sampler = Sampler::new(config);
+        (0..n).map(|_| sampler.sample(logits)).collect()
+    }
+
+    #[test]
+    fn sampling_parameters_out_of_range_are_refused() {
+        let ok = SamplingConfig::default();
+        assert!(ok.validate().is_ok());
+        for (temperature, top_p) in
+            [(f32::NAN, 1.0), (-0.1, 1.0), (f32::INFINITY, 1.0), (0.7, 0.0), (0.7, 1.5), (0.7, f32::NAN)]
+        {
+            let bad = SamplingConfig { temperature, top_p, seed: 0 };
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_first_index_on_ties() {
+        assert_eq!(draws(SamplingConfig::default(), &[0.1, 2.0, 2.0, -1.0], 5), vec![1; 5]);
+    }
+
+    #[test]
+    fn sampling_is_reproducible_for_a_seed() {
+        let logits = [0.5, 0.2, 0.1, 0.0, -0.3];
+        let config = |seed| SamplingConfig { temperature: 1.0, top_p: 1.0, seed };
+        assert_eq!(draws(config(7), &logits, 200), draws(config(7), &logits, 200));
+        assert_ne!(draws(config(7), &logits, 200), draws(config(8), &logits, 200));
+    }
+
+    #[test]
+    fn temperature_sampling_follows_softmax_of_scaled_logits() {
+        let logits = [1.0f32, 0.0, -1.0];
+        let t = 0.7f32;
+        let n = 40_000;
+        let got = draws(SamplingConfig { temperature: t, top_p: 1.0, seed: 3 }, &logits, n);
+        let z: f32 = logits.iter().map(|l| (l / t).exp()).sum();
+        for (i, l) in logits.iter().enumerate() {
+            let expected = (l / t).exp() / z;
+            let freq = got.iter().filter(|&&x| x == i as u32).count() as f32 / n as f32;
+            // Binomial standard deviation at n = 40k is below 0.0025; allow 4 of them.
+            assert!((freq - expected).abs() < 0.01, "token {i}: {freq} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // Probabilities ≈ 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps the first two only.
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let got = draws(SamplingConfig { temperature: 1.0, top_p: 0.8, seed: 1 }, &logits, 5000);
+        assert!(got.iter().all(|&t| t < 2), "a token outside the nucleus was drawn");
+        let second = got.iter().filter(|&&t| t == 1).count() as f32 / got.len() as f32;
+        // Renormalised within the nucleus: 0.24 / 0.88 ≈ 0.27.
+        assert!((second - 0.269).abs() < 0.03, "{second}");
+    }
+}
