@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::plan::GenerationShape;
-use llava_serve::{ServeOptions, serve as run_server, termination_signal};
+use llava_serve::{Limits, ServeOptions, serve as run_server, termination_signal};
 
 use crate::model_cmds::ModelArgs;
 
@@ -19,13 +19,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port (0: a free one, printed on standard output).
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = ServeOptions::PORT)]
     pub port: u16,
     /// Sequences decoded together (continuous batching); 1 answers one request at a time.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = ServeOptions::MAX_BATCH)]
     pub max_batch: usize,
     /// Requests waiting for a place in the batch; more are answered 429.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = ServeOptions::MAX_QUEUE)]
     pub max_queue: usize,
     /// Require `Authorization: Bearer KEY` on /v1/* (default: $LLAVA_API_KEY, which keeps the key
     /// out of the process list).
@@ -35,19 +35,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub allow_local_images: Option<PathBuf>,
     /// The largest image (bytes) a request may carry.
-    #[arg(long, default_value_t = 20 << 20)]
+    #[arg(long, default_value_t = Limits::default().max_image_bytes)]
     pub max_image_bytes: usize,
     /// The most pixels (width × height) an uploaded image may have.
-    #[arg(long, default_value_t = 50_000_000)]
+    #[arg(long, default_value_t = Limits::default().max_image_pixels)]
     pub max_upload_pixels: u64,
     /// Images per request.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = Limits::default().max_images)]
     pub max_images: usize,
     /// The largest request body (bytes).
-    #[arg(long, default_value_t = 32 << 20)]
+    #[arg(long, default_value_t = ServeOptions::MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
     /// Reply length when a request gives no max_tokens (the reference's web UI: 512).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = Limits::default().default_max_tokens)]
     pub max_tokens: usize,
     /// Conversation template (default: chosen from the model's name, as the reference CLI).
     #[arg(long)]
@@ -56,7 +56,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Seconds running replies may take to finish after SIGTERM/SIGINT.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = ServeOptions::SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace: u64,
 }
 
@@ -81,11 +81,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 
 fn serve_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> Result<()> {
     let (loaded, _plan) = args.model.load_planned::<B>(device, &|c| args.shape(c), Some("--max-batch"))?;
+    // The template follows the model folder's name (as chat's does), whatever clients call it.
+    let dir = args.model.model.as_deref().or(args.model.llm.as_deref());
     let id = args.served_model_name.clone().unwrap_or_else(|| {
-        let dir = args.model.model.as_ref().or(args.model.llm.as_ref());
         dir.and_then(|d| d.file_name()).map_or("llava".into(), |n| n.to_string_lossy().into_owned())
     });
-    let mut options = ServeOptions::for_model(&loaded, &id, args.template.as_deref())?;
+    let mut options = ServeOptions::for_model(&loaded, &id, args.template.as_deref(), dir)?;
     options.host = args.host.clone();
     options.port = args.port;
     options.max_batch = args.max_batch;

@@ -53,9 +53,14 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::launch(model, &[&["--template", TEMPLATE], extra].concat())
+    }
+
+    /// Without the tests' `--template`.
+    fn launch(model: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--template", TEMPLATE])
-            .args(extra)
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -423,11 +428,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 /// Sends a streaming request and reads until its first content chunk arrives.
 fn open_stream(server: &Server, request: &serde_json::Value) -> TcpStream {
-    let headers = [("Content-Type", "application/json")];
-    let body = request.to_string();
-    let mut stream =
-        client::send(&server.addr, "POST", "/v1/chat/completions", &headers, body.as_bytes(), Duration::from_secs(60))
-            .unwrap();
+    let mut stream = client::send_chat(&server.addr, request, Duration::from_secs(60)).unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !client::has_content(&seen) {
@@ -532,4 +533,24 @@ fn the_web_page_streams_the_same_answer_as_the_api() {
     if let Ok(dir) = std::env::var("LLAVA_SCREENSHOT_DIR") {
         std::fs::copy(&screenshot, Path::new(&dir).join("serve-page.png")).unwrap();
     }
+}
+
+#[test]
+fn the_template_follows_the_model_folder_not_the_name_clients_see() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let prompt_tokens = |server: &Server| {
+        let (status, body) = server.post(&chat_request("Hi", false, 2, false));
+        assert_eq!(status, 200, "{body}");
+        body["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    // The folder is `model`: the reference CLI's rule gives llava_v0; a served name with "v1"
+    // in it must not switch the template to llava_v1.
+    let by_folder = Server::launch(&model, &["--served-model-name", "demo-v1"]);
+    let named = Server::launch(&model, &["--template", "llava_v0"]);
+    let other = Server::launch(&model, &["--template", "llava_v1"]);
+    assert_eq!(prompt_tokens(&by_folder), prompt_tokens(&named));
+    assert_ne!(prompt_tokens(&by_folder), prompt_tokens(&other), "the two templates must differ for this check");
+    let (_, models) = by_folder.request("GET", "/v1/models", &[], b"");
+    assert!(models.contains("\"demo-v1\""), "{models}");
 }

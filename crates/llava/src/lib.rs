@@ -92,6 +92,13 @@ pub fn image_tensor<B: Backend>(
     Ok(Tensor::from_data(TensorData::new(values, [1, c, h, w]), device))
 }
 
+/// Preprocessed images, each `[c, h, w]` flattened and laid end to end, as one `[n, c, h, w]`
+/// tensor; `None` when there are none.
+pub fn images_tensor<B: Backend>(values: Vec<f32>, [c, h, w]: [usize; 3], device: &B::Device) -> Option<Tensor<B, 4>> {
+    let n = values.len() / (c * h * w);
+    (n > 0).then(|| Tensor::from_data(TensorData::new(values, [n, c, h, w]), device))
+}
+
 /// Tunes glibc's allocator for tensor work; call once at the start of a program, before any
 /// other thread exists (a no-op off glibc).
 ///

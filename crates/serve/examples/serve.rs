@@ -20,7 +20,7 @@ pub fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let loaded = load_dir::<Cpu>(dir, &LoadOptions::default(), &Default::default())?;
     let name = dir.file_name().map_or("llava".into(), |n| n.to_string_lossy().into_owned());
-    let mut options = ServeOptions::for_model(&loaded, &name, None)?;
+    let mut options = ServeOptions::for_model(&loaded, &name, None, Some(dir))?;
     options.port = port;
     serve(loaded, options, shutdown, ready)?;
     Ok(())

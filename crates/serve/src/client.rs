@@ -32,7 +32,16 @@ pub fn request(
 
 /// `POST /v1/chat/completions` with a JSON body.
 pub fn chat(addr: &str, body: &serde_json::Value, timeout: Duration) -> io::Result<Response> {
-    request(
+    let mut stream = send_chat(addr, body, timeout)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse(&raw)
+}
+
+/// Sends `POST /v1/chat/completions` with a JSON body and returns the socket (the caller reads
+/// the response, or drops it to leave mid-stream).
+pub fn send_chat(addr: &str, body: &serde_json::Value, timeout: Duration) -> io::Result<TcpStream> {
+    send(
         addr,
         "POST",
         "/v1/chat/completions",
@@ -79,14 +88,7 @@ pub struct Streamed {
 /// Sends a streaming chat request and reads the stream to its end, timing the first token.
 pub fn stream_chat(addr: &str, body: &serde_json::Value, timeout: Duration) -> io::Result<Streamed> {
     let start = Instant::now();
-    let mut stream = send(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-        timeout,
-    )?;
+    let mut stream = send_chat(addr, body, timeout)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     let mut first_token = None;

@@ -13,7 +13,7 @@
 //! use llava_serve::{ServeOptions, serve, termination_signal};
 //!
 //! let loaded = load_dir::<Cpu>("llava-1.5-7b-hf".as_ref(), &LoadOptions::default(), &Default::default())?;
-//! let options = ServeOptions::for_model(&loaded, "llava-1.5-7b-hf", None)?;
+//! let options = ServeOptions::for_model(&loaded, "llava-1.5-7b-hf", None, Some("llava-1.5-7b-hf".as_ref()))?;
 //! serve(loaded, options, termination_signal(), |addr| println!("listening on http://{addr}"))?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -70,22 +70,33 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    /// Defaults for a loaded model: its template (`template`, else chosen from the directory's
+    /// The default port.
+    pub const PORT: u16 = 8080;
+    /// The default `max_batch`.
+    pub const MAX_BATCH: usize = 16;
+    /// The default `max_queue`.
+    pub const MAX_QUEUE: usize = 64;
+    /// The default `max_request_bytes`.
+    pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+    /// The default `shutdown_grace`, in seconds.
+    pub const SHUTDOWN_GRACE_SECS: u64 = 30;
+
+    /// Defaults for a loaded model: its template (`template`, else chosen from `model_dir`'s
     /// name as the reference CLI does) and tokenizer; `id` is the model name clients see.
     pub fn for_model<B: Backend>(
-        loaded: &LoadedLlava<B>, id: &str, template: Option<&str>,
+        loaded: &LoadedLlava<B>, id: &str, template: Option<&str>, model_dir: Option<&std::path::Path>,
     ) -> Result<Self, ServeError> {
         let tokenizer = loaded.tokenizer.clone().ok_or(llava::LlavaError::NoTokenizer)?;
-        let (_, conversation) = choose_template(template, Some(std::path::Path::new(id)))?;
+        let (_, conversation) = choose_template(template, model_dir)?;
         Ok(Self {
             host: "127.0.0.1".into(),
-            port: 8080,
-            max_batch: 16,
-            max_queue: 64,
+            port: Self::PORT,
+            max_batch: Self::MAX_BATCH,
+            max_queue: Self::MAX_QUEUE,
             api_key: None,
             limits: Limits::default(),
-            max_request_bytes: 32 << 20,
-            shutdown_grace: Duration::from_secs(30),
+            max_request_bytes: Self::MAX_REQUEST_BYTES,
+            shutdown_grace: Duration::from_secs(Self::SHUTDOWN_GRACE_SECS),
             info: ModelInfo {
                 id: id.to_string(),
                 tokenizer,
@@ -95,7 +106,6 @@ impl ServeOptions {
                 aspect: loaded.config.image_aspect,
                 has_vision: loaded.has_vision,
                 layout: format!("{:?}", loaded.layout),
-                eos_ids: loaded.eos_ids(),
             },
         })
     }

@@ -28,7 +28,6 @@ pub struct ModelInfo {
     pub has_vision: bool,
     /// The checkpoint layout, for error messages.
     pub layout: String,
-    pub eos_ids: Vec<u32>,
 }
 
 /// Bounds on what one request may ask for.

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use llava::LoadedLlava;
 use llava::chat::ReplyStream;
 use llava::generate::{DecodeBatch, FinishReason, SequenceId, SequenceRequest};
@@ -129,7 +128,8 @@ struct Running<'t> {
 pub fn run<B: Backend>(loaded: &LoadedLlava<B>, queue: &Queue, metrics: &Metrics, max_batch: usize) {
     let tokenizer = loaded.tokenizer.as_ref().expect("the server checks for a tokenizer before starting");
     let device = loaded.model.llm.embed_tokens.weight.device();
-    let [c, h, w] = loaded.processor.output_shape();
+    let image_shape = loaded.processor.output_shape();
+    let eos_ids = loaded.eos_ids();
     let mut batch = DecodeBatch::new(&loaded.model);
     let mut running: HashMap<SequenceId, Running<'_>> = HashMap::new();
     loop {
@@ -142,16 +142,14 @@ pub fn run<B: Backend>(loaded: &LoadedLlava<B>, queue: &Queue, metrics: &Metrics
         metrics.set_queue(queue.len());
         if !jobs.is_empty() {
             let images: Vec<f32> = jobs.iter().flat_map(|j| j.prepared.images.iter().flatten().copied()).collect();
-            let n_images = images.len() / (c * h * w);
-            let pixels = (n_images > 0)
-                .then(|| Tensor::<B, 4>::from_data(TensorData::new(images, [n_images, c, h, w]), &device));
+            let pixels = llava::images_tensor::<B>(images, image_shape, &device);
             let requests: Vec<SequenceRequest> = jobs
                 .iter()
                 .map(|j| SequenceRequest {
                     prompt: j.prepared.ids.clone(),
                     max_new_tokens: j.prepared.max_new_tokens,
                     sampling: j.prepared.sampling,
-                    eos_ids: loaded.eos_ids(),
+                    eos_ids: eos_ids.clone(),
                 })
                 .collect();
             let started = Instant::now();

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion};
 use llava::{Llava, LlavaConfig, LlavaError, SelectFeature};
 use llava_checkpoint::{Exporter, Loader, SaveDtype, WeightStore};
 use llava_data::Tokenizer;
@@ -242,13 +242,11 @@ pub fn build_model<B: AutodiffBackend>(
 
 /// Stacks samples into a training micro-batch (images in sample order).
 fn to_batch<B: Backend>(samples: &[Sample], shape: [usize; 3], device: &B::Device) -> Batch<B> {
-    let [c, h, w] = shape;
     let images: Vec<f32> = samples.iter().filter_map(|s| s.pixel_values.as_ref()).flatten().copied().collect();
-    let n_images = images.len() / (c * h * w);
     Batch {
         input_ids: samples.iter().map(|s| s.input_ids.clone()).collect(),
         labels: samples.iter().map(|s| s.labels.clone()).collect(),
-        pixels: (n_images > 0).then(|| Tensor::from_data(TensorData::new(images, [n_images, c, h, w]), device)),
+        pixels: llava::images_tensor(images, shape, device),
     }
 }
 
