@@ -48,6 +48,10 @@ pub struct BenchRealArgs {
     /// Our runs: `float` (as stored) and quantized LLMs (q8, q4, nf4), each a process of its own.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     pub quantize: Vec<String>,
+    /// The weights' dtypes of our `float` runs: `auto` (as stored), `bf16` (PyTorch's
+    /// torch_dtype=bfloat16: bf16 products where the CPU has them), `f16`, `f32`.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub dtypes: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -198,20 +202,30 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
         let (read_s, bytes) = read_files_s(model)?;
         println!("\n{} ({:.2} GB of weight files, read once in {read_s:.2} s)", model.display(), bytes / 1e9);
         let mut runs: Vec<(String, Result<RunReport>)> = Vec::new();
-        for quantize in &args.quantize {
+        let ours: Vec<(String, Vec<&str>)> = args
+            .quantize
+            .iter()
+            .flat_map(|quantize| match quantize.as_str() {
+                "float" => args
+                    .dtypes
+                    .iter()
+                    .map(|dtype| match dtype.as_str() {
+                        "auto" => ("ours (as stored)".to_string(), vec![]),
+                        other => (format!("ours {other}"), vec!["--dtype", other]),
+                    })
+                    .collect::<Vec<_>>(),
+                other => vec![(format!("ours {other}"), vec!["--quantize", other])],
+            })
+            .collect();
+        for (name, extra) in &ours {
             let mut cmd = Command::new(&exe);
             cmd.args(["bench-real-one", "--model"])
                 .arg(model)
                 .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
                 .args(["--new-tokens", &args.new_tokens.to_string()])
-                .args(["--batches", &batches, "--iters", &args.iters.to_string()]);
-            let name = if quantize == "float" {
-                "ours (as stored)".to_string()
-            } else {
-                cmd.args(["--quantize", quantize]);
-                format!("ours {quantize}")
-            };
-            runs.push((name, run_json(&mut cmd)));
+                .args(["--batches", &batches, "--iters", &args.iters.to_string()])
+                .args(extra);
+            runs.push((name.clone(), run_json(&mut cmd)));
         }
         for dtype in &args.torch_dtypes {
             let reference = if args.python.is_file() {
@@ -227,7 +241,7 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
             };
             runs.push((format!("torch {dtype}"), reference));
         }
-        print_table(&runs, args.quantize.len(), before);
+        print_table(&runs, ours.len(), before);
     }
     let after = read_bandwidth_gbs();
     println!("\nmemory read bandwidth after: {after:.1} GB/s");

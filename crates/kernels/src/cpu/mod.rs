@@ -5,6 +5,7 @@
 
 pub(crate) mod adamw;
 pub(crate) mod attention;
+pub(crate) mod bf16_dot;
 pub(crate) mod dense;
 pub(crate) mod flex;
 pub(crate) mod fused;
