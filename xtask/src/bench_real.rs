@@ -48,8 +48,8 @@ pub struct BenchRealArgs {
     /// Our runs: `float` (as stored) and quantized LLMs (q8, q4, nf4), each a process of its own.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     pub quantize: Vec<String>,
-    /// The weights' dtypes of our `float` runs: `auto` (as stored), `bf16` (PyTorch's
-    /// torch_dtype=bfloat16: bf16 products where the CPU has them), `f16`, `f32`.
+    /// The weights' dtypes of our runs (each with each `--quantize` format): `auto` (as stored),
+    /// `bf16` (PyTorch's torch_dtype=bfloat16: bf16 products where the CPU has them), `f16`, `f32`.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub dtypes: Vec<String>,
 }
@@ -202,19 +202,28 @@ pub fn bench_real(args: BenchRealArgs, root: &Path) -> Result<()> {
         let (read_s, bytes) = read_files_s(model)?;
         println!("\n{} ({:.2} GB of weight files, read once in {read_s:.2} s)", model.display(), bytes / 1e9);
         let mut runs: Vec<(String, Result<RunReport>)> = Vec::new();
+        // Every weight format in every dtype (a quantized model's norms, embeddings and, in bf16,
+        // its prefill products follow the dtype).
         let ours: Vec<(String, Vec<&str>)> = args
             .quantize
             .iter()
-            .flat_map(|quantize| match quantize.as_str() {
-                "float" => args
-                    .dtypes
-                    .iter()
-                    .map(|dtype| match dtype.as_str() {
-                        "auto" => ("ours (as stored)".to_string(), vec![]),
-                        other => (format!("ours {other}"), vec!["--dtype", other]),
-                    })
-                    .collect::<Vec<_>>(),
-                other => vec![(format!("ours {other}"), vec!["--quantize", other])],
+            .flat_map(|quantize| args.dtypes.iter().map(move |dtype| (quantize.as_str(), dtype.as_str())))
+            .map(|(quantize, dtype)| {
+                let mut name = "ours".to_string();
+                let mut extra = Vec::new();
+                if quantize != "float" {
+                    name += &format!(" {quantize}");
+                    extra.extend(["--quantize", quantize]);
+                }
+                match dtype {
+                    "auto" if quantize == "float" => name += " (as stored)",
+                    "auto" => {}
+                    other => {
+                        name += &format!(" {other}");
+                        extra.extend(["--dtype", other]);
+                    }
+                }
+                (name, extra)
             })
             .collect();
         for (name, extra) in &ours {

@@ -328,6 +328,13 @@ pub struct QuantLinear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     #[module(skip)]
     pub format: QuantFormat,
+    /// Prefill and training products in bf16, as bitsandbytes with
+    /// `bnb_4bit_compute_dtype=bfloat16`: the activations and the dequantized weight rounded to
+    /// bf16, f32 sums. Set for a model held in bf16 ([`QuantLinear::with_bf16_products`]); the
+    /// CPU kernel uses AVX-512 BF16 where the CPU has it and the f32 product elsewhere. Decoding
+    /// (at most 16 rows) always multiplies the exact dequantized values in f32.
+    #[module(skip)]
+    pub bf16_products: bool,
 }
 
 impl<B: Backend> QuantLinear<B> {
@@ -339,19 +346,26 @@ impl<B: Backend> QuantLinear<B> {
         let values = Tensor::from_data(TensorData::new(values, [*rows, words]), (device, DType::I32));
         let scale_dtype = if B::supports_dtype(device, DType::F16) { DType::F16 } else { DType::F32 };
         let scales = Tensor::from_data(TensorData::new(scales.clone(), [*rows, cols / BLOCK]), (device, scale_dtype));
-        Self { values, scales, bias: bias.map(Param::from_tensor), format: *format }
+        Self { values, scales, bias: bias.map(Param::from_tensor), format: *format, bf16_products: false }
+    }
+
+    /// The layer with prefill and training products in bf16 or not (see [`Self::bf16_products`]).
+    pub fn with_bf16_products(mut self, bf16: bool) -> Self {
+        self.bf16_products = bf16;
+        self
     }
 
     /// Quantizes a float linear layer (Burn's `[in, out]` weight, in any dtype and layout; its
-    /// bias kept in its own dtype). The weight's values are read out once, as f32 one row at a
+    /// bias kept in its own dtype; a bf16 layer keeps multiplying in bf16). The weight's values are read out once, as f32 one row at a
     /// time on the host, so a half-precision layer never has an f32 copy.
     pub fn quantize(linear: &Linear<B>, format: QuantFormat) -> Result<Self, QuantError> {
         let weight = linear.weight.val();
         let device = weight.device();
+        let bf16 = weight.dtype() == DType::BF16;
         // `[out, in]` in storage order: for a loaded (transposed-view) weight no data moves.
         let data = weight.transpose().into_data();
         let matrix = QuantMatrix::quantize_data(format, &data)?;
-        Ok(Self::new(&matrix, linear.bias.as_ref().map(|b| b.val()), &device))
+        Ok(Self::new(&matrix, linear.bias.as_ref().map(|b| b.val()), &device).with_bf16_products(bf16))
     }
 
     /// The layer from saved tensors: `values` `[out, in·bits/8]` bytes and `scales` `[out, in/32]`.

@@ -712,7 +712,10 @@ fn load_linear<B: Backend>(
         let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
         let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, layer.device())
             .map_err(|source| LlmError::Quantize { tensor: layer.path(&codes_name), source })?;
-        return Ok(AnyLinear::Quantized(q));
+        // The model's float dtype: the one asked for, else the one most of the file's float
+        // bytes are in (the embeddings' and norms').
+        let held = layer.dtype().or_else(|| store.dominant_dtype(""));
+        return Ok(AnyLinear::Quantized(q.with_bf16_products(held == Some(DType::BF16))));
     }
     match quantize {
         Some(format) if d_in.is_multiple_of(llava_kernels::quant::BLOCK) => {
@@ -722,9 +725,11 @@ fn load_linear<B: Backend>(
             let data = layer.store().read(&weight, &[d_out, d_in], None)?;
             let matrix = QuantMatrix::quantize_data(format, &data)
                 .map_err(|source| LlmError::Quantize { tensor: weight.clone(), source })?;
+            // A model held in bf16 multiplies in bf16, as its float layers do.
+            let bf16 = layer.dtype().unwrap_or(data.dtype) == DType::BF16;
             drop(data);
             let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
-            Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device())))
+            Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device()).with_bf16_products(bf16)))
         }
         // Blocks run along the input features; a width off the block stays float (llama.cpp
         // also keeps such tensors in a fallback type).

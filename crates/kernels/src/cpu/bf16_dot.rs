@@ -64,56 +64,101 @@ pub(crate) fn product(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Op
         return None;
     }
     assert!(x.len() >= m * k && w.len() >= n * k, "bf16 product: operands shorter than [{m}, {k}] and [{n}, {k}]");
-    let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return Some(out);
+        return Some(vec![0f32; m * n]);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // x rounded once, each row padded to a whole number of 32-wide steps with zeros (the
-        // weights' tails are read with masked loads, so nothing past a weight row is touched).
+    let x = RoundedRows::new(x, m, k)?;
+    let w_bits = bf16_bits(w);
+    // Written through raw pointers, every element once by the first `k` chunk's tiles (zeroing
+    // it first was a tenth of a batch-8 prefill: fresh pages cleared, then cleared again).
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(NC)).into_par_iter().for_each(|task| {
+        let columns = task * NC..((task + 1) * NC).min(n);
+        // SAFETY: the task's weight rows lie in `w`; it alone writes these columns of `out`.
+        unsafe {
+            x.times_rows(
+                &w_bits[columns.start * k..columns.end * k],
+                columns.len(),
+                out_ptr.get().add(columns.start),
+                n,
+            )
+        };
+    });
+    // SAFETY: the tasks' columns cover the output, each element written by its first chunk.
+    unsafe { out.set_len(m * n) };
+    Some(out)
+}
+
+/// The rows of `x` rounded to bf16 once per product, each padded to a whole number of 32-wide
+/// steps (the padding is never read: tails are masked loads).
+pub(crate) struct RoundedRows {
+    bits: Vec<u16>,
+    stride: usize,
+    m: usize,
+    k: usize,
+}
+
+impl RoundedRows {
+    /// `x [m, k]` f32 rounded to bf16 (to nearest, ties to even); `None` without the
+    /// instructions (see [`available`]).
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
         let stride = k.next_multiple_of(32);
-        let mut xb = vec![0u16; m * stride];
-        xb.par_chunks_mut(stride).zip(x.par_chunks(k)).for_each(|(dst, src)| {
+        let mut bits = vec![0u16; m * stride];
+        #[cfg(target_arch = "x86_64")]
+        bits.par_chunks_mut(stride.max(1)).zip(x.par_chunks(k.max(1))).for_each(|(dst, src)| {
             // SAFETY: `available()` checked the features; lengths as written.
             unsafe { round_to_bf16(&src[..k], &mut dst[..k]) }
         });
-        let w_bits: &[u16] = bytemuck_bf16(w);
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        (0..n.div_ceil(NC)).into_par_iter().for_each(|task| {
-            let columns = task * NC..((task + 1) * NC).min(n);
-            for k0 in (0..k).step_by(KC) {
-                let len = KC.min(k - k0);
-                for m0 in (0..m).step_by(MC) {
-                    let rows = m0..(m0 + MC).min(m);
-                    for j0 in columns.clone().step_by(NR) {
-                        let nr = NR.min(columns.end - j0);
-                        for i0 in rows.clone().step_by(MR) {
-                            let mr = MR.min(rows.end - i0);
-                            // SAFETY: features checked; the tile reads rows i0.. of xb (padded
-                            // to `stride`) and rows j0.. of w within their lengths (masked
-                            // tail), and writes out[i0.., j0..], columns of this task only.
-                            unsafe {
-                                tile(
-                                    mr,
-                                    nr,
-                                    xb.as_ptr().add(i0 * stride + k0),
-                                    stride,
-                                    w_bits.as_ptr().add(j0 * k + k0),
-                                    k,
-                                    len,
-                                    out_ptr.get().add(i0 * n + j0),
-                                    n,
-                                    k0 > 0,
-                                )
-                            };
-                        }
+        Some(Self { bits, stride, m, k })
+    }
+
+    /// `out[i, j] = Σ_t x[i, t] · w[j, t]` for the `width` weight rows `w` (`[width, k]` bf16
+    /// bits), on this thread: `out` points at column 0 of this block in a row-major output of
+    /// row stride `out_stride`.
+    ///
+    /// # Safety
+    /// `w` holds `width × k` values; `out` is valid for writes of `m` rows of `width` columns at
+    /// stride `out_stride`, and no other thread touches them meanwhile.
+    pub(crate) unsafe fn times_rows(&self, w: &[u16], width: usize, out: *mut f32, out_stride: usize) {
+        let (m, k, stride) = (self.m, self.k, self.stride);
+        assert!(w.len() >= width * k, "bf16 rows: {} values for [{width}, {k}]", w.len());
+        #[cfg(target_arch = "x86_64")]
+        for k0 in (0..k).step_by(KC) {
+            let len = KC.min(k - k0);
+            for m0 in (0..m).step_by(MC) {
+                let rows = m0..(m0 + MC).min(m);
+                for j0 in (0..width).step_by(NR) {
+                    let nr = NR.min(width - j0);
+                    for i0 in rows.clone().step_by(MR) {
+                        let mr = MR.min(rows.end - i0);
+                        // SAFETY: `new` checked the features; the tile reads rows i0.. of the
+                        // rounded x and rows j0.. of w within their lengths (masked tails) and
+                        // writes out[i0.., j0..] within the caller's block.
+                        unsafe {
+                            tile(
+                                mr,
+                                nr,
+                                self.bits.as_ptr().add(i0 * stride + k0),
+                                stride,
+                                w.as_ptr().add(j0 * k + k0),
+                                k,
+                                len,
+                                out.add(i0 * out_stride + j0),
+                                out_stride,
+                                k0 > 0,
+                            )
+                        };
                     }
                 }
             }
-        });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (m, k, stride, w, width, out, out_stride);
     }
-    Some(out)
 }
 
 /// The output shared by the tasks (each writes its own columns).
@@ -127,9 +172,20 @@ impl SharedOut {
     }
 }
 
-fn bytemuck_bf16(w: &[bf16]) -> &[u16] {
+/// The bit patterns of bf16 values.
+pub(crate) fn bf16_bits(w: &[bf16]) -> &[u16] {
     // SAFETY: bf16 is a `repr(transparent)` u16.
     unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) }
+}
+
+/// `src` rounded to bf16 bits into `dst` (as many as both hold), where [`available`].
+pub(crate) fn round_into(src: &[f32], dst: &mut [u16]) {
+    assert!(available(), "bf16 rounding without AVX-512 BF16");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the features are present (asserted).
+    unsafe {
+        round_to_bf16(src, dst)
+    }
 }
 
 /// f32 → bf16 bits, round to nearest even (NaN stays NaN).

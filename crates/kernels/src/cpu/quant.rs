@@ -14,6 +14,7 @@
 //! multiply it with gemm, as the half-precision path does: the dequantization is paid once per
 //! product and shared by every row.
 
+use crate::cpu::bf16_dot;
 use crate::cpu::dense::{gemm_into, matmul};
 use crate::cpu::flex::{
     AutodiffFlexTensor, autodiff_primitive, flex_f32, flex_int, flex_tensor, from_autodiff, from_f32, is_autodiff_flex,
@@ -44,6 +45,8 @@ pub(crate) struct QuantView<'a> {
     pub k: usize,
     pub codes: &'a [u8],
     pub scales: &'a [f16],
+    /// Prefill products in bf16 (see [`QuantLinear::bf16_products`]).
+    pub bf16: bool,
 }
 
 impl QuantView<'_> {
@@ -78,7 +81,7 @@ pub(crate) fn linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option
     if is_autodiff_flex::<B>() {
         return autodiff_linear(x, q);
     }
-    let weight = QuantWeight::new(q.format, n, k, flex_int(&q.values)?, crate::cpu::flex::flex_any(&q.scales)?)?;
+    let weight = QuantWeight::new(q, n, k, flex_int(&q.values)?, crate::cpu::flex::flex_any(&q.scales)?)?;
     let x = flex_f32(x)?.to_contiguous();
     let mut out = weight.view().product(f32_values(&x), m);
     if let Some(bias) = &q.bias {
@@ -95,6 +98,7 @@ pub(crate) fn linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option
 #[derive(Debug, Clone)]
 struct QuantWeight {
     format: QuantFormat,
+    bf16: bool,
     n: usize,
     k: usize,
     codes: FlexTensor,
@@ -104,18 +108,20 @@ struct QuantWeight {
 impl QuantWeight {
     /// `None` unless the codes are contiguous `i32` words from offset 0 and the scales
     /// contiguous f16 (what the kernels read).
-    fn new(format: QuantFormat, n: usize, k: usize, codes: FlexTensor, scales: FlexTensor) -> Option<Self> {
+    fn new<B: Backend>(q: &QuantLinear<B>, n: usize, k: usize, codes: FlexTensor, scales: FlexTensor) -> Option<Self> {
+        let (format, bf16) = (q.format, q.bf16_products);
         let usable = codes.dtype() == DType::I32
             && scales.dtype() == DType::F16
             && codes.is_contiguous()
             && codes.layout().start_offset() == 0
             && scales.is_contiguous();
-        usable.then(|| QuantWeight { format, n, k, codes, scales: scales.to_contiguous() })
+        usable.then(|| QuantWeight { format, bf16, n, k, codes, scales: scales.to_contiguous() })
     }
 
     fn view(&self) -> QuantView<'_> {
         QuantView {
             format: self.format,
+            bf16: self.bf16,
             n: self.n,
             k: self.k,
             codes: &self.codes.bytes()[..self.n * self.k * self.format.bits() / 8],
@@ -134,7 +140,7 @@ fn autodiff_linear<B: Backend>(x: &Tensor<B, 2>, q: &QuantLinear<B>) -> Option<T
     let [m, k] = x.dims();
     let [n, _] = q.dims();
     let scales = autodiff_primitive(q.scales.clone()).primitive;
-    let weight = QuantWeight::new(q.format, n, k, flex_int(&q.values)?, scales)?;
+    let weight = QuantWeight::new(q, n, k, flex_int(&q.values)?, scales)?;
     let dtype = x.dtype();
     let x: AutodiffFlexTensor =
         autodiff_primitive(if dtype == DType::F32 { x.clone() } else { x.clone().cast(DType::F32) });
@@ -363,6 +369,11 @@ unsafe fn dot_avx512<const M: usize, const KIND: u8>(
 /// Many rows: per task, a panel of up to 256 outputs dequantized to f32 `[width, k]` and
 /// multiplied with gemm.
 pub(crate) fn prefill(x: &[f32], m: usize, w: &QuantView) -> Vec<f32> {
+    if w.bf16
+        && let Some(out) = prefill_bf16(x, m, w)
+    {
+        return out;
+    }
     let (n, k) = (w.n, w.k);
     let mut out = Vec::<f32>::with_capacity(m * n);
     let ptr = OutPtr(out.as_mut_ptr());
@@ -394,12 +405,75 @@ pub(crate) fn prefill(x: &[f32], m: usize, w: &QuantView) -> Vec<f32> {
     out
 }
 
+/// Many rows in bf16 (AVX-512 BF16): per task, a panel of up to 256 outputs dequantized and
+/// rounded to bf16, multiplied by `x` rounded to bf16 with f32 sums (`bf16_dot`); `None`
+/// without the instructions.
+fn prefill_bf16(x: &[f32], m: usize, w: &QuantView) -> Option<Vec<f32>> {
+    let (n, k) = (w.n, w.k);
+    let rows = bf16_dot::RoundedRows::new(x, m, k)?;
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(PANEL_ROWS)).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(wide, panel): &mut (Vec<f32>, Vec<u16>), p| {
+            let (j0, j1) = (p * PANEL_ROWS, ((p + 1) * PANEL_ROWS).min(n));
+            wide.resize(k, 0.0);
+            panel.resize((j1 - j0) * k, 0);
+            for (j, dst) in (j0..j1).zip(panel.chunks_exact_mut(k)) {
+                w.dequantize_row(j, wide);
+                bf16_dot::round_into(wide, dst);
+            }
+            // SAFETY: this task alone writes columns [j0, j1) of every row of `out` (m × n).
+            unsafe { rows.times_rows(panel, j1 - j0, ptr.get().add(j0), n) };
+        },
+    );
+    // SAFETY: the panels cover every column of every row.
+    unsafe { out.set_len(m * n) };
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::QuantMatrix;
     use burn::backend::Flex;
     use burn::tensor::Distribution;
+
+    /// With bf16 products (a bf16 model, AVX-512 BF16): prefill rows equal the exact product of
+    /// bf16-rounded activations and bf16-rounded dequantized weights (f64 here) within f32
+    /// summation error; decode rows stay the exact f32 product of the dequantized weight.
+    #[test]
+    fn bf16_products_are_the_product_of_the_bf16_rounded_operands() {
+        if !bf16_dot::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        use half::bf16;
+        let device = Default::default();
+        Flex::seed(&device, 9);
+        for format in QuantFormat::ALL {
+            for (m, k, n) in [(17, 64, 50), (40, 288, 300), (3, 64, 20)] {
+                let w = Tensor::<Flex, 2>::random([n, k], Distribution::Normal(0.0, 0.05), &device);
+                let matrix = QuantMatrix::quantize(format, n, k, &w.to_data().to_vec::<f32>().unwrap()).unwrap();
+                let layer = QuantLinear::<Flex>::new(&matrix, None, &device).with_bf16_products(true);
+                let x = Tensor::<Flex, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+                let ours = linear(&x, &layer).unwrap().to_data().to_vec::<f32>().unwrap();
+                let (xs, deq) = (x.to_data().to_vec::<f32>().unwrap(), matrix.dequantize());
+                let round = |v: f32| if m > MAX_ROWS { bf16::from_f32(v).to_f64() } else { v as f64 };
+                for i in 0..m {
+                    for j in 0..n {
+                        let terms = (0..k).map(|t| round(xs[i * k + t]) * round(deq[j * k + t]));
+                        let (exact, mag) = terms.fold((0f64, 0f64), |(s, a), v| (s + v, a + v.abs()));
+                        let got = ours[i * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * mag + 1e-30,
+                            "{format} {m}x{k}x{n} ({i}, {j}): {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// The kernels' products equal the f32 product with the dequantized weight within 1e-5 of
     /// the sum of |terms| (they differ only in summation order), for every format, row counts
