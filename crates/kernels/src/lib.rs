@@ -48,15 +48,18 @@ pub use quant::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 
 /// The dtype activations run in for weights held in `weights`.
 ///
-/// On the Flex CPU backend f32 whatever the weights' dtype: its kernels read f16/bf16 weights
-/// directly (half the bytes per decoded token) and its f32 arithmetic is the fast one (Flex
-/// computes bf16 through f32 conversions); results are then closer to the f32 model than
-/// PyTorch's bf16 run. Everywhere else, and under autodiff (mixed-precision training picks its
-/// compute dtype itself), the weights' own dtype, as PyTorch with `torch_dtype`.
+/// On the Flex CPU backend, with or without autodiff, f32 whatever the weights' dtype: its
+/// kernels read f16/bf16 weights directly (half the bytes per decoded token; bf16 weights
+/// multiply in bf16 with AVX-512 BF16, the activations rounded as they are read) and the rest of
+/// its arithmetic is fastest in f32 (Flex computes bf16 through f32 conversions: a 7B stage-1
+/// step with bf16 activations spent half its time in Flex's conversions and f32 gemm). Everywhere
+/// else the weights' own dtype, as PyTorch with `torch_dtype`.
 pub fn activation_dtype<B: burn::tensor::backend::Backend>(weights: burn::tensor::DType) -> burn::tensor::DType {
     use burn::tensor::DType;
     #[cfg(feature = "flex")]
-    if matches!(weights, DType::F16 | DType::BF16) && crate::cpu::flex::is_flex::<B>() {
+    if matches!(weights, DType::F16 | DType::BF16)
+        && (crate::cpu::flex::is_flex::<B>() || crate::cpu::flex::is_autodiff_flex::<B>())
+    {
         return DType::F32;
     }
     weights

@@ -32,7 +32,8 @@ pub struct TrainingShape {
     pub text_pretrain_batch: Option<usize>,
     /// The towers' stored dtypes (a conversion at load reads each tensor's bytes first).
     pub stored: llava::load::PartDtypes,
-    /// Half-precision products compute through f32 copies ([`llava_kernels::half_products_widen`]).
+    /// The CPU backend ([`llava_kernels::half_products_widen`]): activations are f32 and the
+    /// products of trained half-precision weights compute through f32 copies.
     pub widened_products: bool,
     /// LoRA: the adapters' rank and the frozen LLM's format (`None`: the run's float dtype).
     pub lora: Option<(usize, Option<llava::QuantFormat>)>,
@@ -127,7 +128,8 @@ pub fn training_plan(
     let n = (rows * tokens) as u64;
     // Image positions are never supervised (their labels are -100).
     let supervised = (rows * tokens.saturating_sub(config.image_tokens())) as u64;
-    let act = w;
+    // Flex computes in f32 whatever the weights (`llava_kernels::activation_dtype`).
+    let act = if shape.widened_products { DType::F32 } else { w };
     let a = dtype_bytes(act);
     let t = &config.text;
     let (d, inter, vocab) = (t.hidden_size as u64, t.intermediate_size as u64, t.vocab_size as u64);
@@ -239,11 +241,8 @@ pub fn training_plan(
             // layer's dequantized weight (Burn's dequantize + matmul), the whole base again.
             let (linear, head) = llava::plan::quantizable_parameters(config);
             step.push(PlanEntry::new(
-                format!(
-                    "{format} layers dequantized for the products, kept for the backward pass ({})",
-                    dtype_name(act)
-                ),
-                (linear + head) * a,
+                format!("{format} layers dequantized for the products, kept for the backward pass ({})", dtype_name(w)),
+                (linear + head) * wb,
             ));
         }
     }
