@@ -21,7 +21,9 @@
 //! for each forward through Burn's differentiable cast, so their gradients arrive in f32; frozen
 //! towers are cast once and their bf16 copy reused (their f32 weights stay, so the saved model
 //! holds the checkpoint's exact values). Activations are bf16; RMSNorm statistics and the loss
-//! are f32, as in Hugging Face's LLaMA.
+//! are f32, as in Hugging Face's LLaMA. On the CPU backend activations stay f32
+//! (`llava_kernels::activation_dtype`) and the products with bf16 weights run in bf16 inside the
+//! kernels (AVX-512 BF16), which is faster there than Flex's bf16 arithmetic.
 
 pub mod adamw;
 pub mod checkpoint;
