@@ -189,9 +189,9 @@ unsafe fn widen_f16_avx512(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// `x [m, k] · w [k, n]`: bf16 weights in PyTorch's `[out, in]` storage on a CPU with AVX-512
-/// BF16 take `bf16_dot` (bf16 products, as the reference's bf16 model); everything else is the
-/// f32 product of the widened weight, one column block of `w` per task.
+/// `x [m, k] · w [k, n]`: bf16 weights on a CPU with AVX-512 BF16 take `bf16_dot` (bf16
+/// products, as the reference's bf16 model); everything else is the f32 product of the widened
+/// weight, one column block of `w` per task.
 fn forward(x: &[f32], m: usize, k: usize, n: usize, w: &HalfMatrix) -> Vec<f32> {
     if let HalfSlice::BF16(values) = &w.values
         && bf16_dot::available()
