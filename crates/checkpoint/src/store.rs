@@ -608,31 +608,31 @@ fn convert_float(bytes: &[u8], stored: DType, target: DType, shape: Vec<usize>) 
             .collect::<Vec<_>>()
             .convert_to_f32_slice(wide),
     };
-    let blocks = |block: usize| bytes[..len * from].par_chunks(block * from);
+    let blocks = || bytes[..len * from].par_chunks(BLOCK * from);
+    /// Half-precision values, each block widened to f32 then narrowed.
+    fn narrowed<T: Copy + Send>(
+        len: usize, zero: T, blocks: impl IndexedParallelIterator<Item = impl AsRef<[u8]>>,
+        widen: impl Fn(&[u8], &mut [f32]) + Sync,
+    ) -> Vec<T>
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        let mut out = vec![zero; len];
+        out.par_chunks_mut(BLOCK).zip(blocks).for_each(|(dst, src)| {
+            let mut wide = vec![0f32; dst.len()];
+            widen(src.as_ref(), &mut wide);
+            dst.convert_from_f32_slice(&wide);
+        });
+        out
+    }
     Some(match target {
         DType::F32 => {
             let mut out = vec![0f32; len];
-            out.par_chunks_mut(BLOCK).zip(blocks(BLOCK)).for_each(|(dst, src)| widen(src, dst));
+            out.par_chunks_mut(BLOCK).zip(blocks()).for_each(|(dst, src)| widen(src, dst));
             TensorData::new(out, shape)
         }
-        DType::F16 => {
-            let mut out = vec![f16::ZERO; len];
-            out.par_chunks_mut(BLOCK).zip(blocks(BLOCK)).for_each(|(dst, src)| {
-                let mut wide = vec![0f32; dst.len()];
-                widen(src, &mut wide);
-                dst.convert_from_f32_slice(&wide);
-            });
-            TensorData::new(out, shape)
-        }
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; len];
-            out.par_chunks_mut(BLOCK).zip(blocks(BLOCK)).for_each(|(dst, src)| {
-                let mut wide = vec![0f32; dst.len()];
-                widen(src, &mut wide);
-                dst.convert_from_f32_slice(&wide);
-            });
-            TensorData::new(out, shape)
-        }
+        DType::F16 => TensorData::new(narrowed(len, f16::ZERO, blocks(), widen), shape),
+        DType::BF16 => TensorData::new(narrowed(len, bf16::ZERO, blocks(), widen), shape),
         _ => return None,
     })
 }

@@ -124,6 +124,7 @@ fn a_quantized_model_is_the_float_model_of_its_dequantized_weights_and_stays_nea
 
 /// The generic path (Burn's integer and float operations: what CUDA and wgpu run) gives the CPU
 /// kernels' logits, on wgpu through Mesa's lavapipe.
+#[cfg(feature = "wgpu")]
 #[test]
 fn quantized_layers_run_on_wgpu_with_the_cpu_kernels_results() {
     type W = llava::backend::Wgpu;

@@ -90,8 +90,8 @@ pub(crate) fn product(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Op
     Some(out)
 }
 
-/// The rows of `x` rounded to bf16 once per product, each padded to a whole number of 32-wide
-/// steps (the padding is never read: tails are masked loads).
+/// The rows of `x` rounded to bf16 once per product, each padded with zeros to a whole number of
+/// 32-wide steps (the last step reads them, against zero weights).
 pub(crate) struct RoundedRows {
     bits: Vec<u16>,
     stride: usize,
@@ -136,7 +136,7 @@ impl RoundedRows {
                     for i0 in rows.clone().step_by(MR) {
                         let mr = MR.min(rows.end - i0);
                         // SAFETY: `new` checked the features; the tile reads rows i0.. of the
-                        // rounded x and rows j0.. of w within their lengths (masked tails) and
+                        // rounded x (padded) and rows j0.. of w within their lengths and
                         // writes out[i0.., j0..] within the caller's block.
                         unsafe {
                             tile(
@@ -208,10 +208,11 @@ unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
 }
 
 /// `out[r, c] (+)= Σ_t x[r, t] · w[c, t]` for `t < len`, `r < mr ≤ 4`, `c < nr ≤ 6`: rows of `x`
-/// at stride `x_stride` (readable up to `len` rounded up to 32), weight rows at `w_stride`
-/// (readable up to `len`). A 4 × 6 tile always: at the edges the missing rows and columns repeat
-/// the first one and their sums are dropped (one kernel, whose 24 accumulators are named so that
-/// they stay in registers; as arrays LLVM kept a third of them on the stack).
+/// at stride `x_stride` (readable up to `len` rounded up to 32, finite there), weight rows at
+/// `w_stride` (readable up to `len`). A 4 × 6 tile always: at the edges the missing rows and
+/// columns repeat the first one and their sums are dropped. The whole 32-wide steps run in
+/// `dot_steps!`; the last partial one runs there too, on the weights' tails copied into
+/// zero-padded buffers (zero weights ignore whatever follows `len` in `x`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -224,183 +225,131 @@ unsafe fn tile(
     unsafe {
         let xr = |r: usize| x.add(if r < mr { r } else { 0 } * x_stride);
         let wr = |c: usize| w.add(if c < nr { c } else { 0 } * w_stride);
-        let (x0, x1, x2, x3) = (xr(0), xr(1), xr(2), xr(3));
-        let (w0, w1, w2, w3, w4, w5) = (wr(0), wr(1), wr(2), wr(3), wr(4), wr(5));
-        let (mut a00, mut a01, mut a02, mut a03, mut a04, mut a05) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
-        let (mut a10, mut a11, mut a12, mut a13, mut a14, mut a15) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
-        let (mut a20, mut a21, mut a22, mut a23, mut a24, mut a25) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
-        let (mut a30, mut a31, mut a32, mut a33, mut a34, mut a35) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
+        let mut acc = [_mm512_setzero_ps(); 24];
         let steps = len / 32;
         if steps > 0 {
-            // The main loop in assembly: 24 accumulators in zmm0-23, the 6 weight vectors in
-            // zmm24-29, the row of x in zmm30 (the compiler spilled a third of the accumulators).
-            std::arch::asm!(
-                "2:",
-                "vmovdqu16 zmm24, [{w0} + {off}]",
-                "vmovdqu16 zmm25, [{w1} + {off}]",
-                "vmovdqu16 zmm26, [{w2} + {off}]",
-                "vmovdqu16 zmm27, [{w3} + {off}]",
-                "vmovdqu16 zmm28, [{w4} + {off}]",
-                "vmovdqu16 zmm29, [{w5} + {off}]",
-                "vmovdqu16 zmm30, [{x0} + {off}]",
-                "vdpbf16ps zmm0, zmm30, zmm24",
-                "vdpbf16ps zmm1, zmm30, zmm25",
-                "vdpbf16ps zmm2, zmm30, zmm26",
-                "vdpbf16ps zmm3, zmm30, zmm27",
-                "vdpbf16ps zmm4, zmm30, zmm28",
-                "vdpbf16ps zmm5, zmm30, zmm29",
-                "vmovdqu16 zmm30, [{x1} + {off}]",
-                "vdpbf16ps zmm6, zmm30, zmm24",
-                "vdpbf16ps zmm7, zmm30, zmm25",
-                "vdpbf16ps zmm8, zmm30, zmm26",
-                "vdpbf16ps zmm9, zmm30, zmm27",
-                "vdpbf16ps zmm10, zmm30, zmm28",
-                "vdpbf16ps zmm11, zmm30, zmm29",
-                "vmovdqu16 zmm30, [{x2} + {off}]",
-                "vdpbf16ps zmm12, zmm30, zmm24",
-                "vdpbf16ps zmm13, zmm30, zmm25",
-                "vdpbf16ps zmm14, zmm30, zmm26",
-                "vdpbf16ps zmm15, zmm30, zmm27",
-                "vdpbf16ps zmm16, zmm30, zmm28",
-                "vdpbf16ps zmm17, zmm30, zmm29",
-                "vmovdqu16 zmm30, [{x3} + {off}]",
-                "vdpbf16ps zmm18, zmm30, zmm24",
-                "vdpbf16ps zmm19, zmm30, zmm25",
-                "vdpbf16ps zmm20, zmm30, zmm26",
-                "vdpbf16ps zmm21, zmm30, zmm27",
-                "vdpbf16ps zmm22, zmm30, zmm28",
-                "vdpbf16ps zmm23, zmm30, zmm29",
-                "add {off}, 64",
-                "cmp {off}, {end}",
-                "jb 2b",
-                w0 = in(reg) w0,
-                w1 = in(reg) w1,
-                w2 = in(reg) w2,
-                w3 = in(reg) w3,
-                w4 = in(reg) w4,
-                w5 = in(reg) w5,
-                x0 = in(reg) x0,
-                x1 = in(reg) x1,
-                x2 = in(reg) x2,
-                x3 = in(reg) x3,
-                off = inout(reg) 0usize => _,
-                end = in(reg) steps * 64,
-                inout("zmm0") a00,
-                inout("zmm1") a01,
-                inout("zmm2") a02,
-                inout("zmm3") a03,
-                inout("zmm4") a04,
-                inout("zmm5") a05,
-                inout("zmm6") a10,
-                inout("zmm7") a11,
-                inout("zmm8") a12,
-                inout("zmm9") a13,
-                inout("zmm10") a14,
-                inout("zmm11") a15,
-                inout("zmm12") a20,
-                inout("zmm13") a21,
-                inout("zmm14") a22,
-                inout("zmm15") a23,
-                inout("zmm16") a24,
-                inout("zmm17") a25,
-                inout("zmm18") a30,
-                inout("zmm19") a31,
-                inout("zmm20") a32,
-                inout("zmm21") a33,
-                inout("zmm22") a34,
-                inout("zmm23") a35,
-                out("zmm24") _,
-                out("zmm25") _,
-                out("zmm26") _,
-                out("zmm27") _,
-                out("zmm28") _,
-                out("zmm29") _,
-                out("zmm30") _,
-                options(nostack, readonly),
+            dot_steps!(acc, [xr(0), xr(1), xr(2), xr(3)], [wr(0), wr(1), wr(2), wr(3), wr(4), wr(5)], steps * 64);
+        }
+        let (off, tail) = (steps * 32, len % 32);
+        if tail > 0 {
+            let mut tails = [[0u16; 32]; 6];
+            for (c, t) in tails.iter_mut().enumerate() {
+                std::ptr::copy_nonoverlapping(wr(c).add(off), t.as_mut_ptr(), tail);
+            }
+            let x_tail = |r: usize| xr(r).add(off);
+            let w_tail = |c: usize| tails[c].as_ptr();
+            dot_steps!(
+                acc,
+                [x_tail(0), x_tail(1), x_tail(2), x_tail(3)],
+                [w_tail(0), w_tail(1), w_tail(2), w_tail(3), w_tail(4), w_tail(5)],
+                64
             );
         }
-        let tail = len % 32;
-        if tail > 0 {
-            let off = steps * 32;
-            let mask: __mmask32 = (1u32 << tail) - 1;
-            let v0: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w0.add(off) as *const i16));
-            let v1: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w1.add(off) as *const i16));
-            let v2: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w2.add(off) as *const i16));
-            let v3: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w3.add(off) as *const i16));
-            let v4: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w4.add(off) as *const i16));
-            let v5: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w5.add(off) as *const i16));
-            let u: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x0.add(off) as *const i16));
-            a00 = _mm512_dpbf16_ps(a00, u, v0);
-            a01 = _mm512_dpbf16_ps(a01, u, v1);
-            a02 = _mm512_dpbf16_ps(a02, u, v2);
-            a03 = _mm512_dpbf16_ps(a03, u, v3);
-            a04 = _mm512_dpbf16_ps(a04, u, v4);
-            a05 = _mm512_dpbf16_ps(a05, u, v5);
-            let u: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x1.add(off) as *const i16));
-            a10 = _mm512_dpbf16_ps(a10, u, v0);
-            a11 = _mm512_dpbf16_ps(a11, u, v1);
-            a12 = _mm512_dpbf16_ps(a12, u, v2);
-            a13 = _mm512_dpbf16_ps(a13, u, v3);
-            a14 = _mm512_dpbf16_ps(a14, u, v4);
-            a15 = _mm512_dpbf16_ps(a15, u, v5);
-            let u: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x2.add(off) as *const i16));
-            a20 = _mm512_dpbf16_ps(a20, u, v0);
-            a21 = _mm512_dpbf16_ps(a21, u, v1);
-            a22 = _mm512_dpbf16_ps(a22, u, v2);
-            a23 = _mm512_dpbf16_ps(a23, u, v3);
-            a24 = _mm512_dpbf16_ps(a24, u, v4);
-            a25 = _mm512_dpbf16_ps(a25, u, v5);
-            let u: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x3.add(off) as *const i16));
-            a30 = _mm512_dpbf16_ps(a30, u, v0);
-            a31 = _mm512_dpbf16_ps(a31, u, v1);
-            a32 = _mm512_dpbf16_ps(a32, u, v2);
-            a33 = _mm512_dpbf16_ps(a33, u, v3);
-            a34 = _mm512_dpbf16_ps(a34, u, v4);
-            a35 = _mm512_dpbf16_ps(a35, u, v5);
-        }
-        let sums = [
-            [a00, a01, a02, a03, a04, a05],
-            [a10, a11, a12, a13, a14, a15],
-            [a20, a21, a22, a23, a24, a25],
-            [a30, a31, a32, a33, a34, a35],
-        ];
-        for (r, row) in sums.iter().enumerate().take(mr) {
-            for (c, a) in row.iter().enumerate().take(nr) {
-                let sum = _mm512_reduce_add_ps(*a);
+        for r in 0..mr {
+            for c in 0..nr {
+                let sum = _mm512_reduce_add_ps(acc[r * 6 + c]);
                 let o = out.add(r * out_stride + c);
                 *o = if accumulate { *o + sum } else { sum };
             }
         }
     }
 }
+
+/// `bytes / 64` steps of the 4 × 6 tile: for each, the 32 bf16 values at byte offset `off` of
+/// the 6 weight rows and the 4 rows of x, 24 `vdpbf16ps` into `acc` (row-major, 6 per row of x).
+/// Inline assembly: written with intrinsics, LLVM kept a third of the accumulators on the stack
+/// (24 accumulators in zmm0-23, the weights in zmm24-29, the row of x in zmm30). `bytes` > 0.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_steps {
+    ($acc:ident, [$x0:expr, $x1:expr, $x2:expr, $x3:expr], [$w0:expr, $w1:expr, $w2:expr, $w3:expr, $w4:expr, $w5:expr], $bytes:expr) => {
+        std::arch::asm!(
+            "2:",
+            "vmovdqu16 zmm24, [{w0} + {off}]",
+            "vmovdqu16 zmm25, [{w1} + {off}]",
+            "vmovdqu16 zmm26, [{w2} + {off}]",
+            "vmovdqu16 zmm27, [{w3} + {off}]",
+            "vmovdqu16 zmm28, [{w4} + {off}]",
+            "vmovdqu16 zmm29, [{w5} + {off}]",
+            "vmovdqu16 zmm30, [{x0} + {off}]",
+            "vdpbf16ps zmm0, zmm30, zmm24",
+            "vdpbf16ps zmm1, zmm30, zmm25",
+            "vdpbf16ps zmm2, zmm30, zmm26",
+            "vdpbf16ps zmm3, zmm30, zmm27",
+            "vdpbf16ps zmm4, zmm30, zmm28",
+            "vdpbf16ps zmm5, zmm30, zmm29",
+            "vmovdqu16 zmm30, [{x1} + {off}]",
+            "vdpbf16ps zmm6, zmm30, zmm24",
+            "vdpbf16ps zmm7, zmm30, zmm25",
+            "vdpbf16ps zmm8, zmm30, zmm26",
+            "vdpbf16ps zmm9, zmm30, zmm27",
+            "vdpbf16ps zmm10, zmm30, zmm28",
+            "vdpbf16ps zmm11, zmm30, zmm29",
+            "vmovdqu16 zmm30, [{x2} + {off}]",
+            "vdpbf16ps zmm12, zmm30, zmm24",
+            "vdpbf16ps zmm13, zmm30, zmm25",
+            "vdpbf16ps zmm14, zmm30, zmm26",
+            "vdpbf16ps zmm15, zmm30, zmm27",
+            "vdpbf16ps zmm16, zmm30, zmm28",
+            "vdpbf16ps zmm17, zmm30, zmm29",
+            "vmovdqu16 zmm30, [{x3} + {off}]",
+            "vdpbf16ps zmm18, zmm30, zmm24",
+            "vdpbf16ps zmm19, zmm30, zmm25",
+            "vdpbf16ps zmm20, zmm30, zmm26",
+            "vdpbf16ps zmm21, zmm30, zmm27",
+            "vdpbf16ps zmm22, zmm30, zmm28",
+            "vdpbf16ps zmm23, zmm30, zmm29",
+            "add {off}, 64",
+            "cmp {off}, {end}",
+            "jb 2b",
+            w0 = in(reg) $w0,
+            w1 = in(reg) $w1,
+            w2 = in(reg) $w2,
+            w3 = in(reg) $w3,
+            w4 = in(reg) $w4,
+            w5 = in(reg) $w5,
+            x0 = in(reg) $x0,
+            x1 = in(reg) $x1,
+            x2 = in(reg) $x2,
+            x3 = in(reg) $x3,
+            off = inout(reg) 0usize => _,
+            end = in(reg) ($bytes) as usize,
+            inout("zmm0") $acc[0],
+            inout("zmm1") $acc[1],
+            inout("zmm2") $acc[2],
+            inout("zmm3") $acc[3],
+            inout("zmm4") $acc[4],
+            inout("zmm5") $acc[5],
+            inout("zmm6") $acc[6],
+            inout("zmm7") $acc[7],
+            inout("zmm8") $acc[8],
+            inout("zmm9") $acc[9],
+            inout("zmm10") $acc[10],
+            inout("zmm11") $acc[11],
+            inout("zmm12") $acc[12],
+            inout("zmm13") $acc[13],
+            inout("zmm14") $acc[14],
+            inout("zmm15") $acc[15],
+            inout("zmm16") $acc[16],
+            inout("zmm17") $acc[17],
+            inout("zmm18") $acc[18],
+            inout("zmm19") $acc[19],
+            inout("zmm20") $acc[20],
+            inout("zmm21") $acc[21],
+            inout("zmm22") $acc[22],
+            inout("zmm23") $acc[23],
+            out("zmm24") _,
+            out("zmm25") _,
+            out("zmm26") _,
+            out("zmm27") _,
+            out("zmm28") _,
+            out("zmm29") _,
+            out("zmm30") _,
+            options(nostack, readonly),
+        )
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use dot_steps;
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
@@ -418,7 +367,7 @@ mod tests {
     }
 
     /// Every output equals the f64 dot product of the bf16-rounded row of `x` and the weight row,
-    /// within f32 summation error; shapes cover ragged tiles, `k` chunks and masked tails.
+    /// within f32 summation error; shapes cover ragged tiles, `k` chunks and partial last steps.
     #[test]
     fn equals_the_exact_product_of_the_bf16_rounded_operands() {
         if !available() {
