@@ -25,7 +25,7 @@ use crate::bench::peak_rss_mb;
 #[derive(Args, Debug)]
 pub struct BenchRealArgs {
     /// Checkpoint folders (llava-hf, original LLaVA or plain LLaMA) of the shapes to measure.
-    #[arg(long = "model", required = true)]
+    #[arg(long = "model", required = true, value_delimiter = ',')]
     pub models: Vec<PathBuf>,
     /// Prompt length in tokens (text only).
     #[arg(long, default_value_t = 59)]
@@ -160,13 +160,14 @@ fn read_files_s(dir: &Path) -> Result<(f64, f64)> {
     let mut bytes = 0f64;
     let begin = Instant::now();
     let mut buf = vec![0u8; 8 << 20];
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
+    let read_err = |path: &Path| format!("reading the checkpoint folder {}", path.display());
+    for entry in std::fs::read_dir(dir).with_context(|| read_err(dir))? {
+        let path = entry.with_context(|| read_err(dir))?.path();
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if path.is_file() && (ext == "safetensors" || ext == "bin") {
-            let mut f = std::fs::File::open(&path)?;
+            let mut f = std::fs::File::open(&path).with_context(|| read_err(&path))?;
             loop {
-                let n = f.read(&mut buf)?;
+                let n = f.read(&mut buf).with_context(|| read_err(&path))?;
                 if n == 0 {
                     break;
                 }

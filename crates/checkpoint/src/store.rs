@@ -94,7 +94,13 @@ pub struct WeightStore {
     files: Vec<PathBuf>,
     tensors: BTreeMap<String, TensorInfo>,
     used: Mutex<BTreeSet<String>>,
+    memory_map: bool,
 }
+
+/// The environment variable that turns memory maps off for every [`WeightStore`] a program opens
+/// (`LLAVA_NO_MMAP=1`), as llama.cpp's `--no-mmap` does: for files on a network file system that
+/// may change under the run, where a mapped page that can no longer be read ends the process.
+pub const NO_MMAP_ENV: &str = "LLAVA_NO_MMAP";
 
 impl WeightStore {
     /// Opens a checkpoint file, a shard index (`*.index.json`) or a directory holding one.
@@ -121,7 +127,26 @@ impl WeightStore {
             }
         }
         tracing::debug!("indexed {} tensors from {} file(s)", tensors.len(), files.len());
-        Ok(Self { files: files.to_vec(), tensors, used: Mutex::new(BTreeSet::new()) })
+        let memory_map = std::env::var_os(NO_MMAP_ENV).is_none_or(|v| v.is_empty() || v == "0");
+        Ok(Self { files: files.to_vec(), tensors, used: Mutex::new(BTreeSet::new()), memory_map })
+    }
+
+    /// Whether a safetensors tensor read in the dtype it is stored in is memory-mapped (the
+    /// default, unless [`NO_MMAP_ENV`] is set) instead of copied into the heap.
+    ///
+    /// Mapped, a tensor's bytes are the page cache's: loading costs no copy and no second
+    /// buffer, pages are read when first used, and a 13 GB checkpoint occupies 13 GB however
+    /// often it is loaded. The map is private: a backend writing into the tensor writes into its
+    /// own copy, never into the file. The cost is the memory map's: a file truncated while the
+    /// program runs ends it when a lost page is read (the reason for the switch).
+    pub fn with_memory_map(mut self, memory_map: bool) -> Self {
+        self.memory_map = memory_map;
+        self
+    }
+
+    /// See [`Self::with_memory_map`].
+    pub fn memory_map(&self) -> bool {
+        self.memory_map
     }
 
     /// The checkpoint files this store reads.
@@ -208,8 +233,13 @@ impl WeightStore {
         let data = match &info.location {
             Location::Safetensors { offset } => {
                 let mut file = File::open(path).map_err(io_err(path))?;
+                let mapped = (cfg!(target_endian = "little") && stored == target && self.memory_map)
+                    .then(|| map_tensor(&file, *offset, numel * info.dtype.size(), info.dtype.size()))
+                    .flatten();
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
-                if cfg!(target_endian = "little") && stored == target {
+                if let Some(bytes) = mapped {
+                    Some(TensorData::from_bytes(bytes, info.shape.clone(), stored))
+                } else if cfg!(target_endian = "little") && stored == target {
                     // Read straight into the typed buffer: the file's little-endian bytes are the
                     // values (one copy, from the page cache, instead of bytes then values).
                     let shape = info.shape.clone();
@@ -514,6 +544,29 @@ fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
     Ok(out)
 }
 
+/// A private, read-only memory map of `len` bytes at `offset` in `file` as Burn bytes, or `None`
+/// where it cannot serve (the platform refuses the map, the file is now shorter than the index
+/// said, or the bytes are not aligned to `align` as typed slices of them must be: safetensors
+/// writers align tensors to their element size, but the format does not require it), and the
+/// caller reads instead.
+fn map_tensor(file: &File, offset: u64, len: usize, align: usize) -> Option<burn::tensor::Bytes> {
+    // The map starts at a page boundary (a multiple of 4096), so the bytes' address is aligned
+    // exactly as their offset in the file is.
+    if len == 0 || !offset.is_multiple_of(align as u64) {
+        return None;
+    }
+    let end = offset.checked_add(len as u64)?;
+    if file.metadata().ok()?.len() < end {
+        return None;
+    }
+    // SAFETY: the map is read-only and private; what the file holds can change under it only
+    // if another program truncates or rewrites it while we run (see `NO_MMAP_ENV`).
+    let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file) }.ok()?;
+    // Burn's shared bytes keep the map alive as long as a tensor uses them and copy them into
+    // the heap the first time a backend writes into the tensor.
+    Some(burn::tensor::Bytes::from_shared(bytes::Bytes::from_owner(map), burn::tensor::AllocationProperty::File))
+}
+
 /// Plain floating-point values (every bit pattern is a value) read from `file`'s next bytes, in the
 /// host's byte order (the caller checked it is little-endian, as safetensors stores them).
 fn read_values<T: Copy + Default>(file: &mut File, n: usize) -> std::io::Result<Vec<T>> {
@@ -736,5 +789,79 @@ mod tests {
         let t = gather_strided(&storage, 0, &[3, 2], &[1, 3]).unwrap();
         assert_eq!(t, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert!(gather_strided(&storage, 1, &[3, 2], &[1, 3]).is_none());
+    }
+
+    /// A safetensors file written by hand: `(name, dtype, shape, bytes)` laid out in order, so a
+    /// test can place a tensor at an offset no writer would.
+    fn safetensors_file(dir: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> PathBuf {
+        let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+        for (name, dtype, shape, bytes) in tensors {
+            let range = [data.len(), data.len() + bytes.len()];
+            header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": range}));
+            data.extend_from_slice(bytes);
+        }
+        let mut header = serde_json::to_vec(&header).unwrap();
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let path = dir.join("model.safetensors");
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header);
+        file.extend(data);
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    fn half_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
+        match dtype {
+            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// A tensor read in the dtype it is stored in is a memory map of the file (no heap copy),
+    /// holds the values the copying read gives, and a write into it changes neither the file
+    /// nor another read of the same tensor; converted reads and unaligned tensors are copies.
+    #[test]
+    fn held_tensors_are_private_maps_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..3000).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let path = safetensors_file(
+            dir.path(),
+            &[
+                ("a.bf16", "BF16", vec![3, 1000], half_bytes(&values, DType::BF16)),
+                ("b.f16", "F16", vec![3000], half_bytes(&values, DType::F16)),
+                ("c.f32", "F32", vec![30, 100], half_bytes(&values, DType::F32)),
+                ("d.odd", "U8", vec![1], vec![7]),
+                // One byte after the U8 tensor: an f16 tensor at an odd offset.
+                ("e.unaligned", "F16", vec![3000], half_bytes(&values, DType::F16)),
+            ],
+        );
+        let file_before = std::fs::read(&path).unwrap();
+        let mapped = WeightStore::open(&path).unwrap().with_memory_map(true);
+        let copied = WeightStore::open(&path).unwrap().with_memory_map(false);
+        for (name, shape) in [("a.bf16", vec![3, 1000]), ("b.f16", vec![3000]), ("c.f32", vec![30, 100])] {
+            let map = mapped.read(name, &shape, None).unwrap();
+            let copy = copied.read(name, &shape, None).unwrap();
+            assert!(matches!(map.bytes.property(), burn::tensor::AllocationProperty::File), "{name} is not mapped");
+            assert!(matches!(copy.bytes.property(), burn::tensor::AllocationProperty::Native), "{name}");
+            assert_eq!((map.dtype, &map.shape), (copy.dtype, &copy.shape), "{name}");
+            assert_eq!(map.as_bytes(), copy.as_bytes(), "{name}");
+        }
+        // Converted on the way (bf16 -> f32) or unaligned: read into the heap, same values.
+        let widened = mapped.read("a.bf16", &[3, 1000], Some(DType::F32)).unwrap();
+        assert!(matches!(widened.bytes.property(), burn::tensor::AllocationProperty::Native));
+        let unaligned = mapped.read("e.unaligned", &[3000], None).unwrap();
+        assert!(matches!(unaligned.bytes.property(), burn::tensor::AllocationProperty::Native));
+        assert_eq!(unaligned.as_bytes(), copied.read("b.f16", &[3000], None).unwrap().as_bytes());
+
+        // Writing into a mapped tensor (as a backend's in-place operation does) writes a copy.
+        let mut written = mapped.read("a.bf16", &[3, 1000], None).unwrap();
+        written.bytes.iter_mut().for_each(|b| *b = 0xAB);
+        assert!(written.as_bytes().iter().all(|&b| b == 0xAB));
+        assert_eq!(std::fs::read(&path).unwrap(), file_before, "the file changed");
+        let again = mapped.read("a.bf16", &[3, 1000], None).unwrap();
+        assert_eq!(again.to_vec::<bf16>().unwrap(), values.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>());
     }
 }
