@@ -258,3 +258,67 @@ fn chat_on<B: Backend>(device: &B::Device, args: &ChatArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LLaVA JSON file (e.g. held-out captions or conversations).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The folder its records' images are in.
+    #[arg(long)]
+    pub image_folder: PathBuf,
+    /// The conversation template the model was trained with (`plain` for stage-1 captions).
+    #[arg(long, default_value = "v1")]
+    pub template: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per sequence, images spliced in (longer ones are cut, as in training).
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Only the first N records.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// `perplexity`: exp of the mean negative log-likelihood of the supervised tokens, printed as a
+/// JSON line (what quantizing costs: run it with and without `--quantize`).
+pub fn perplexity(args: PerplexityArgs) -> Result<()> {
+    llava::with_backend!(args.model.backend, perplexity_on(&args))
+}
+
+fn perplexity_on<B: Backend>(device: &B::Device, args: &PerplexityArgs) -> Result<()> {
+    use llava_trainer::perplexity::{PerplexityOptions, dataset_perplexity};
+    let loaded = args.model.load::<B>(device)?;
+    let options = PerplexityOptions {
+        template: args.template.clone(),
+        batch_size: args.batch_size,
+        max_length: args.max_length,
+        limit: args.limit,
+    };
+    let start = Instant::now();
+    let result = dataset_perplexity(&loaded, &args.data, &args.image_folder, &options, device)
+        .with_context(|| format!("perplexity of {}", args.data.display()))?;
+    tracing::info!(
+        "perplexity {:.4} (mean NLL {:.5} nats over {} tokens of {} samples) in {:.1} s",
+        result.value(),
+        result.mean_nll(),
+        result.tokens,
+        result.samples,
+        start.elapsed().as_secs_f64()
+    );
+    let weights = args.model.quantize.map_or_else(|| "float".to_string(), |q| q.to_string());
+    println!(
+        "{}",
+        serde_json::json!({
+            "data": args.data.display().to_string(),
+            "weights": weights,
+            "perplexity": result.value(),
+            "mean_nll": result.mean_nll(),
+            "tokens": result.tokens,
+            "samples": result.samples,
+        })
+    );
+    Ok(())
+}

@@ -64,6 +64,8 @@ enum Command {
     Chat(eval_cmds::ChatArgs),
     /// ScienceQA prediction (model_vqa_science): one JSON line per question, batched, resumable.
     SqaPredict(eval_cmds::SqaPredictArgs),
+    /// Perplexity of a model (float or `--quantize`d) on a LLaVA JSON file: exp of the mean negative log-likelihood of its supervised tokens.
+    Perplexity(eval_cmds::PerplexityArgs),
     /// ScienceQA scoring: the reference's answer parsing and the paper's category table.
     SqaEval(eval_cmds::SqaEvalArgs),
     /// Predict and score the demo's held-out questions with the stage-2 model, with real and blank images.
@@ -153,6 +155,7 @@ fn main() -> Result<()> {
         Command::Stage2(args) => train_cmds::stage(args, llava_trainer::Stage::Two, &root),
         Command::Chat(args) => eval_cmds::chat(args),
         Command::SqaPredict(args) => eval_cmds::sqa_predict(args),
+        Command::Perplexity(args) => eval_cmds::perplexity(args),
         Command::SqaEval(args) => eval_cmds::sqa_eval(args).map(|_| ()),
         Command::DemoSqa(args) => demo::demo_sqa(args, &root),
         Command::DemoData(args) => demo::demo_data(args, &root),

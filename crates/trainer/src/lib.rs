@@ -30,6 +30,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod metrics;
+pub mod perplexity;
 pub mod plan;
 pub mod replicas;
 pub mod run;

@@ -241,7 +241,7 @@ pub fn build_model<B: AutodiffBackend>(
 }
 
 /// Stacks samples into a training micro-batch (images in sample order).
-fn to_batch<B: Backend>(samples: &[Sample], shape: [usize; 3], device: &B::Device) -> Batch<B> {
+pub(crate) fn to_batch<B: Backend>(samples: &[Sample], shape: [usize; 3], device: &B::Device) -> Batch<B> {
     let images: Vec<f32> = samples.iter().filter_map(|s| s.pixel_values.as_ref()).flatten().copied().collect();
     Batch {
         input_ids: samples.iter().map(|s| s.input_ids.clone()).collect(),

@@ -777,3 +777,73 @@ fn a_replica_that_leaves_ends_the_others_step_with_an_error() {
     let again = replicated(&base, &cfg, &batches[..2], 2, None);
     assert!(again.iter().all(Result::is_ok));
 }
+
+/// The perplexity is `exp` of the mean negative log-likelihood of the supervised tokens over the
+/// whole data, computed here independently from the logits in f64 (log-sum-exp by hand), and it
+/// weights batches by their supervised tokens: one batch of three rows and three batches of one
+/// give the same value although the rows supervise 6, 3 and 6 tokens.
+#[test]
+fn perplexity_is_the_token_weighted_likelihood_of_the_supervised_tokens() {
+    use burn::module::AutodiffModule;
+    use llava_trainer::perplexity::batches_perplexity;
+    type C = llava::backend::Cpu;
+    let device = Default::default();
+    let model = model(&device).valid();
+    let mut short = sample(2);
+    short.1.iter_mut().take(7).for_each(|l| *l = -100);
+    let rows = [sample(1), short, sample(3)];
+    let pixels = pixels::<C>(3, &device);
+    let whole = Batch {
+        input_ids: rows.iter().map(|r| r.0.clone()).collect(),
+        labels: rows.iter().map(|r| r.1.clone()).collect(),
+        pixels: Some(pixels.clone()),
+    };
+    let singles: Vec<Batch<C>> = (0..3)
+        .map(|k| Batch {
+            input_ids: vec![rows[k].0.clone()],
+            labels: vec![rows[k].1.clone()],
+            #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per axis.
+            pixels: Some(pixels.clone().slice([k..k + 1])),
+        })
+        .collect();
+    let max_length = 128;
+    let together = batches_perplexity(&model, std::slice::from_ref(&whole), max_length);
+    let apart = batches_perplexity(&model, &singles, max_length);
+
+    // By hand: the spliced labels shifted by one against the logits, -ln softmax in f64.
+    let features = model.encode_images(pixels).projected;
+    let spliced = model.splice(
+        &whole.input_ids,
+        Some(&whole.labels),
+        Some(features),
+        Some(max_length),
+        llava::PaddingSide::Right,
+    );
+    let logits = model.forward(&spliced);
+    let [b, t, v] = logits.dims();
+    let logits = logits.into_data().to_vec::<f32>().unwrap();
+    let labels = spliced.labels.clone().unwrap().into_data().convert::<i64>().to_vec::<i64>().unwrap();
+    let (mut nll, mut tokens) = (0f64, 0usize);
+    for r in 0..b {
+        for j in 0..t - 1 {
+            let label = labels[r * t + j + 1];
+            if label < 0 {
+                continue;
+            }
+            let row = &logits[(r * t + j) * v..(r * t + j + 1) * v];
+            let top = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let lse = top + row.iter().map(|&x| (x as f64 - top).exp()).sum::<f64>().ln();
+            nll += lse - row[label as usize] as f64;
+            tokens += 1;
+        }
+    }
+    assert_eq!(tokens, 15, "supervised tokens after the shift");
+    assert_eq!((together.tokens, together.samples), (15, 3));
+    assert_eq!((apart.tokens, apart.samples), (15, 3));
+    let expected = (nll / tokens as f64).exp();
+    for (what, got) in [("one batch", together.value()), ("three batches", apart.value())] {
+        assert!((got - expected).abs() <= 1e-5 * expected, "{what}: perplexity {got} vs {expected} by hand");
+    }
+    // The validation loss (a mean of batch means) is not the same thing when counts differ.
+    assert!(expected > 1.0 && together.mean_nll().is_finite());
+}
