@@ -34,7 +34,7 @@ mod store;
 
 pub use export::{Exporter, SaveDtype};
 pub use loader::Loader;
-pub use store::{StoredDtype, TensorInfo, WeightStore};
+pub use store::{NO_MMAP_ENV, StoredDtype, TensorInfo, WeightStore};
 
 use std::path::PathBuf;
 
