@@ -122,28 +122,29 @@ impl ModelArgs {
     pub fn plan<B: Backend>(
         &self, device: &B::Device, shape: ShapeFor<'_>, batch_flag: Option<&str>,
     ) -> Result<(MemoryPlan, Vec<(String, u64)>)> {
-        let (config, stored, has_vision, saved_quantized) = match (&self.model, &self.clip, &self.llm, &self.projector)
-        {
-            (Some(dir), _, _, _) => {
-                let source =
-                    resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
-                let stored = source.stored_dtypes();
-                let saved = source.stored_quantization();
-                (source.config, stored, source.has_vision, saved)
-            }
-            (None, Some(clip), Some(llm), Some(projector)) => {
-                let (config, stored) = describe_parts(
-                    clip,
-                    llm,
-                    projector,
-                    self.select_layer,
-                    SelectFeature::Patch,
-                    self.image_aspect.unwrap_or_default(),
-                )?;
-                (config, stored, true, None)
-            }
-            _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
-        };
+        let (config, stored, has_vision, saved_quantized, maps_embeddings) =
+            match (&self.model, &self.clip, &self.llm, &self.projector) {
+                (Some(dir), _, _, _) => {
+                    let source =
+                        resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
+                    let stored = source.stored_dtypes();
+                    let saved = source.stored_quantization();
+                    let maps = source.maps_input_embeddings();
+                    (source.config, stored, source.has_vision, saved, maps)
+                }
+                (None, Some(clip), Some(llm), Some(projector)) => {
+                    let (config, stored) = describe_parts(
+                        clip,
+                        llm,
+                        projector,
+                        self.select_layer,
+                        SelectFeature::Patch,
+                        self.image_aspect.unwrap_or_default(),
+                    )?;
+                    (config, stored, true, None, false)
+                }
+                _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
+            };
         let shape = shape(&config);
         let quantize = saved_quantized.or(self.quantize);
         let plan_with_quantized = |dtype: Option<DType>, quantize, shape: GenerationShape, capacity| {
@@ -152,7 +153,14 @@ impl ModelArgs {
             generation_plan(
                 &config,
                 has_vision,
-                PlanDtypes { stored, held, activations: act, quantize },
+                // Host memory maps matter to the CPU's plan only (GPU backends copy the weights).
+                PlanDtypes {
+                    stored,
+                    held,
+                    activations: act,
+                    quantize,
+                    embeddings_mapped: maps_embeddings && self.backend == BackendKind::Cpu,
+                },
                 shape,
                 B::name(device),
                 capacity,

@@ -149,6 +149,22 @@ impl WeightStore {
         self.memory_map
     }
 
+    /// Whether [`Self::read`] of `name` in its stored dtype gives a memory map of the file
+    /// (memory maps on, a safetensors tensor aligned to its element size): then only the pages
+    /// a run reads become resident.
+    pub fn maps(&self, name: &str) -> bool {
+        let Some(info) = self.tensors.get(name) else { return false };
+        match info.location {
+            Location::Safetensors { offset } => {
+                self.memory_map
+                    && cfg!(target_endian = "little")
+                    && info.dtype.burn().is_some()
+                    && offset.is_multiple_of(info.dtype.size().max(1) as u64)
+            }
+            Location::Torch { .. } => false,
+        }
+    }
+
     /// The checkpoint files this store reads.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
@@ -841,6 +857,8 @@ mod tests {
         let file_before = std::fs::read(&path).unwrap();
         let mapped = WeightStore::open(&path).unwrap().with_memory_map(true);
         let copied = WeightStore::open(&path).unwrap().with_memory_map(false);
+        assert!(mapped.maps("a.bf16") && mapped.maps("c.f32"));
+        assert!(!mapped.maps("e.unaligned") && !copied.maps("a.bf16") && !mapped.maps("missing"));
         for (name, shape) in [("a.bf16", vec![3, 1000]), ("b.f16", vec![3000]), ("c.f32", vec![30, 100])] {
             let map = mapped.read(name, &shape, None).unwrap();
             let copy = copied.read(name, &shape, None).unwrap();

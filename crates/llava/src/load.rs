@@ -277,6 +277,17 @@ impl ModelSource {
         }
     }
 
+    /// Whether the LLM's input embedding table is read as a memory map of its file when held in
+    /// its stored dtype: generation then reads only the rows of its tokens, and the rest of the
+    /// table never becomes resident (what a memory plan of the CPU counts).
+    pub fn maps_input_embeddings(&self) -> bool {
+        let prefix = self.prefixes.llm;
+        self.store
+            .names()
+            .find(|n| n.starts_with(prefix) && n.ends_with("embed_tokens.weight"))
+            .is_some_and(|n| self.store.maps(n))
+    }
+
     /// The format of linear layers saved quantized in the checkpoint (`None`: float weights).
     pub fn stored_quantization(&self) -> Option<QuantFormat> {
         let suffixes =

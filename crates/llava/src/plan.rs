@@ -319,6 +319,10 @@ pub struct PlanDtypes {
     pub activations: DType,
     /// The LLM's linear layers quantized (see [`crate::LoadOptions::quantize`]).
     pub quantize: Option<QuantFormat>,
+    /// The LLM's input embedding table is a memory map of its file in host memory (held as
+    /// stored, on the CPU; see `ModelSource::maps_input_embeddings`): generation reads only its
+    /// tokens' rows, so an untied table is not counted as resident.
+    pub embeddings_mapped: bool,
 }
 
 /// Parameter counts of each part.
@@ -469,7 +473,7 @@ pub fn generation_plan(
     config: &LlavaConfig, has_vision: bool, dtypes: PlanDtypes, shape: GenerationShape, device: impl Into<String>,
     capacity: Option<Capacity>,
 ) -> MemoryPlan {
-    let PlanDtypes { stored, held, activations: act, quantize } = dtypes;
+    let PlanDtypes { stored, held, activations: act, quantize, embeddings_mapped } = dtypes;
     let images = if has_vision { shape.images } else { 0 };
     let tokens = shape.text_tokens + images * config.image_tokens();
     let positions = tokens + shape.max_new_tokens;
@@ -478,6 +482,17 @@ pub fn generation_plan(
     let d = config.text.hidden_size as u64;
     let mut held_entries = vec![PlanEntry::new("process (code, thread pools, tokenizer)", RUNTIME_BYTES)];
     held_entries.extend(weight_entries(config, held, has_vision, quantize));
+    let text = &config.text;
+    if embeddings_mapped
+        && stored.llm == Some(held.llm)
+        && !text.tie_word_embeddings
+        && let Some(llm) = held_entries.last_mut()
+    {
+        // The LLM's entry (the last): its float part holds the input embeddings.
+        let table = text.vocab_size as u64 * text.hidden_size as u64 * dtype_bytes(held.llm);
+        llm.bytes = llm.bytes.saturating_sub(table);
+        llm.what.push_str(", less the input embeddings (memory-mapped: only the rows of the tokens read)");
+    }
     let loading = match quantize {
         // A quantized layer is read as its stored bytes, quantized, and dropped; the float
         // tensors (embeddings) are converted as usual.
