@@ -96,6 +96,9 @@ pub struct DemoSqaArgs {
     /// Quantize the LLM's linear layers (q8, q4, nf4) as the model loads.
     #[arg(long)]
     pub quantize: Option<llava_kernels::QuantFormat>,
+    /// Quantize the vision tower's encoder layers too, in --quantize's format.
+    #[arg(long, requires = "quantize")]
+    pub quantize_vision: bool,
 }
 
 /// Predicts and scores the demo's held-out questions, with real and with blank pictures.
@@ -123,7 +126,12 @@ pub fn demo_sqa(args: DemoSqaArgs, root: &Path) -> Result<()> {
 fn demo_sqa_on<B: burn::tensor::backend::Backend>(
     device: &B::Device, paths: &DemoPaths, model: &Path, args: &DemoSqaArgs,
 ) -> Result<(Vec<llava_demo::DemoAccuracy>, f64)> {
-    Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, args.quantize, device)?)
+    let load = llava::load::LoadOptions {
+        quantize: args.quantize,
+        quantize_vision: args.quantize_vision,
+        ..Default::default()
+    };
+    Ok(llava_demo::demo_sqa::<B>(paths, model, &args.split, args.batch_size, &load, device)?)
 }
 
 /// The bundled demo end to end, with no arguments: stage 1 and stage 2 on the synthetic shapes
@@ -144,7 +152,14 @@ pub fn demo(root: &Path) -> Result<()> {
     crate::train_cmds::stage(demo_args(), Stage::One, root)?;
     crate::train_cmds::stage(demo_args(), Stage::Two, root)?;
     demo_sqa(
-        DemoSqaArgs { model: None, split: "test".into(), batch_size: 16, backend: Default::default(), quantize: None },
+        DemoSqaArgs {
+            model: None,
+            split: "test".into(),
+            batch_size: 16,
+            backend: Default::default(),
+            quantize: None,
+            quantize_vision: false,
+        },
         root,
     )?;
     let paths = DemoPaths::new(root);

@@ -308,7 +308,13 @@ fn perplexity_on<B: Backend>(device: &B::Device, args: &PerplexityArgs) -> Resul
         result.samples,
         start.elapsed().as_secs_f64()
     );
-    let weights = args.model.quantize.map_or_else(|| "float".to_string(), |q| q.to_string());
+    // What the model holds (a saved quantized model is quantized without the flag).
+    let model = &loaded.model;
+    let weights = match (model.llm.quantization(), model.vision.quantization()) {
+        (None, None) => "float".to_string(),
+        (Some(q), None) => q.to_string(),
+        (llm, Some(vision)) => format!("{}, vision tower {vision}", llm.map_or("float".into(), |q| q.to_string())),
+    };
     println!(
         "{}",
         serde_json::json!({

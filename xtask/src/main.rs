@@ -40,7 +40,7 @@ enum Command {
     Forward(model_cmds::ForwardArgs),
     /// Greedy or sampled generation with the KV cache; prints only the new text.
     Generate(model_cmds::GenerateArgs),
-    /// Quantize a model's LLM (q8, q4 or nf4) and save it, to load quantized without the float checkpoint.
+    /// Quantize a model's LLM (q8, q4 or nf4; its vision tower too with --quantize-vision) and save it, to load quantized without the float checkpoint.
     Quantize(model_cmds::QuantizeArgs),
     /// Fold a LoRA folder's adapters into its base and save the merged LLaVA model.
     MergeLora(model_cmds::MergeLoraArgs),

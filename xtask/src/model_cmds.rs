@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use llava::backend::BackendKind;
 use llava::generate::{GenerationConfig, SamplingConfig, generate as run_generation};
-use llava::load::{LoadOptions, LoadedLlava, WeightsDtype, describe_parts, load_dir, load_parts, resolve_dir};
+use llava::load::{LoadOptions, LoadedLlava, ModelParts, WeightsDtype, load_dir, resolve_dir};
 use llava::plan::{GenerationShape, MemoryPlan, PlanDtypes, generation_plan, held_dtypes};
 use llava::{PaddingSide, SelectFeature};
 use llava_checkpoint::{Exporter, SaveDtype};
@@ -55,6 +55,10 @@ pub struct ModelArgs {
     /// nf4 (4-bit NormalFloat). A model saved by `cargo xtask quantize` loads quantized anyway.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<QuantFormat>,
+    /// Quantize the vision tower's encoder layers too, in --quantize's format (the reference's
+    /// --load-4bit/--load-8bit quantize the tower as well).
+    #[arg(long, requires = "quantize")]
+    pub quantize_vision: bool,
     /// A LoRA folder's base LLM directory (default: its adapter_config.json's
     /// base_model_name_or_path). --model DIR then names the LoRA folder.
     #[arg(long, value_name = "DIR")]
@@ -100,6 +104,7 @@ impl ModelArgs {
             backend,
             dtype: WeightsDtype::default(),
             quantize: None,
+            quantize_vision: false,
             lora_base: None,
             memory: MemoryArgs::default(),
         }
@@ -112,8 +117,25 @@ impl ModelArgs {
             image_aspect: self.image_aspect,
             dtype: self.dtype.0,
             quantize: self.quantize,
+            quantize_vision: self.quantize_vision,
             lora_base: self.lora_base.clone(),
         }
+    }
+
+    /// The model as separate parts (`--clip`, `--llm`, `--projector`), when given so.
+    fn parts(&self) -> Option<ModelParts> {
+        let (None, Some(clip), Some(llm), Some(projector)) = (&self.model, &self.clip, &self.llm, &self.projector)
+        else {
+            return None;
+        };
+        Some(ModelParts {
+            clip_dir: clip.clone(),
+            llm_dir: llm.clone(),
+            projector_file: projector.clone(),
+            select_layer: self.select_layer,
+            select_feature: SelectFeature::Patch,
+            image_aspect: self.image_aspect.unwrap_or_default(),
+        })
     }
 
     /// The memory plan of a generation with this model (configs and checkpoint headers only),
@@ -122,32 +144,26 @@ impl ModelArgs {
     pub fn plan<B: Backend>(
         &self, device: &B::Device, shape: ShapeFor<'_>, batch_flag: Option<&str>,
     ) -> Result<(MemoryPlan, Vec<(String, u64)>)> {
-        let (config, stored, has_vision, saved_quantized, maps_embeddings) =
-            match (&self.model, &self.clip, &self.llm, &self.projector) {
-                (Some(dir), _, _, _) => {
-                    let source =
-                        resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
-                    let stored = source.stored_dtypes();
-                    let saved = source.stored_quantization();
-                    let maps = source.maps_input_embeddings();
-                    (source.config, stored, source.has_vision, saved, maps)
-                }
-                (None, Some(clip), Some(llm), Some(projector)) => {
-                    let (config, stored) = describe_parts(
-                        clip,
-                        llm,
-                        projector,
-                        self.select_layer,
-                        SelectFeature::Patch,
-                        self.image_aspect.unwrap_or_default(),
-                    )?;
-                    (config, stored, true, None, false)
-                }
-                _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
-            };
+        let (config, stored, has_vision, saved_quantized, maps_embeddings) = match (&self.model, self.parts()) {
+            (Some(dir), _) => {
+                let source =
+                    resolve_dir(dir, &self.load_options()).with_context(|| format!("reading {}", dir.display()))?;
+                let stored = source.stored_dtypes();
+                let saved = (source.stored_quantization(), source.stored_vision_quantization().is_some());
+                let maps = source.maps_input_embeddings();
+                (source.config, stored, source.has_vision, saved, maps)
+            }
+            (None, Some(parts)) => {
+                let (config, stored) = parts.describe()?;
+                (config, stored, true, (None, false), false)
+            }
+            _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
+        };
         let shape = shape(&config);
+        let (saved_quantized, saved_vision_quantized) = saved_quantized;
         let quantize = saved_quantized.or(self.quantize);
-        let plan_with_quantized = |dtype: Option<DType>, quantize, shape: GenerationShape, capacity| {
+        let quantize_vision = saved_vision_quantized || self.quantize_vision;
+        let plan_with_quantized = |dtype: Option<DType>, quantize, vision, shape: GenerationShape, capacity| {
             let held = held_dtypes::<B>(stored, dtype, device);
             let act = llava_kernels::activation_dtype::<B>(held.llm);
             generation_plan(
@@ -159,6 +175,7 @@ impl ModelArgs {
                     held,
                     activations: act,
                     quantize,
+                    quantize_vision: vision,
                     embeddings_mapped: maps_embeddings && self.backend == BackendKind::Cpu,
                 },
                 shape,
@@ -166,7 +183,7 @@ impl ModelArgs {
                 capacity,
             )
         };
-        let plan_with = |dtype, shape, capacity| plan_with_quantized(dtype, quantize, shape, capacity);
+        let plan_with = |dtype, shape, capacity| plan_with_quantized(dtype, quantize, quantize_vision, shape, capacity);
         let plan = plan_with(self.dtype.0, shape, self.memory.capacity(self.backend));
         let current = held_dtypes::<B>(stored, self.dtype.0, device).llm;
         let mut alternatives = Vec::new();
@@ -180,9 +197,14 @@ impl ModelArgs {
             for format in [QuantFormat::Q8, QuantFormat::Q4] {
                 alternatives.push((
                     format!("--quantize {format}"),
-                    plan_with_quantized(self.dtype.0, Some(format), shape, None).peak(),
+                    plan_with_quantized(self.dtype.0, Some(format), false, shape, None).peak(),
                 ));
             }
+        } else if has_vision && !quantize_vision {
+            alternatives.push((
+                "--quantize-vision".to_string(),
+                plan_with_quantized(self.dtype.0, quantize, true, shape, None).peak(),
+            ));
         }
         if let Some(flag) = batch_flag {
             let mut batch = shape.batch / 2;
@@ -208,20 +230,10 @@ impl ModelArgs {
 
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<LoadedLlava<B>> {
         let start = Instant::now();
-        let loaded = match (&self.model, &self.clip, &self.llm, &self.projector) {
-            (Some(dir), _, _, _) => load_dir::<B>(dir, &self.load_options(), device)
+        let loaded = match (&self.model, self.parts()) {
+            (Some(dir), _) => load_dir::<B>(dir, &self.load_options(), device)
                 .with_context(|| format!("loading {}", dir.display()))?,
-            (None, Some(clip), Some(llm), Some(projector)) => load_parts::<B>(
-                clip,
-                llm,
-                projector,
-                self.select_layer,
-                SelectFeature::Patch,
-                self.image_aspect.unwrap_or_default(),
-                self.dtype.0,
-                self.quantize,
-                device,
-            )?,
+            (None, Some(parts)) => parts.load::<B>(&self.load_options(), device)?,
             _ => bail!("give --model DIR, or --clip DIR --llm DIR --projector FILE"),
         };
         tracing::info!(
@@ -366,7 +378,8 @@ pub struct QuantizeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The folder to write: the same layout as the input's (llava-hf for an MLP projector),
-    /// the LLM's linear layers as quantized tensors, everything else as loaded.
+    /// the LLM's linear layers (and with --quantize-vision the vision tower's) as quantized
+    /// tensors, everything else as loaded.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -402,10 +415,11 @@ fn quantize_on<B: Backend>(device: &B::Device, args: &QuantizeArgs) -> Result<()
         .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
     println!(
-        "wrote {} ({}, LLM {}) in {:.1}s",
+        "wrote {} ({}, LLM {}, vision tower {}) in {:.1}s",
         args.out.display(),
         llava::plan::human(bytes),
         loaded.model.llm.quantization().map_or("float", |f| f.name()),
+        loaded.model.vision.quantization().map_or("float", |f| f.name()),
         start.elapsed().as_secs_f32()
     );
     Ok(())

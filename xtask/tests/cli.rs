@@ -1116,6 +1116,12 @@ fn quantize_saves_a_model_that_reloads_to_its_codes_and_identical_bytes() {
     let model = demo_model(tmp.path());
     let img = image();
     let float_size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    let generate = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap()];
+        args.extend(["--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]);
+        args.extend(extra);
+        ok(&xtask(&args))
+    };
     for format in ["q8", "q4", "nf4"] {
         let (a, b) = (tmp.path().join(format!("{format}-a")), tmp.path().join(format!("{format}-b")));
         let out = ok(&xtask(&[
@@ -1135,15 +1141,7 @@ fn quantize_saves_a_model_that_reloads_to_its_codes_and_identical_bytes() {
         // Loaded without --quantize: the tensors say what they are.
         let loaded = load_dir::<B>(&a, &LoadOptions::default(), &Default::default()).unwrap();
         assert_eq!(loaded.model.llm.quantization().map(|f| f.name()), Some(format));
-        let generate_with = |dir: &Path, quantize: Option<&str>| {
-            let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap()];
-            args.extend(["--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]);
-            if let Some(q) = quantize {
-                args.extend(["--quantize", q]);
-            }
-            ok(&xtask(&args))
-        };
-        assert_eq!(generate_with(&a, None), generate_with(&model, Some(format)), "{format}: saved = quantized at load");
+        assert_eq!(generate(&a, &[]), generate(&model, &["--quantize", format]), "{format}: saved = quantized at load");
         // The saved model saved again: the same bytes.
         ok(&xtask(&["quantize", "--model", a.to_str().unwrap(), "--quantize", format, "--out", b.to_str().unwrap()]));
         assert!(
@@ -1151,6 +1149,27 @@ fn quantize_saves_a_model_that_reloads_to_its_codes_and_identical_bytes() {
             "{format}: saving the reloaded model writes identical bytes"
         );
     }
+
+    // --quantize-vision: the vision tower's encoder layers too, saved and reloaded as they are.
+    let tower = tmp.path().join("q8-vision");
+    let out = ok(&xtask(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--quantize",
+        "q8",
+        "--quantize-vision",
+        "--out",
+        tower.to_str().unwrap(),
+    ]));
+    assert!(out.contains("LLM q8, vision tower q8"), "{out}");
+    let modules = read_json(&tower.join("config.json"))["quantization_config"]["modules"].clone();
+    assert!(modules.as_str().unwrap().contains("vision tower"), "{modules}");
+    let loaded = load_dir::<B>(&tower, &LoadOptions::default(), &Default::default()).unwrap();
+    assert_eq!(loaded.model.vision.quantization().map(|f| f.name()), Some("q8"));
+    assert_eq!(generate(&tower, &[]), generate(&model, &["--quantize", "q8", "--quantize-vision"]));
+    let e = err(&xtask(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--quantize-vision"]));
+    assert!(e.contains("--quantize"), "{e}");
 
     // One scale tensor cut short: the load names it.
     let saved = tmp.path().join("q8-a");

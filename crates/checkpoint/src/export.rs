@@ -11,6 +11,8 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use llava_kernels::AnyLinear;
+
 use crate::{Result, WeightStore, WeightsError};
 
 /// Element type of a written checkpoint.
@@ -167,6 +169,24 @@ impl Exporter {
                 e.param("bias", b);
             }
         });
+    }
+
+    /// Writes a linear layer that may be quantized: a float one as [`Exporter::linear`], a
+    /// quantized one as [`crate::quantized_weight_name`]'s tensors (codes and scales).
+    pub fn any_linear<B: Backend>(&mut self, name: &str, layer: &AnyLinear<B>) {
+        match layer {
+            AnyLinear::Float(linear) => self.linear(name, linear),
+            AnyLinear::Quantized(q) => self.scope(name, |e| {
+                let m = q.to_matrix();
+                let [rows, cols] = [m.rows, m.cols];
+                let code_bytes = cols * m.format.bits() / 8;
+                e.data(&crate::quantized_weight_name(m.format), TensorData::new(m.values, [rows, code_bytes]));
+                e.data("weight_scale", TensorData::new(m.scales, [rows, cols / llava_kernels::quant::BLOCK]));
+                if let Some(bias) = &q.bias {
+                    e.param("bias", bias);
+                }
+            }),
+        }
     }
 
     /// Replaces every tensor exported under `prefix` by the tensor of `store` at the same name

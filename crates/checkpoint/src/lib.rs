@@ -13,7 +13,10 @@
 //! result is written as one safetensors file, atomically.
 //!
 //! This crate is checkpoint I/O only: it must not depend on a backend (no Flex, no autodiff, no
-//! gemm) nor on any other crate of this workspace; the compute kernels live in `llava-kernels`.
+//! gemm) nor on the model crates. Besides `llava-io` (atomic writes) it knows one crate of this
+//! workspace, `llava-kernels` without its `flex` feature, for the type of the quantized linear
+//! layer ([`Loader::any_linear`], [`Exporter::any_linear`]): the layers the models hold are
+//! built here, Burn's and that one alike; the compute kernels stay in `llava-kernels`.
 //!
 //! ```no_run
 //! use burn::nn::Linear;
@@ -33,7 +36,7 @@ mod pickle;
 mod store;
 
 pub use export::{Exporter, SaveDtype};
-pub use loader::Loader;
+pub use loader::{Loader, quantized_weight_name};
 pub use store::{NO_MMAP_ENV, StoredDtype, TensorInfo, WeightStore};
 
 use std::path::PathBuf;
@@ -60,6 +63,8 @@ pub enum WeightsError {
     Shape { name: String, expected: Vec<usize>, found: Vec<usize>, path: PathBuf },
     #[error("tensor `{name}` in {path} has unsupported dtype {dtype}")]
     Dtype { name: String, dtype: String, path: PathBuf },
+    #[error("quantizing `{name}`: {source}")]
+    Quantize { name: String, source: llava_kernels::quant::QuantError },
     #[error("unused tensors in the checkpoint (nothing in the model consumes them): {names}")]
     Unused { names: String },
 }

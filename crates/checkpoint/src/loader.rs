@@ -5,8 +5,18 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use llava_kernels::quant::BLOCK;
+use llava_kernels::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 
-use crate::{Result, WeightStore};
+use crate::{Result, WeightStore, WeightsError};
+
+/// Names of a quantized linear layer's tensors, beside (instead of) its `weight`:
+/// `{layer}.weight_{format}` (the code bytes, U8 `[out, in·bits/8]`) and `{layer}.weight_scale`
+/// (F16 `[out, in/32]`); the bias keeps its name. The format is in the name, so a file says
+/// what it holds tensor by tensor.
+pub fn quantized_weight_name(format: QuantFormat) -> String {
+    format!("weight_{format}")
+}
 
 /// Linear layers with at most this many input features are loaded row-major (`[in, out]`), the
 /// others as a transposed view of the stored `[out, in]` (see [`Loader::linear`]).
@@ -133,6 +143,58 @@ impl<'a, B: Backend> Loader<'a, B> {
             linear.bias = Some(sub.param("bias", [d_out])?);
         }
         Ok(linear)
+    }
+
+    /// A linear layer that may be quantized: one saved quantized (any format, see
+    /// [`quantized_weight_name`]) loads as it is; a float one loads as [`Loader::linear`], or is
+    /// quantized in `quantize` as it is read (straight from its stored bytes: no float tensor of
+    /// the layer is made). Blocks run along the input features, so a layer whose input width is
+    /// not a multiple of the block stays float (llama.cpp also keeps such tensors in a fallback
+    /// type).
+    pub fn any_linear(
+        &self, name: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantFormat>,
+    ) -> Result<AnyLinear<B>> {
+        let layer = if name.is_empty() { self.clone() } else { self.pp(name) };
+        let quantized = |tensor: &str| {
+            let tensor = tensor.to_string();
+            move |source| WeightsError::Quantize { name: tensor, source }
+        };
+        if let Some(format) = QuantFormat::ALL.into_iter().find(|f| layer.contains(&quantized_weight_name(*f))) {
+            let codes_name = layer.path(&quantized_weight_name(format));
+            let codes = self.store.read_bytes(&codes_name, &[d_out, d_in * format.bits() / 8])?;
+            let scales = self.store.read(&layer.path("weight_scale"), &[d_out, d_in / BLOCK], Some(DType::F16))?;
+            let scales = scales.into_vec::<half::f16>().map_err(|e| WeightsError::Quantize {
+                name: layer.path("weight_scale"),
+                source: llava_kernels::quant::QuantError::Layout(format!("{e:?}")),
+            })?;
+            let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
+            let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, &self.device)
+                .map_err(quantized(&codes_name))?;
+            // The model's float dtype: the one asked for, else the one most of the file's float
+            // bytes are in (the embeddings' and norms').
+            let held = self.dtype.or_else(|| self.store.dominant_dtype(""));
+            return Ok(AnyLinear::Quantized(q.with_bf16_products(held == Some(DType::BF16))));
+        }
+        match quantize {
+            Some(format) if d_in.is_multiple_of(BLOCK) => {
+                let weight = layer.path("weight");
+                let data = self.store.read(&weight, &[d_out, d_in], None)?;
+                let matrix = QuantMatrix::quantize_data(format, &data).map_err(quantized(&weight))?;
+                // A model held in bf16 multiplies in bf16, as its float layers do.
+                let bf16 = self.dtype.unwrap_or(data.dtype) == DType::BF16;
+                drop(data);
+                let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
+                Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, &self.device).with_bf16_products(bf16)))
+            }
+            Some(format) => {
+                tracing::debug!(
+                    "`{}`: {d_in} input features is not a multiple of {BLOCK}, kept float, not {format}",
+                    layer.path("weight")
+                );
+                Ok(AnyLinear::Float(self.linear(name, d_in, d_out, bias)?))
+            }
+            None => Ok(AnyLinear::Float(self.linear(name, d_in, d_out, bias)?)),
+        }
     }
 
     pub fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<LayerNorm<B>> {

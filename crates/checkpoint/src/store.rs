@@ -153,7 +153,14 @@ impl WeightStore {
     /// (memory maps on, a safetensors tensor aligned to its element size): then only the pages
     /// a run reads become resident.
     pub fn maps(&self, name: &str) -> bool {
-        let Some(info) = self.tensors.get(name) else { return false };
+        self.tensors.get(name).is_some_and(|info| self.mappable(info))
+    }
+
+    /// Whether `info`'s tensor, read in its stored dtype, is a memory map of its file: maps on, a
+    /// little-endian host (safetensors' byte order), a floating-point safetensors tensor whose
+    /// offset is a multiple of its element size (writers align tensors so, but the format does
+    /// not require it; a map's bytes are aligned as their offset is).
+    fn mappable(&self, info: &TensorInfo) -> bool {
         match info.location {
             Location::Safetensors { offset } => {
                 self.memory_map
@@ -249,13 +256,15 @@ impl WeightStore {
         let data = match &info.location {
             Location::Safetensors { offset } => {
                 let mut file = File::open(path).map_err(io_err(path))?;
-                let mapped = (cfg!(target_endian = "little") && stored == target && self.memory_map)
-                    .then(|| map_tensor(&file, *offset, numel * info.dtype.size(), info.dtype.size()))
+                // The file's little-endian bytes are the values.
+                let as_stored = cfg!(target_endian = "little") && stored == target;
+                let mapped = (as_stored && self.mappable(info))
+                    .then(|| map_tensor(&file, *offset, numel * info.dtype.size()))
                     .flatten();
                 file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
                 if let Some(bytes) = mapped {
                     Some(TensorData::from_bytes(bytes, info.shape.clone(), stored))
-                } else if cfg!(target_endian = "little") && stored == target {
+                } else if as_stored {
                     // Read straight into the typed buffer: the file's little-endian bytes are the
                     // values (one copy, from the page cache, instead of bytes then values).
                     let shape = info.shape.clone();
@@ -561,14 +570,12 @@ fn index_torch(path: &Path, file: usize) -> Result<Vec<(String, TensorInfo)>> {
 }
 
 /// A private, read-only memory map of `len` bytes at `offset` in `file` as Burn bytes, or `None`
-/// where it cannot serve (the platform refuses the map, the file is now shorter than the index
-/// said, or the bytes are not aligned to `align` as typed slices of them must be: safetensors
-/// writers align tensors to their element size, but the format does not require it), and the
-/// caller reads instead.
-fn map_tensor(file: &File, offset: u64, len: usize, align: usize) -> Option<burn::tensor::Bytes> {
+/// where it cannot serve (the platform refuses the map, or the file is now shorter than the index
+/// said), and the caller reads instead.
+fn map_tensor(file: &File, offset: u64, len: usize) -> Option<burn::tensor::Bytes> {
     // The map starts at a page boundary (a multiple of 4096), so the bytes' address is aligned
-    // exactly as their offset in the file is.
-    if len == 0 || !offset.is_multiple_of(align as u64) {
+    // exactly as their offset in the file is ([`WeightStore::mappable`] checked that offset).
+    if len == 0 {
         return None;
     }
     let end = offset.checked_add(len as u64)?;

@@ -247,11 +247,10 @@ pub struct DemoAccuracy {
 /// The demo's evaluation of `model_dir`: `model_vqa_science` on the `split` questions (v1
 /// template, single-prediction prompt, greedy), then the reference's scoring; once with the real
 /// pictures, once with blank ones. Answers and result files go to `eval/` beside the model
-/// (named with the quantization when the LLM is loaded `quantize`d).
+/// (named with the quantization when `load` quantizes: `-q8`, `-q8-vision` with the tower).
 /// Returns both results and the chance level (a uniform guess's expected accuracy, in %).
 pub fn demo_sqa<B: Backend>(
-    paths: &DemoPaths, model_dir: &Path, split: &str, batch_size: usize, quantize: Option<llava::QuantFormat>,
-    device: &B::Device,
+    paths: &DemoPaths, model_dir: &Path, split: &str, batch_size: usize, load: &LoadOptions, device: &B::Device,
 ) -> Result<(Vec<DemoAccuracy>, f64), DemoError> {
     if !model_dir.join("config.json").is_file() {
         return Err(DemoError::Missing(format!(
@@ -262,15 +261,19 @@ pub fn demo_sqa<B: Backend>(
     let data = paths.data();
     let out_dir = model_dir.parent().unwrap_or(Path::new(".")).join("eval");
     std::fs::create_dir_all(&out_dir).map_err(io(&out_dir))?;
-    let loaded = llava::load::load_dir::<B>(model_dir, &LoadOptions { quantize, ..Default::default() }, device)?;
+    let loaded = llava::load::load_dir::<B>(model_dir, load, device)?;
+    let quantized = match (load.quantize, load.vision_quantize()) {
+        (Some(q), Some(_)) => format!("-{q}-vision"),
+        (Some(q), None) => format!("-{q}"),
+        (None, _) => String::new(),
+    };
     let (_, template) = llava::chat::choose_template(Some("vicuna_v1"), None)?;
     let problems = load_problems(&data.join("scienceqa/problems.json")).map_err(EvalError::from)?;
     let pids = load_split(&data.join("scienceqa/pid_splits.json"), split).map_err(EvalError::from)?;
     let questions = read_questions(&data.join(format!("scienceqa/llava_{split}_CQM-A.json")))?;
     let mut results = Vec::new();
     for (label, blank) in [("images", false), ("blank images", true)] {
-        let suffix =
-            format!("{}{}", quantize.map(|q| format!("-{q}")).unwrap_or_default(), if blank { "-blank" } else { "" });
+        let suffix = format!("{quantized}{}", if blank { "-blank" } else { "" });
         let answers = out_dir.join(format!("answers-{split}{suffix}.jsonl"));
         let _ = std::fs::remove_file(&answers);
         let mut runner = ScienceRunner::new(&loaded, &template, data.join("images"), 8)?;

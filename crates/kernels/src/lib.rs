@@ -55,12 +55,11 @@ pub use quant::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
 /// step with bf16 activations spent half its time in Flex's conversions and f32 gemm). Everywhere
 /// else the weights' own dtype, as PyTorch with `torch_dtype`.
 pub fn activation_dtype<B: burn::tensor::backend::Backend>(weights: burn::tensor::DType) -> burn::tensor::DType {
-    use burn::tensor::DType;
     #[cfg(feature = "flex")]
-    if matches!(weights, DType::F16 | DType::BF16)
+    if matches!(weights, burn::tensor::DType::F16 | burn::tensor::DType::BF16)
         && (crate::cpu::flex::is_flex::<B>() || crate::cpu::flex::is_autodiff_flex::<B>())
     {
-        return DType::F32;
+        return burn::tensor::DType::F32;
     }
     weights
 }

@@ -1,7 +1,7 @@
 //! The cross-entropy of a language-model head, with its gradient computed in the forward pass.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 
 /// Mean cross-entropy of `targets` under `logits` and its gradient with respect to the logits,
 /// `(softmax − one-hot) / n`.
@@ -19,7 +19,7 @@ pub fn cross_entropy_with_grad<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]
     let logits = logits.cast(DType::F32);
     #[cfg(feature = "flex")]
     if let Some((value, grad)) = crate::cpu::loss::cross_entropy_with_grad(&logits, targets) {
-        let value = Tensor::from_data(TensorData::new(vec![value as f32], [1]), &logits.device());
+        let value = Tensor::from_data(burn::tensor::TensorData::new(vec![value as f32], [1]), &logits.device());
         return (value, grad);
     }
     crate::reference::cross_entropy_with_grad(logits, targets)

@@ -493,6 +493,22 @@ impl<B: Backend> AnyLinear<B> {
         }
     }
 
+    /// The float layer of the dequantized weight (f32, Burn's `[in, out]`) and the same bias; a
+    /// float layer as it is. The model these make is what the quantized one computes (up to the
+    /// order of float sums): the definition the kernels are tested against.
+    pub fn dequantized(self) -> Self {
+        match self {
+            AnyLinear::Quantized(q) => {
+                let [out, inp] = q.dims();
+                let mut linear = burn::nn::LinearConfig::new(inp, out).with_bias(false).init(&q.values.device());
+                linear.weight = Param::from_tensor(q.dequantize().transpose());
+                linear.bias = q.bias.clone();
+                AnyLinear::Float(linear)
+            }
+            float => float,
+        }
+    }
+
     /// The float layer, `None` when quantized.
     pub fn as_float(&self) -> Option<&Linear<B>> {
         match self {

@@ -93,9 +93,13 @@ pub struct LoadOptions {
     /// bf16 checkpoint stays half precision; f32 where the backend has no half types).
     pub dtype: Option<DType>,
     /// Quantize the LLM's linear layers as they load (weight-only; the LM head in q8, embeddings,
-    /// norms, projector and vision tower in their float dtype). Layers saved quantized load
-    /// quantized whatever this says.
+    /// norms, projector and, unless `quantize_vision`, the vision tower in their float dtype).
+    /// Layers saved quantized load quantized whatever this says.
     pub quantize: Option<QuantFormat>,
+    /// Quantize the vision tower's encoder layers too, in `quantize`'s format (the reference's
+    /// `--load-4bit` quantizes every linear layer, the tower's included; its patch embedding,
+    /// position embeddings and LayerNorms stay float here as there).
+    pub quantize_vision: bool,
     /// A LoRA folder's base LLM directory, instead of its `base_model_name_or_path`.
     pub lora_base: Option<PathBuf>,
 }
@@ -223,7 +227,14 @@ pub fn load_dir<B: Backend>(
 ) -> Result<LoadedLlava<B>, LlavaError> {
     let resolved = resolve_dir(dir, options)?;
     let tokenizer = load_tokenizer_if_present(dir)?;
-    resolved.load(tokenizer, options.dtype, options.quantize, device)
+    resolved.load(tokenizer, options, device)
+}
+
+impl LoadOptions {
+    /// The format the vision tower's linear layers are quantized in as they load (`None`: float).
+    pub fn vision_quantize(&self) -> Option<QuantFormat> {
+        self.quantize.filter(|_| self.quantize_vision)
+    }
 }
 
 /// What a model directory holds, read from its configs and checkpoint headers only (no weight
@@ -288,23 +299,33 @@ impl ModelSource {
             .is_some_and(|n| self.store.maps(n))
     }
 
-    /// The format of linear layers saved quantized in the checkpoint (`None`: float weights).
+    /// The format of the LLM's linear layers when saved quantized (`None`: float weights).
     pub fn stored_quantization(&self) -> Option<QuantFormat> {
-        let suffixes =
-            QuantFormat::ALL.map(|format| (format, format!(".{}", llava_llm::quantized_weight_name(format))));
-        self.store
-            .names()
-            .find_map(|n| suffixes.iter().find(|(_, suffix)| n.ends_with(suffix.as_str())).map(|(f, _)| *f))
+        quantization_in(&self.store, self.prefixes.llm)
     }
 
-    /// Loads the weights (`dtype`, `quantize`: as [`LoadOptions`]).
+    /// The format of the vision tower's linear layers when saved quantized (`None`: float).
+    pub fn stored_vision_quantization(&self) -> Option<QuantFormat> {
+        match &self.tower_store {
+            Some(tower) => quantization_in(tower, ""),
+            None if self.has_vision => quantization_in(&self.store, self.prefixes.vision),
+            None => None,
+        }
+    }
+
+    /// Loads the weights, held as `options` say (its `dtype`, `quantize` and `quantize_vision`).
     pub fn load<B: Backend>(
-        self, tokenizer: Option<Tokenizer>, dtype: Option<DType>, quantize: Option<QuantFormat>, device: &B::Device,
+        self, tokenizer: Option<Tokenizer>, options: &LoadOptions, device: &B::Device,
     ) -> Result<LoadedLlava<B>, LlavaError> {
         let Self { layout, config, has_vision, store, tower_store, prefixes, naming, processor_dir, adapter } = self;
+        let (dtype, vision_quantize) = (options.dtype, options.vision_quantize());
         let root = Loader::<B>::new(&store, device).with_dtype(dtype);
-        let mut llm =
-            LlamaModel::load_quantized(&config.text, &root.pp(prefixes.llm), &root.pp(prefixes.head), quantize)?;
+        let mut llm = LlamaModel::load_quantized(
+            &config.text,
+            &root.pp(prefixes.llm),
+            &root.pp(prefixes.head),
+            options.quantize,
+        )?;
         if let Some((lora, adapter_store)) = adapter {
             llm = llm.load_lora(&lora, &adapter_store)?;
             adapter_store.ensure_all_used()?;
@@ -324,11 +345,12 @@ impl ModelSource {
         }
         let vision = match &tower_store {
             Some(tower) => {
-                let model = ClipVisionModel::load_hf(&config.vision, &Loader::new(tower, device).with_dtype(dtype))?;
+                let tower_loader = Loader::new(tower, device).with_dtype(dtype);
+                let model = ClipVisionModel::load_hf_quantized(&config.vision, &tower_loader, vision_quantize)?;
                 tower.ensure_all_used()?;
                 model
             }
-            None => ClipVisionModel::load(&config.vision, &root.pp(prefixes.vision))?,
+            None => ClipVisionModel::load_quantized(&config.vision, &root.pp(prefixes.vision), vision_quantize)?,
         };
         let model = Llava {
             vision,
@@ -580,69 +602,85 @@ fn resolve_text_only(dir: &Path, json: &serde_json::Value) -> Result<ModelSource
     })
 }
 
-/// Loads separate parts: a CLIP directory, an LLM directory (with its tokenizer) and a projector
-/// file (`mm_projector.bin` / safetensors, keys with or without `model.mm_projector.`, or
-/// `multi_modal_projector.linear_N.*`).
-///
-/// `dtype`, `quantize`: as [`LoadOptions`].
-#[allow(clippy::too_many_arguments)]
-pub fn load_parts<B: Backend>(
-    clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
-    image_aspect: AspectMode, dtype: Option<DType>, quantize: Option<QuantFormat>, device: &B::Device,
-) -> Result<LoadedLlava<B>, LlavaError> {
-    let (config, _) = describe_parts(clip_dir, llm_dir, projector_file, select_layer, select_feature, image_aspect)?;
-    let proj_store = WeightStore::open(projector_file)?;
-    let (prefix, _, naming) = detect_projector_file(&proj_store, projector_file)?;
-    let clip_store = WeightStore::open(clip_dir)?;
-    let llm_store = WeightStore::open(llm_dir)?;
-    let model = Llava {
-        vision: ClipVisionModel::load_hf(&config.vision, &Loader::new(&clip_store, device).with_dtype(dtype))?,
-        projector: Projector::load(
-            &config.projector_config(),
-            naming,
-            &Loader::new(&proj_store, device).with_dtype(dtype).pp(prefix),
-        )?,
-        llm: {
-            let root = Loader::new(&llm_store, device).with_dtype(dtype);
-            LlamaModel::load_quantized(&config.text, &root.pp("model"), &root.pp("lm_head"), quantize)?
-        },
-        select_layer,
-        select_feature,
-    };
-    for s in [&clip_store, &llm_store, &proj_store] {
-        s.ensure_all_used()?;
-    }
-    let processor = processor_for(clip_dir, &config)?;
-    let tokenizer = load_tokenizer_if_present(llm_dir)?;
-    Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+/// The format of the linear layers saved quantized under `prefix` (`""`: anywhere) in `store`.
+fn quantization_in(store: &WeightStore, prefix: &str) -> Option<QuantFormat> {
+    let suffixes = QuantFormat::ALL.map(|format| (format, format!(".{}", llava_llm::quantized_weight_name(format))));
+    store
+        .names()
+        .filter(|n| n.starts_with(prefix))
+        .find_map(|n| suffixes.iter().find(|(_, suffix)| n.ends_with(suffix.as_str())).map(|(format, _)| *format))
 }
 
-/// The configuration and stored dtypes of separate parts (as [`load_parts`] takes them), from
-/// their configs and checkpoint headers only.
-pub fn describe_parts(
-    clip_dir: &Path, llm_dir: &Path, projector_file: &Path, select_layer: i64, select_feature: SelectFeature,
-    image_aspect: AspectMode,
-) -> Result<(LlavaConfig, PartDtypes), LlavaError> {
-    let vision = ClipVisionConfig::from_hf_dir(clip_dir)?;
-    let text = LlamaConfig::from_hf_dir(llm_dir)?;
-    let proj_store = WeightStore::open(projector_file)?;
-    let (prefix, projector, _) = detect_projector_file(&proj_store, projector_file)?;
-    let config = LlavaConfig {
-        vision,
-        projector,
-        select_layer,
-        select_feature,
-        image_aspect,
-        max_length: text.max_position_embeddings,
-        text,
-    };
-    config.validate().map_err(|r| LlavaError::config(projector_file, r))?;
-    let dtypes = PartDtypes {
-        vision: WeightStore::open(clip_dir)?.dominant_dtype(""),
-        projector: proj_store.dominant_dtype(prefix),
-        llm: WeightStore::open(llm_dir)?.dominant_dtype(""),
-    };
-    Ok((config, dtypes))
+/// A model given as separate parts, as the reference's stage-1 output is used: a CLIP
+/// directory, an LLM directory (with its tokenizer) and a projector file (`mm_projector.bin` /
+/// safetensors, keys with or without `model.mm_projector.`, or `multi_modal_projector.linear_N.*`),
+/// with the settings a combined checkpoint's config would hold.
+#[derive(Debug, Clone)]
+pub struct ModelParts {
+    pub clip_dir: PathBuf,
+    pub llm_dir: PathBuf,
+    pub projector_file: PathBuf,
+    pub select_layer: i64,
+    pub select_feature: SelectFeature,
+    pub image_aspect: AspectMode,
+}
+
+impl ModelParts {
+    /// The configuration and stored dtypes of the parts, from their configs and checkpoint
+    /// headers only.
+    pub fn describe(&self) -> Result<(LlavaConfig, PartDtypes), LlavaError> {
+        let vision = ClipVisionConfig::from_hf_dir(&self.clip_dir)?;
+        let text = LlamaConfig::from_hf_dir(&self.llm_dir)?;
+        let proj_store = WeightStore::open(&self.projector_file)?;
+        let (prefix, projector, _) = detect_projector_file(&proj_store, &self.projector_file)?;
+        let config = LlavaConfig {
+            vision,
+            projector,
+            select_layer: self.select_layer,
+            select_feature: self.select_feature,
+            image_aspect: self.image_aspect,
+            max_length: text.max_position_embeddings,
+            text,
+        };
+        config.validate().map_err(|r| LlavaError::config(&self.projector_file, r))?;
+        let dtypes = PartDtypes {
+            vision: WeightStore::open(&self.clip_dir)?.dominant_dtype(""),
+            projector: proj_store.dominant_dtype(prefix),
+            llm: WeightStore::open(&self.llm_dir)?.dominant_dtype(""),
+        };
+        Ok((config, dtypes))
+    }
+
+    /// Loads the parts, held as `options` say (its `dtype`, `quantize` and `quantize_vision`;
+    /// the options that find parts of a directory do not apply).
+    pub fn load<B: Backend>(&self, options: &LoadOptions, device: &B::Device) -> Result<LoadedLlava<B>, LlavaError> {
+        let (config, _) = self.describe()?;
+        let proj_store = WeightStore::open(&self.projector_file)?;
+        let (prefix, _, naming) = detect_projector_file(&proj_store, &self.projector_file)?;
+        let clip_store = WeightStore::open(&self.clip_dir)?;
+        let llm_store = WeightStore::open(&self.llm_dir)?;
+        let loader = |store| Loader::new(store, device).with_dtype(options.dtype);
+        let model = Llava {
+            vision: ClipVisionModel::load_hf_quantized(
+                &config.vision,
+                &loader(&clip_store),
+                options.vision_quantize(),
+            )?,
+            projector: Projector::load(&config.projector_config(), naming, &loader(&proj_store).pp(prefix))?,
+            llm: {
+                let root = loader(&llm_store);
+                LlamaModel::load_quantized(&config.text, &root.pp("model"), &root.pp("lm_head"), options.quantize)?
+            },
+            select_layer: self.select_layer,
+            select_feature: self.select_feature,
+        };
+        for s in [&clip_store, &llm_store, &proj_store] {
+            s.ensure_all_used()?;
+        }
+        let processor = processor_for(&self.clip_dir, &config)?;
+        let tokenizer = load_tokenizer_if_present(&self.llm_dir)?;
+        Ok(LoadedLlava { model, config, processor, tokenizer, layout: Layout::Original, has_vision: true })
+    }
 }
 
 /// Where the projector is inside a standalone projector file (`mm_projector.bin` /

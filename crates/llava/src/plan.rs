@@ -319,6 +319,9 @@ pub struct PlanDtypes {
     pub activations: DType,
     /// The LLM's linear layers quantized (see [`crate::LoadOptions::quantize`]).
     pub quantize: Option<QuantFormat>,
+    /// The vision tower's encoder layers quantized too, in `quantize`'s format (see
+    /// [`crate::LoadOptions::quantize_vision`]).
+    pub quantize_vision: bool,
     /// The LLM's input embedding table is a memory map of its file in host memory (held as
     /// stored, on the CPU; see `ModelSource::maps_input_embeddings`): generation reads only its
     /// tokens' rows, so an untied table is not counted as resident.
@@ -335,20 +338,33 @@ pub fn parameter_counts(config: &LlavaConfig) -> (u64, u64, u64) {
 ///
 /// With `quantize`, the decoder's linear layers are held in that format and an untied LM head in
 /// q8 (as [`llava_llm::LlamaModel::load_quantized`] holds them); the rest of the LLM in its dtype.
+/// With `vision_quantize`, the vision tower's encoder layers likewise
+/// ([`llava_vision_encoder::ClipVisionModel::load_quantized`]).
 pub fn weight_entries(
     config: &LlavaConfig, held: HeldDtypes, has_vision: bool, quantize: Option<QuantFormat>,
+    vision_quantize: Option<QuantFormat>,
 ) -> Vec<PlanEntry> {
     let (vision, projector, llm) = parameter_counts(config);
+    let bits = |params: u64, format: QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
     let mut entries = Vec::new();
     if has_vision {
-        entries.push(weights("vision tower", vision, held.vision));
+        match vision_quantize {
+            None => entries.push(weights("vision tower", vision, held.vision)),
+            Some(format) => {
+                let linear = quantizable_vision_parameters(config);
+                entries.push(PlanEntry::new(
+                    format!("vision tower linear layers ({} parameters, {format})", count(linear)),
+                    bits(linear, format),
+                ));
+                entries.push(weights("vision tower embeddings and norms", vision - linear, held.vision));
+            }
+        }
         entries.push(weights("projector", projector, held.projector));
     }
     match quantize {
         None => entries.push(weights("LLM", llm, held.llm)),
         Some(format) => {
             let (linear, head) = quantizable_parameters(config);
-            let bits = |params: u64, format: QuantFormat| (params as f64 * format.bits_per_weight() / 8.0) as u64;
             entries.push(PlanEntry::new(
                 format!("LLM linear layers ({} parameters, {format})", count(linear)),
                 bits(linear, format),
@@ -378,6 +394,16 @@ pub fn quantizable_parameters(config: &LlavaConfig) -> (u64, u64) {
     let per_layer = when(d, d * q + 2 * d * kv + 2 * d * inter) + when(q, q * d) + when(inter, inter * d);
     let head = if t.tie_word_embeddings { 0 } else { when(d, t.vocab_size as u64 * d) };
     (per_layer * t.num_hidden_layers as u64, head)
+}
+
+/// Parameters of the vision tower's encoder-layer linear layers (weights only; biases stay
+/// float), those whose input width is a multiple of the block.
+pub fn quantizable_vision_parameters(config: &LlavaConfig) -> u64 {
+    let v = &config.vision;
+    let (d, inter) = (v.hidden_size as u64, v.intermediate_size as u64);
+    let when =
+        |inputs: u64, params: u64| if inputs.is_multiple_of(llava_kernels::quant::BLOCK as u64) { params } else { 0 };
+    (when(d, 4 * d * d + d * inter) + when(inter, inter * d)) * v.num_hidden_layers as u64
 }
 
 fn weights(part: &str, params: u64, dtype: DType) -> PlanEntry {
@@ -473,7 +499,7 @@ pub fn generation_plan(
     config: &LlavaConfig, has_vision: bool, dtypes: PlanDtypes, shape: GenerationShape, device: impl Into<String>,
     capacity: Option<Capacity>,
 ) -> MemoryPlan {
-    let PlanDtypes { stored, held, activations: act, quantize, embeddings_mapped } = dtypes;
+    let PlanDtypes { stored, held, activations: act, quantize, quantize_vision, embeddings_mapped } = dtypes;
     let images = if has_vision { shape.images } else { 0 };
     let tokens = shape.text_tokens + images * config.image_tokens();
     let positions = tokens + shape.max_new_tokens;
@@ -481,7 +507,7 @@ pub fn generation_plan(
     let a = dtype_bytes(act);
     let d = config.text.hidden_size as u64;
     let mut held_entries = vec![PlanEntry::new("process (code, thread pools, tokenizer)", RUNTIME_BYTES)];
-    held_entries.extend(weight_entries(config, held, has_vision, quantize));
+    held_entries.extend(weight_entries(config, held, has_vision, quantize, quantize.filter(|_| quantize_vision)));
     let text = &config.text;
     if embeddings_mapped
         && stored.llm == Some(held.llm)

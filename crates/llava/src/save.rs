@@ -201,7 +201,12 @@ fn save_original<B: Backend>(
     std::fs::create_dir_all(&tower_dir).map_err(|e| LlavaError::config(&tower_dir, e))?;
     let tower = export_vision(model, "vision_model", frozen)?;
     tower.save(&tower_dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
-    write_json(&tower_dir.join("config.json"), &llava_vision_encoder::hf_config_json(&config.vision))?;
+    let tower_json = quantization_config(
+        llava_vision_encoder::hf_config_json(&config.vision),
+        model.vision.quantization(),
+        "encoder linear layers",
+    );
+    write_json(&tower_dir.join("config.json"), &tower_json)?;
     write_processor(&config.vision.image_size, &tower_dir)?;
 
     let mut e = Exporter::new();
@@ -278,11 +283,24 @@ pub fn save_lora<B: Backend>(
 /// The projector's file in a LoRA folder.
 pub const NON_LORA_TRAINABLES: &str = "non_lora_trainables.bin";
 
-/// Adds `quantization_config` for a model whose LLM is quantized: what was done, for people and
-/// for tools (transformers refuses the unknown `quant_method` rather than loading codes as
-/// weights). Loading reads the format from each tensor's name, not from here.
-fn with_quantization_config<B: Backend>(mut json: serde_json::Value, model: &Llava<B>) -> serde_json::Value {
-    if let (Some(format), Some(obj)) = (model.llm.quantization(), json.as_object_mut()) {
+/// Adds `quantization_config` for a model whose LLM (and vision tower) is quantized: what was
+/// done, for people and for tools (transformers refuses the unknown `quant_method` rather than
+/// loading codes as weights). Loading reads the format from each tensor's name, not from here.
+fn with_quantization_config<B: Backend>(json: serde_json::Value, model: &Llava<B>) -> serde_json::Value {
+    let mut modules = Vec::new();
+    if model.llm.quantization().is_some() {
+        modules.push("language model linear layers; lm_head in q8");
+    }
+    if model.vision.quantization().is_some() {
+        modules.push("vision tower encoder linear layers");
+    }
+    quantization_config(json, model.llm.quantization().or(model.vision.quantization()), &modules.join("; "))
+}
+
+fn quantization_config(
+    mut json: serde_json::Value, format: Option<llava_kernels::QuantFormat>, modules: &str,
+) -> serde_json::Value {
+    if let (Some(format), Some(obj)) = (format, json.as_object_mut()) {
         obj.insert(
             "quantization_config".into(),
             serde_json::json!({
@@ -290,7 +308,7 @@ fn with_quantization_config<B: Backend>(mut json: serde_json::Value, model: &Lla
                 "format": format.name(),
                 "block_size": llava_kernels::quant::BLOCK,
                 "scale_dtype": "float16",
-                "modules": "language model linear layers; lm_head in q8",
+                "modules": modules,
                 "layout": "<layer>.weight_<format>: U8 [out, in*bits/8] codes; <layer>.weight_scale: F16 [out, in/32]",
             }),
         );

@@ -5,8 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData};
 use llava::load::{LoadOptions, LoadedLlava, load_dir};
 use llava::{PaddingSide, QuantFormat};
@@ -57,22 +55,19 @@ fn logits<Bk: burn::tensor::backend::Backend>(loaded: &LoadedLlava<Bk>) -> Vec<V
 /// The same model with every quantized linear layer replaced by a float one holding its
 /// dequantized weight.
 fn dequantized(loaded: &mut LoadedLlava<B>) {
-    let float = |layer: &mut AnyLinear<B>| {
-        if let AnyLinear::Quantized(q) = layer {
-            let [out, inp] = q.dims();
-            let mut linear: Linear<B> =
-                LinearConfig::new(inp, out).with_bias(q.bias.is_some()).init(&Default::default());
-            linear.weight = Param::from_tensor(q.dequantize().transpose());
-            linear.bias = q.bias.clone();
-            *layer = AnyLinear::Float(linear);
-        }
-    };
+    let float = |layer: &mut AnyLinear<B>| *layer = layer.clone().dequantized();
     let llm = &mut loaded.model.llm;
     for (_, layer) in llm.projections_mut() {
         float(&mut layer.base);
     }
     if let Some(head) = &mut llm.lm_head {
         float(head);
+    }
+    for layer in &mut loaded.model.vision.layers {
+        let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+        for linear in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut m.fc1, &mut m.fc2] {
+            float(linear);
+        }
     }
 }
 
@@ -160,7 +155,44 @@ fn the_memory_plan_counts_the_quantized_llm_as_loaded() {
         }
         held += llm.lm_head.as_ref().map_or(0, |h| h.weight_bytes() as u64);
         let dtypes = HeldDtypes { vision: DType::F32, projector: DType::F32, llm: DType::F32 };
-        let planned: u64 = weight_entries(&loaded.config, dtypes, false, Some(format)).iter().map(|e| e.bytes).sum();
+        let planned: u64 =
+            weight_entries(&loaded.config, dtypes, false, Some(format), None).iter().map(|e| e.bytes).sum();
         assert_eq!(planned, held, "{format}");
+    }
+}
+
+/// The plan's vision-tower entries under `--quantize-vision` are the bytes a quantized tower
+/// holds (codes, scales, biases, and the float embeddings and norms), for every format.
+#[test]
+fn the_memory_plan_counts_a_quantized_vision_tower_as_held() {
+    use burn::tensor::DType;
+    use llava::plan::{HeldDtypes, weight_entries};
+    let mut config = load(&fixture(), None).config;
+    // The fixture's tower (48 wide) has no block-sized width; a ViT's do (1024, 4096).
+    config.vision.hidden_size = 64;
+    config.vision.intermediate_size = 96;
+    for format in QuantFormat::ALL {
+        let mut tower = config.vision.init::<B>(&Default::default());
+        let mut linear_bytes = 0;
+        for layer in &mut tower.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for linear in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut m.fc1, &mut m.fc2] {
+                *linear = linear.clone().quantized(format).unwrap();
+                linear_bytes += linear.weight_bytes() as u64;
+            }
+        }
+        assert_eq!(tower.quantization(), Some(format));
+        let f32s = HeldDtypes { vision: DType::F32, projector: DType::F32, llm: DType::F32 };
+        let planned: u64 = weight_entries(&config, f32s, true, None, Some(format))
+            .iter()
+            .filter(|e| e.what.starts_with("vision tower"))
+            .map(|e| e.bytes)
+            .sum();
+        // The rest is f32 here: the tower's parameters less its linear layers' (weights and biases,
+        // which `weight_bytes` counts).
+        let (d, inter) = (64, 96);
+        let linear_params = (4 * (d * d + d) + (d * inter + inter) + (inter * d + d)) * config.vision.num_hidden_layers;
+        let float_params = config.vision.num_parameters() - linear_params as u64;
+        assert_eq!(planned, linear_bytes + 4 * float_params, "{format}");
     }
 }

@@ -33,7 +33,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
-use llava_kernels::{AnyLinear, QuantFormat, QuantLinear, QuantMatrix};
+use llava_kernels::{AnyLinear, QuantFormat};
 
 pub mod lora;
 use llava_kernels::{add, silu_mul};
@@ -46,8 +46,6 @@ pub enum LlmError {
     Weights(#[from] WeightsError),
     #[error("{path}: {reason}")]
     Config { path: String, reason: String },
-    #[error("quantizing `{tensor}`: {source}")]
-    Quantize { tensor: String, source: llava_kernels::quant::QuantError },
 }
 
 /// Hugging Face `LlamaConfig`, with the same field names and defaults.
@@ -626,7 +624,7 @@ impl<B: Backend> LlamaModel<B> {
             None
         } else {
             let head_format = quantize.map(|_| QuantFormat::Q8);
-            Some(load_linear(lm_head, "", d, config.vocab_size, false, head_format)?)
+            Some(lm_head.any_linear("", d, config.vocab_size, false, head_format)?)
         };
         Ok(Self {
             embed_tokens,
@@ -654,15 +652,15 @@ impl<B: Backend> LlamaModel<B> {
             for (i, l) in self.layers.iter().enumerate() {
                 e.scope(format!("layers.{i}"), |e| {
                     e.scope("self_attn", |e| {
-                        export_linear(e, "q_proj", &l.self_attn.q_proj.base);
-                        export_linear(e, "k_proj", &l.self_attn.k_proj.base);
-                        export_linear(e, "v_proj", &l.self_attn.v_proj.base);
-                        export_linear(e, "o_proj", &l.self_attn.o_proj.base);
+                        e.any_linear("q_proj", &l.self_attn.q_proj.base);
+                        e.any_linear("k_proj", &l.self_attn.k_proj.base);
+                        e.any_linear("v_proj", &l.self_attn.v_proj.base);
+                        e.any_linear("o_proj", &l.self_attn.o_proj.base);
                     });
                     e.scope("mlp", |e| {
-                        export_linear(e, "gate_proj", &l.mlp.gate_proj.base);
-                        export_linear(e, "up_proj", &l.mlp.up_proj.base);
-                        export_linear(e, "down_proj", &l.mlp.down_proj.base);
+                        e.any_linear("gate_proj", &l.mlp.gate_proj.base);
+                        e.any_linear("up_proj", &l.mlp.up_proj.base);
+                        e.any_linear("down_proj", &l.mlp.down_proj.base);
                     });
                     e.rms_norm("input_layernorm", &l.input_layernorm);
                     e.rms_norm("post_attention_layernorm", &l.post_attention_layernorm);
@@ -671,95 +669,18 @@ impl<B: Backend> LlamaModel<B> {
             e.rms_norm("norm", &self.norm);
         });
         if let Some(head) = &self.lm_head {
-            export_linear(e, lm_head_scope, head);
+            e.any_linear(lm_head_scope, head);
         }
     }
 }
 
-/// Names of a quantized linear layer's tensors, beside (instead of) its `weight`:
-/// `{layer}.weight_{format}` (the code bytes, U8 `[out, in·bits/8]`) and `{layer}.weight_scale`
-/// (F16 `[out, in/32]`); the bias keeps its name. The format is in the name, so a file says
-/// what it holds tensor by tensor.
-pub fn quantized_weight_name(format: QuantFormat) -> String {
-    format!("weight_{format}")
-}
+pub use llava_checkpoint::quantized_weight_name;
 
 /// A decoder projection (no adapter; [`LlamaModel::with_lora`] / [`LlamaModel::load_lora`] add one).
 fn load_projection<B: Backend>(
     vb: &Loader<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantFormat>,
 ) -> Result<LoraLinear<B>, LlmError> {
-    load_linear(vb, name, d_in, d_out, bias, quantize).map(LoraLinear::from)
-}
-
-/// One linear layer: saved quantized (any format) as it is, else the float weight, quantized
-/// in `quantize` when asked.
-fn load_linear<B: Backend>(
-    vb: &Loader<'_, B>, name: &str, d_in: usize, d_out: usize, bias: bool, quantize: Option<QuantFormat>,
-) -> Result<AnyLinear<B>, LlmError> {
-    let layer = if name.is_empty() { vb.clone() } else { vb.pp(name) };
-    for format in QuantFormat::ALL {
-        let codes_name = quantized_weight_name(format);
-        if !layer.contains(&codes_name) {
-            continue;
-        }
-        let store = layer.store();
-        let codes = store.read_bytes(&layer.path(&codes_name), &[d_out, d_in * format.bits() / 8])?;
-        let scale_name = layer.path("weight_scale");
-        let scales = store
-            .read(&scale_name, &[d_out, d_in / llava_kernels::quant::BLOCK], Some(DType::F16))?
-            .into_vec::<half::f16>()
-            .map_err(|e| LlmError::Config { path: scale_name.clone(), reason: format!("{e:?}") })?;
-        let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
-        let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, layer.device())
-            .map_err(|source| LlmError::Quantize { tensor: layer.path(&codes_name), source })?;
-        // The model's float dtype: the one asked for, else the one most of the file's float
-        // bytes are in (the embeddings' and norms').
-        let held = layer.dtype().or_else(|| store.dominant_dtype(""));
-        return Ok(AnyLinear::Quantized(q.with_bf16_products(held == Some(DType::BF16))));
-    }
-    match quantize {
-        Some(format) if d_in.is_multiple_of(llava_kernels::quant::BLOCK) => {
-            // Straight from the checkpoint's `[out, in]` bytes in their stored dtype: no float
-            // tensor of the layer is made.
-            let weight = layer.path("weight");
-            let data = layer.store().read(&weight, &[d_out, d_in], None)?;
-            let matrix = QuantMatrix::quantize_data(format, &data)
-                .map_err(|source| LlmError::Quantize { tensor: weight.clone(), source })?;
-            // A model held in bf16 multiplies in bf16, as its float layers do.
-            let bf16 = layer.dtype().unwrap_or(data.dtype) == DType::BF16;
-            drop(data);
-            let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
-            Ok(AnyLinear::Quantized(QuantLinear::new(&matrix, bias, layer.device()).with_bf16_products(bf16)))
-        }
-        // Blocks run along the input features; a width off the block stays float (llama.cpp
-        // also keeps such tensors in a fallback type).
-        Some(format) => {
-            tracing::debug!(
-                "`{}`: {d_in} input features is not a multiple of 32, kept float, not {format}",
-                layer.path("weight")
-            );
-            Ok(AnyLinear::Float(vb.linear(name, d_in, d_out, bias)?))
-        }
-        None => Ok(AnyLinear::Float(vb.linear(name, d_in, d_out, bias)?)),
-    }
-}
-
-/// Writes a linear layer: a float one as PyTorch's `[out, in]` `weight`, a quantized one as
-/// [`quantized_weight_name`]'s tensors.
-fn export_linear<B: Backend>(e: &mut Exporter, name: &str, layer: &AnyLinear<B>) {
-    match layer {
-        AnyLinear::Float(linear) => e.linear(name, linear),
-        AnyLinear::Quantized(q) => e.scope(name, |e| {
-            let m = q.to_matrix();
-            let [rows, cols] = [m.rows, m.cols];
-            let code_bytes = cols * m.format.bits() / 8;
-            e.data(&quantized_weight_name(m.format), TensorData::new(m.values, [rows, code_bytes]));
-            e.data("weight_scale", TensorData::new(m.scales, [rows, cols / llava_kernels::quant::BLOCK]));
-            if let Some(bias) = &q.bias {
-                e.param("bias", bias);
-            }
-        }),
-    }
+    Ok(vb.any_linear(name, d_in, d_out, bias, quantize)?.into())
 }
 
 /// Attention mask for a batch whose rows have padding: `valid[b][j]` tells whether key position

@@ -42,11 +42,16 @@ impl Perplexity {
         self.mean_nll().exp()
     }
 
-    /// Adds a batch's loss (its mean over `supervised` tokens).
-    fn add(&mut self, mean_loss: f64, supervised: usize, samples: usize) {
-        self.nll += mean_loss * supervised as f64;
-        self.tokens += supervised;
-        self.samples += samples;
+    /// A batch's perplexity from its loss (the mean over its `supervised` tokens).
+    fn of_batch(mean_loss: f64, supervised: usize, samples: usize) -> Self {
+        Self { nll: mean_loss * supervised as f64, tokens: supervised, samples }
+    }
+
+    /// Adds `other`'s tokens and samples to these (the perplexity of both together).
+    pub fn merge(&mut self, other: Perplexity) {
+        self.nll += other.nll;
+        self.tokens += other.tokens;
+        self.samples += other.samples;
     }
 }
 
@@ -56,11 +61,9 @@ pub fn batches_perplexity<B: Backend>(model: &llava::Llava<B>, batches: &[Batch<
     let mut total = Perplexity::default();
     for batch in batches {
         let BatchLoss { loss, supervised, .. } = batch_loss(model, batch, max_length);
-        if supervised > 0 {
-            total.add(loss.into_scalar().elem::<f64>(), supervised, batch.input_ids.len());
-        } else {
-            total.samples += batch.input_ids.len();
-        }
+        // A batch without a supervised token has a NaN mean loss and adds only its samples.
+        let mean = if supervised > 0 { loss.into_scalar().elem::<f64>() } else { 0.0 };
+        total.merge(Perplexity::of_batch(mean, supervised, batch.input_ids.len()));
     }
     total
 }
@@ -111,10 +114,7 @@ pub fn dataset_perplexity<B: Backend>(
     for chunk in indices.chunks(options.batch_size) {
         let samples = chunk.iter().map(|&i| dataset.sample(i, tokenizer, &config)).collect::<Result<Vec<_>, _>>()?;
         let batch = crate::run::to_batch(&samples, shape, device);
-        let part = batches_perplexity(&loaded.model, std::slice::from_ref(&batch), options.max_length);
-        total.nll += part.nll;
-        total.tokens += part.tokens;
-        total.samples += part.samples;
+        total.merge(batches_perplexity(&loaded.model, std::slice::from_ref(&batch), options.max_length));
         tracing::info!("perplexity: {}/{count} samples, {:.4} so far", total.samples, total.value());
     }
     drop(progress);

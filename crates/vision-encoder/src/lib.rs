@@ -28,13 +28,13 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use llava_checkpoint::{Exporter, Loader, WeightsError};
 use llava_kernels::attention;
-use llava_kernels::linear_tokens;
+use llava_kernels::{AnyLinear, QuantFormat};
 use llava_kernels::{add, quick_gelu};
 use serde::{Deserialize, Serialize};
 
@@ -188,7 +188,7 @@ impl ClipVisionConfig {
             let mut l = LinearConfig::new(i, o).init(device);
             l.weight = Param::from_tensor(normal(vec![i, o]));
             l.bias = Some(Param::from_tensor(Tensor::zeros([o], device)));
-            l
+            AnyLinear::Float(l)
         };
         let mut patch_embedding = Conv2dConfig::new([self.num_channels, d], [self.patch_size, self.patch_size])
             .with_stride([self.patch_size, self.patch_size])
@@ -276,10 +276,10 @@ impl<B: Backend> ClipEmbeddings<B> {
 
 #[derive(Module, Debug)]
 pub struct ClipAttention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub out_proj: Linear<B>,
+    pub q_proj: AnyLinear<B>,
+    pub k_proj: AnyLinear<B>,
+    pub v_proj: AnyLinear<B>,
+    pub out_proj: AnyLinear<B>,
     pub num_heads: usize,
 }
 
@@ -287,27 +287,27 @@ impl<B: Backend> ClipAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.num_heads, d / self.num_heads]);
-        let q = heads(linear_tokens(&self.q_proj, x.clone()));
-        let k = heads(linear_tokens(&self.k_proj, x.clone()));
-        let v = heads(linear_tokens(&self.v_proj, x));
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
         // The vision tower attends bidirectionally: no mask, not causal.
         let out = attention(q, k, v, None, false);
-        linear_tokens(&self.out_proj, out.reshape([b, s, d]))
+        self.out_proj.forward(out.reshape([b, s, d]))
     }
 }
 
 #[derive(Module, Debug)]
 pub struct ClipMlp<B: Backend> {
-    pub fc1: Linear<B>,
-    pub fc2: Linear<B>,
+    pub fc1: AnyLinear<B>,
+    pub fc2: AnyLinear<B>,
     pub quick_gelu: bool,
 }
 
 impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear_tokens(&self.fc1, x);
+        let h = self.fc1.forward(x);
         let h = if self.quick_gelu { quick_gelu(h) } else { gelu(h) };
-        linear_tokens(&self.fc2, h)
+        self.fc2.forward(h)
     }
 }
 
@@ -366,17 +366,35 @@ impl<B: Backend> ClipVisionModel<B> {
     /// ignored, or a `CLIPVisionModel`).
     /// `root` is a loader at the checkpoint's root (its dtype applies).
     pub fn load_hf(config: &ClipVisionConfig, root: &Loader<'_, B>) -> Result<Self, VisionError> {
+        Self::load_hf_quantized(config, root, None)
+    }
+
+    /// [`ClipVisionModel::load_hf`], the encoder layers' linear layers quantized in `quantize`
+    /// (as [`ClipVisionModel::load_quantized`]).
+    pub fn load_hf_quantized(
+        config: &ClipVisionConfig, root: &Loader<'_, B>, quantize: Option<QuantFormat>,
+    ) -> Result<Self, VisionError> {
         let store = root.store();
         let prefix = if store.has_prefix("vision_model.") { "vision_model" } else { "" };
         store.ignore_prefix("text_model.");
         for name in ["logit_scale", "text_projection.weight", "visual_projection.weight"] {
             store.ignore_prefix(name);
         }
-        Self::load(config, &root.pp(prefix))
+        Self::load_quantized(config, &root.pp(prefix), quantize)
     }
 
     /// Loads from any prefix, e.g. `vision_tower.vision_model` inside a llava-hf checkpoint.
     pub fn load(config: &ClipVisionConfig, vb: &Loader<'_, B>) -> Result<Self, VisionError> {
+        Self::load_quantized(config, vb, None)
+    }
+
+    /// [`ClipVisionModel::load`], the encoder layers' linear layers (attention projections and
+    /// MLP) quantized in `quantize` as they are read (weight-only, one layer's float bytes at a
+    /// time); the patch embedding, position embeddings and LayerNorms stay float. Layers saved
+    /// quantized load as they are, with or without `quantize`.
+    pub fn load_quantized(
+        config: &ClipVisionConfig, vb: &Loader<'_, B>, quantize: Option<QuantFormat>,
+    ) -> Result<Self, VisionError> {
         config.validate().map_err(|reason| VisionError::Config { path: "vision config".into(), reason })?;
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
@@ -392,16 +410,16 @@ impl<B: Backend> ClipVisionModel<B> {
             let a = l.pp("self_attn");
             layers.push(ClipEncoderLayer {
                 self_attn: ClipAttention {
-                    q_proj: a.linear("q_proj", d, d, true)?,
-                    k_proj: a.linear("k_proj", d, d, true)?,
-                    v_proj: a.linear("v_proj", d, d, true)?,
-                    out_proj: a.linear("out_proj", d, d, true)?,
+                    q_proj: a.any_linear("q_proj", d, d, true, quantize)?,
+                    k_proj: a.any_linear("k_proj", d, d, true, quantize)?,
+                    v_proj: a.any_linear("v_proj", d, d, true, quantize)?,
+                    out_proj: a.any_linear("out_proj", d, d, true, quantize)?,
                     num_heads: config.num_attention_heads,
                 },
                 layer_norm1: l.layer_norm("layer_norm1", d, eps)?,
                 mlp: ClipMlp {
-                    fc1: l.pp("mlp").linear("fc1", d, config.intermediate_size, true)?,
-                    fc2: l.pp("mlp").linear("fc2", config.intermediate_size, d, true)?,
+                    fc1: l.pp("mlp").any_linear("fc1", d, config.intermediate_size, true, quantize)?,
+                    fc2: l.pp("mlp").any_linear("fc2", config.intermediate_size, d, true, quantize)?,
                     quick_gelu: config.hidden_act == VisionActivation::QuickGelu,
                 },
                 layer_norm2: l.layer_norm("layer_norm2", d, eps)?,
@@ -418,6 +436,15 @@ impl<B: Backend> ClipVisionModel<B> {
         })
     }
 
+    /// The quantization of the encoder layers' linear layers (`None`: float; the first layer's
+    /// `q_proj` tells, as every layer is loaded alike).
+    pub fn quantization(&self) -> Option<QuantFormat> {
+        match &self.layers.first()?.self_attn.q_proj {
+            AnyLinear::Quantized(q) => Some(q.format),
+            AnyLinear::Float(_) => None,
+        }
+    }
+
     /// Writes the weights under Hugging Face names (relative to the exporter's current scope).
     pub fn export(&self, e: &mut Exporter) {
         e.scope("embeddings", |e| {
@@ -429,15 +456,15 @@ impl<B: Backend> ClipVisionModel<B> {
         for (i, l) in self.layers.iter().enumerate() {
             e.scope(format!("encoder.layers.{i}"), |e| {
                 e.scope("self_attn", |e| {
-                    e.linear("q_proj", &l.self_attn.q_proj);
-                    e.linear("k_proj", &l.self_attn.k_proj);
-                    e.linear("v_proj", &l.self_attn.v_proj);
-                    e.linear("out_proj", &l.self_attn.out_proj);
+                    e.any_linear("q_proj", &l.self_attn.q_proj);
+                    e.any_linear("k_proj", &l.self_attn.k_proj);
+                    e.any_linear("v_proj", &l.self_attn.v_proj);
+                    e.any_linear("out_proj", &l.self_attn.out_proj);
                 });
                 e.layer_norm("layer_norm1", &l.layer_norm1);
                 e.scope("mlp", |e| {
-                    e.linear("fc1", &l.mlp.fc1);
-                    e.linear("fc2", &l.mlp.fc2);
+                    e.any_linear("fc1", &l.mlp.fc1);
+                    e.any_linear("fc2", &l.mlp.fc2);
                 });
                 e.layer_norm("layer_norm2", &l.layer_norm2);
             });
@@ -468,6 +495,75 @@ pub fn hf_config_json(config: &ClipVisionConfig) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::Flex;
+    use llava_checkpoint::{SaveDtype, WeightStore};
+
+    /// `--quantize-vision`: every encoder-layer linear layer is held quantized, the tower
+    /// computes what the float tower of the dequantized weights computes (the kernels are exact
+    /// up to the order of float sums), stays near the float tower, and a saved quantized tower
+    /// reloads quantized (without being asked) and saves to the same bytes.
+    #[test]
+    fn a_quantized_tower_is_the_float_tower_of_its_dequantized_weights_and_saves_as_it_is() {
+        let device = Default::default();
+        let config = ClipVisionConfig {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 28,
+            patch_size: 14,
+            ..Default::default()
+        };
+        let float = config.init::<Flex>(&device);
+        let dir = tempfile::tempdir().unwrap();
+        let save = |model: &ClipVisionModel<Flex>, name: &str| {
+            let mut e = Exporter::new();
+            model.export(&mut e);
+            let path = dir.path().join(name);
+            e.save(&path, SaveDtype::Keep, &[]).unwrap();
+            path
+        };
+        let float_file = save(&float, "float.safetensors");
+        let store = WeightStore::open(&float_file).unwrap();
+        let pixels = Tensor::<Flex, 4>::random([2, 3, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+        let values = |t: Tensor<Flex, 3>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let reference = values(float.hidden_state(pixels.clone(), -2));
+        for format in QuantFormat::ALL {
+            let quantized =
+                ClipVisionModel::load_quantized(&config, &Loader::new(&store, &device), Some(format)).unwrap();
+            assert_eq!(quantized.quantization(), Some(format));
+            for layer in &quantized.layers {
+                let (a, m) = (&layer.self_attn, &layer.mlp);
+                for linear in [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &m.fc1, &m.fc2] {
+                    assert!(matches!(linear, AnyLinear::Quantized(q) if q.format == format), "{format}");
+                }
+            }
+            let got = values(quantized.hidden_state(pixels.clone(), -2));
+            let mut dequantized = quantized.clone();
+            for layer in &mut dequantized.layers {
+                let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+                for linear in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut m.fc1, &mut m.fc2] {
+                    *linear = linear.clone().dequantized();
+                }
+            }
+            let expected = values(dequantized.hidden_state(pixels.clone(), -2));
+            for (g, e) in got.iter().zip(&expected) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{format}: {g} vs the dequantized tower's {e}");
+            }
+            // Quantization changed the features, by less than they spread.
+            let worst = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let spread = reference.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(worst > 0.0 && worst < 0.25 * spread, "{format}: |Δ| {worst} against features up to {spread}");
+
+            let saved = save(&quantized, "q.safetensors");
+            let saved_store = WeightStore::open(&saved).unwrap();
+            let reloaded = ClipVisionModel::<Flex>::load(&config, &Loader::new(&saved_store, &device)).unwrap();
+            saved_store.ensure_all_used().unwrap();
+            assert_eq!(reloaded.quantization(), Some(format));
+            let again = save(&reloaded, "again.safetensors");
+            assert_eq!(std::fs::read(&saved).unwrap(), std::fs::read(&again).unwrap(), "{format}");
+        }
+    }
 
     #[test]
     fn zero_sized_configs_are_errors_naming_the_field_not_divisions_by_zero() {
