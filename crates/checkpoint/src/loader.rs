@@ -161,14 +161,10 @@ impl<'a, B: Backend> Loader<'a, B> {
         };
         if let Some(format) = QuantFormat::ALL.into_iter().find(|f| layer.contains(&quantized_weight_name(*f))) {
             let codes_name = layer.path(&quantized_weight_name(format));
-            let codes = self.store.read_bytes(&codes_name, &[d_out, d_in * format.bits() / 8])?;
+            let codes = self.store.read_words(&codes_name, &[d_out, d_in * format.bits() / 8])?;
             let scales = self.store.read(&layer.path("weight_scale"), &[d_out, d_in / BLOCK], Some(DType::F16))?;
-            let scales = scales.into_vec::<half::f16>().map_err(|e| WeightsError::Quantize {
-                name: layer.path("weight_scale"),
-                source: llava_kernels::quant::QuantError::Layout(format!("{e:?}")),
-            })?;
             let bias = if bias { Some(layer.tensor::<1>("bias", [d_out])?) } else { None };
-            let q = QuantLinear::from_parts(format, codes, scales, [d_out, d_in], bias, &self.device)
+            let q = QuantLinear::from_data(format, codes, scales, [d_out, d_in], bias, &self.device)
                 .map_err(quantized(&codes_name))?;
             // The model's float dtype: the one asked for, else the one most of the file's float
             // bytes are in (the embeddings' and norms').

@@ -19,7 +19,7 @@ pub enum StoredDtype {
     BF16,
     F32,
     F64,
-    /// Bytes: the codes of a quantized weight (read with [`WeightStore::read_bytes`]).
+    /// Bytes: the codes of a quantized weight (read with [`WeightStore::read_words`]).
     U8,
     /// Integer or boolean buffers (e.g. CLIP's `position_ids`): indexed, never loaded as weights.
     Other(&'static str),
@@ -319,9 +319,11 @@ impl WeightStore {
         Ok(data)
     }
 
-    /// Reads a U8 tensor of exactly `expected` shape from a safetensors file as its bytes (the
-    /// codes of a quantized weight), and marks it used.
-    pub fn read_bytes(&self, name: &str, expected: &[usize]) -> Result<Vec<u8>> {
+    /// Reads a U8 tensor of exactly `expected` shape `[rows, bytes]` from a safetensors file (the
+    /// codes of a quantized weight) as little-endian `i32` words, `[rows, bytes / 4]`, and marks
+    /// it used. Like [`Self::read`] in the stored dtype, it is a memory map of the file where it
+    /// can be (maps on, a little-endian host, the offset a multiple of 4), else read.
+    pub fn read_words(&self, name: &str, expected: &[usize]) -> Result<TensorData> {
         let (info, path) = self.shaped(name, expected)?;
         let (StoredDtype::U8, Location::Safetensors { offset }) = (info.dtype, &info.location) else {
             return Err(WeightsError::Dtype {
@@ -330,14 +332,38 @@ impl WeightStore {
                 path: path.clone(),
             });
         };
+        let [rows, bytes] = *expected else {
+            return Err(WeightsError::Format {
+                path: path.clone(),
+                reason: format!("tensor `{name}`: codes are a matrix, not shape {expected:?}"),
+            });
+        };
+        if !bytes.is_multiple_of(4) {
+            return Err(WeightsError::Format {
+                path: path.clone(),
+                reason: format!("tensor `{name}`: {bytes} code bytes per row is not whole 32-bit words"),
+            });
+        }
         let _doing =
             llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
-        let mut bytes = vec![0u8; expected.iter().product()];
+        let shape = vec![rows, bytes / 4];
         let mut file = File::open(path).map_err(io_err(path))?;
-        file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
-        file.read_exact(&mut bytes).map_err(io_err(path))?;
+        let mapped = (self.memory_map && cfg!(target_endian = "little") && offset.is_multiple_of(4))
+            .then(|| map_tensor(&file, *offset, rows * bytes))
+            .flatten();
+        let data = match mapped {
+            Some(bytes) => TensorData::from_bytes(bytes, shape, DType::I32),
+            None => {
+                let mut raw = vec![0u8; rows * bytes];
+                file.seek(SeekFrom::Start(*offset)).map_err(io_err(path))?;
+                file.read_exact(&mut raw).map_err(io_err(path))?;
+                let words: Vec<i32> =
+                    raw.chunks_exact(4).map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+                TensorData::new(words, shape)
+            }
+        };
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(bytes)
+        Ok(data)
     }
 
     /// Tensors that no loader asked for (buffers such as `position_ids` excluded).
@@ -841,6 +867,50 @@ mod tests {
             DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
             _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
+    }
+
+    /// Saved quantized codes are read as little-endian 32-bit words, a memory map of the file
+    /// when aligned (else read, the same words), and a quantized layer loaded on Flex keeps that
+    /// map as its codes: a saved quantized model is not copied at load.
+    #[test]
+    fn quantized_codes_are_mapped_words_and_stay_mapped_in_the_layer() {
+        use burn::backend::Flex;
+        use burn::tensor::AllocationProperty;
+        let dir = tempfile::tempdir().unwrap();
+        // A q4 layer [2 out, 64 in]: 32 code bytes per row, two f16 scales per row.
+        let codes: Vec<u8> = (0..64u32).map(|i| (i * 37 % 251) as u8).collect();
+        let scales = half_bytes(&[0.5, 0.25, -0.125, 2.0], DType::F16);
+        let path = safetensors_file(
+            dir.path(),
+            &[
+                ("l.weight_q4", "U8", vec![2, 32], codes.clone()),
+                ("l.weight_scale", "F16", vec![2, 2], scales),
+                ("pad", "U8", vec![1], vec![0]),
+                ("odd.weight_q4", "U8", vec![2, 32], codes.clone()),
+            ],
+        );
+        let mapped = WeightStore::open(&path).unwrap().with_memory_map(true);
+        let copied = WeightStore::open(&path).unwrap().with_memory_map(false);
+        let words = mapped.read_words("l.weight_q4", &[2, 32]).unwrap();
+        assert!(matches!(words.bytes.property(), AllocationProperty::File));
+        let read = copied.read_words("l.weight_q4", &[2, 32]).unwrap();
+        assert!(matches!(read.bytes.property(), AllocationProperty::Native));
+        // One byte past a word boundary: read, not mapped, the same words.
+        let odd = mapped.read_words("odd.weight_q4", &[2, 32]).unwrap();
+        assert!(matches!(odd.bytes.property(), AllocationProperty::Native));
+        for data in [&words, &read, &odd] {
+            assert_eq!((data.dtype, data.shape.as_slice()), (DType::I32, &[2, 8][..]));
+            assert_eq!(data.as_bytes(), codes.as_slice());
+        }
+        let err = mapped.read_words("l.weight_scale", &[2, 2]).unwrap_err().to_string();
+        assert!(err.contains("l.weight_scale") && err.contains("U8"), "{err}");
+
+        let layer =
+            crate::Loader::<Flex>::new(&mapped, &Default::default()).any_linear("l", 64, 2, false, None).unwrap();
+        let llava_kernels::AnyLinear::Quantized(q) = layer else { panic!("not loaded quantized") };
+        assert_eq!(q.to_matrix().values, codes);
+        let held = q.values.into_data();
+        assert!(matches!(held.bytes.property(), AllocationProperty::File), "the layer copied its codes");
     }
 
     /// A tensor read in the dtype it is stored in is a memory map of the file (no heap copy),

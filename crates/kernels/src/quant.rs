@@ -368,28 +368,39 @@ impl<B: Backend> QuantLinear<B> {
         Ok(Self::new(&matrix, linear.bias.as_ref().map(|b| b.val()), &device).with_bf16_products(bf16))
     }
 
-    /// The layer from saved tensors: `values` `[out, in·bits/8]` bytes and `scales` `[out, in/32]`.
-    pub fn from_parts(
-        format: QuantFormat, values: Vec<u8>, scales: Vec<f16>, [rows, cols]: [usize; 2], bias: Option<Tensor<B, 1>>,
-        device: &B::Device,
+    /// The layer from saved tensors: `values` the code bytes as little-endian `i32` words
+    /// `[out, in·bits/32]` and `scales` `[out, in/32]` in f16. Their bytes go to the backend as
+    /// they are: a memory map of the file stays one (the codes are never copied on the CPU).
+    pub fn from_data(
+        format: QuantFormat, values: TensorData, scales: TensorData, [rows, cols]: [usize; 2],
+        bias: Option<Tensor<B, 1>>, device: &B::Device,
     ) -> Result<Self, QuantError> {
         if !cols.is_multiple_of(BLOCK) {
             return Err(QuantError::Width { cols });
         }
-        let want = (rows * cols / BLOCK * format.block_bytes(), rows * cols / BLOCK);
-        if (values.len(), scales.len()) != want {
+        let words = cols * format.bits() / 32;
+        let found = |d: &TensorData| format!("{:?} {:?}", d.dtype, d.shape);
+        if values.dtype != DType::I32 || values.shape.as_slice() != [rows, words] {
             return Err(QuantError::Layout(format!(
-                "{format} [{rows}, {cols}] needs {} code bytes and {} scales, found {} and {}",
-                want.0,
-                want.1,
-                values.len(),
-                scales.len()
+                "{format} [{rows}, {cols}] needs I32 code words [{rows}, {words}], found {}",
+                found(&values)
             )));
         }
-        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(QuantError::Layout(format!("scale {i} is {}", scales[i])));
+        if scales.dtype != DType::F16 || scales.shape.as_slice() != [rows, cols / BLOCK] {
+            return Err(QuantError::Layout(format!(
+                "{format} [{rows}, {cols}] needs F16 scales [{rows}, {}], found {}",
+                cols / BLOCK,
+                found(&scales)
+            )));
         }
-        Ok(Self::new(&QuantMatrix { format, rows, cols, values, scales }, bias, device))
+        let scale_values = scales.as_slice::<f16>().map_err(|e| QuantError::Layout(format!("{e:?}")))?;
+        if let Some(i) = scale_values.iter().position(|s| !s.is_finite()) {
+            return Err(QuantError::Layout(format!("scale {i} is {}", scale_values[i])));
+        }
+        let scale_dtype = if B::supports_dtype(device, DType::F16) { DType::F16 } else { DType::F32 };
+        let scales = Tensor::from_data(scales, (device, scale_dtype));
+        let values = Tensor::from_data(values, (device, DType::I32));
+        Ok(Self { values, scales, bias: bias.map(Param::from_tensor), format, bf16_products: false })
     }
 
     /// `[out, in]`.
