@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod chat;
 pub mod generate;
+pub mod hf_config;
 pub mod load;
 pub mod model;
 pub mod oom;
@@ -32,6 +33,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use llava_data::image::{AspectMode, ProcessorConfig};
 
+pub use hf_config::{LlavaHfConfig, OriginalLlavaConfig};
 pub use llava_kernels::QuantFormat;
 pub use load::{LlavaConfig, LoadOptions, LoadedLlava};
 pub use model::{ImageFeatures, Llava, PaddingSide, SelectFeature, SplicedBatch};

@@ -26,6 +26,7 @@ use llava_vision_encoder::{ClipVisionConfig, ClipVisionModel};
 use serde::{Deserialize, Serialize};
 
 use crate::LlavaError;
+use crate::hf_config::{LlavaHfConfig, OriginalLlavaConfig};
 use crate::model::{Llava, SelectFeature};
 
 /// Everything needed to build a [`Llava`] and feed it.
@@ -386,23 +387,15 @@ pub fn resolve_dir(dir: &Path, options: &LoadOptions) -> Result<ModelSource, Lla
 fn resolve_llava_hf(dir: &Path, json: &serde_json::Value, options: &LoadOptions) -> Result<ModelSource, LlavaError> {
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
-    let vision =
-        ClipVisionConfig::from_hf_json(json.get("vision_config").unwrap_or(&serde_json::Value::Null)).map_err(bad)?;
-    let text = LlamaConfig::from_hf_json(json.get("text_config").unwrap_or(&serde_json::json!({}))).map_err(bad)?;
-    let act = json.get("projector_hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu");
-    if act != "gelu" {
-        return Err(bad(format!("projector_hidden_act `{act}` is not supported (gelu only)")));
+    let hf = LlavaHfConfig::from_json(json).map_err(bad)?;
+    let vision = ClipVisionConfig::from_hf_json(&hf.vision_config).map_err(bad)?;
+    let text_json = if hf.text_config.is_null() { serde_json::json!({}) } else { hf.text_config.clone() };
+    let text = LlamaConfig::from_hf_json(&text_json).map_err(bad)?;
+    if hf.projector_act() != "gelu" {
+        return Err(bad(format!("projector_hidden_act `{}` is not supported (gelu only)", hf.projector_act())));
     }
-    let select_layer = match json.get("vision_feature_layer") {
-        None => -2,
-        Some(v) => v.as_i64().ok_or_else(|| bad("vision_feature_layer must be one integer".into()))?,
-    };
-    let select_feature = match json.get("vision_feature_select_strategy").and_then(|v| v.as_str()).unwrap_or("default")
-    {
-        "default" => SelectFeature::Patch,
-        "full" => SelectFeature::ClsPatch,
-        other => return Err(bad(format!("unknown vision_feature_select_strategy `{other}`"))),
-    };
+    let select_layer = hf.select_layer();
+    let select_feature = hf.select_feature().map_err(bad)?;
     let store = WeightStore::open(dir)?;
     let prefixes = if store.has_prefix("model.language_model.") {
         Prefixes {
@@ -428,11 +421,7 @@ fn resolve_llava_hf(dir: &Path, json: &serde_json::Value, options: &LoadOptions)
         select_layer,
         select_feature,
         image_aspect: options.image_aspect.unwrap_or(AspectMode::Crop),
-        max_length: json
-            .get("text_config")
-            .and_then(|t| t.get("max_position_embeddings"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(4096) as usize,
+        max_length: hf.max_length(),
     };
     config.validate().map_err(bad)?;
     Ok(ModelSource {
@@ -493,45 +482,37 @@ fn resolve_original(
     let config_path = dir.join("config.json");
     let bad = |reason: String| LlavaError::config(&config_path, reason);
     let text = LlamaConfig::from_hf_json(json).map_err(bad)?;
-    let tower_name = json.get("mm_vision_tower").and_then(|v| v.as_str()).unwrap_or("");
+    let original = OriginalLlavaConfig::from_json(json).map_err(bad)?;
+    let tower_name = original.mm_vision_tower.as_deref().unwrap_or("");
     let tower_dir = match &options.vision_tower {
         Some(p) => p.clone(),
         None => resolve_vision_tower(dir, tower_name, options.hf_cache.as_deref())?,
     };
     let vision = ClipVisionConfig::from_hf_dir(&tower_dir)?;
-    let projector = match json.get("mm_projector_type").and_then(|v| v.as_str()) {
+    let projector = match original.mm_projector_type.as_deref() {
         None => ProjectorKind::Linear,
         Some(name) => ProjectorKind::parse(name).ok_or_else(|| bad(format!("unknown mm_projector_type `{name}`")))?,
     };
-    if json.get("mm_use_im_start_end").and_then(|v| v.as_bool()) == Some(true) {
+    if original.uses_im_start_end() {
         tracing::warn!(
             "{}: mm_use_im_start_end is set; <im_start>/<im_end> tokens are not inserted by this implementation",
             config_path.display()
         );
     }
-    let select_feature = match json.get("mm_vision_select_feature").and_then(|v| v.as_str()).unwrap_or("patch") {
-        "patch" => SelectFeature::Patch,
-        "cls_patch" => SelectFeature::ClsPatch,
-        other => return Err(bad(format!("unknown mm_vision_select_feature `{other}`"))),
-    };
-    let aspect: AspectMode = json
-        .get("image_aspect_ratio")
-        .and_then(|v| v.as_str())
-        .unwrap_or("square")
-        .parse()
-        .map_err(|e| bad(format!("image_aspect_ratio: {e}")))?;
+    let select_feature = original.select_feature().map_err(bad)?;
+    let aspect = original.image_aspect().map_err(bad)?;
     let config = LlavaConfig {
         vision,
         projector,
-        select_layer: json.get("mm_vision_select_layer").and_then(|v| v.as_i64()).unwrap_or(-1),
+        select_layer: original.select_layer(),
         select_feature,
         image_aspect: options.image_aspect.unwrap_or(aspect),
-        max_length: json.get("tokenizer_model_max_length").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
+        max_length: original.max_length(),
         text,
     };
     config.validate().map_err(bad)?;
-    if let Some(hidden) = json.get("mm_hidden_size").and_then(|v| v.as_u64())
-        && hidden as usize != config.vision.hidden_size
+    if let Some(hidden) = original.mm_hidden_size
+        && hidden != config.vision.hidden_size
     {
         return Err(bad(format!(
             "mm_hidden_size {hidden} does not match the vision tower's hidden_size {} ({})",

@@ -18,8 +18,9 @@ use llava_checkpoint::{Exporter, SaveDtype, WeightStore};
 use llava_projector::{ProjectorKind, ProjectorNaming};
 
 use crate::LlavaError;
+use crate::hf_config::{LlavaHfConfig, OriginalLlavaConfig};
 use crate::load::LlavaConfig;
-use crate::model::{Llava, SelectFeature};
+use crate::model::Llava;
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), LlavaError> {
     let text = serde_json::to_string_pretty(value).expect("json");
@@ -173,22 +174,7 @@ fn save_llava_hf<B: Backend>(
     e.pad_rows_with_mean("language_model.model.embed_tokens.weight", vocab)?;
     e.pad_rows_with_mean("language_model.lm_head.weight", vocab)?;
     e.save(&dir.join("model.safetensors"), SaveDtype::Keep, &[("format", "pt")])?;
-    let mut text = config.text.clone();
-    text.vocab_size = vocab;
-    let json = serde_json::json!({
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "vision_config": llava_vision_encoder::hf_config_json(&config.vision),
-        "text_config": text.to_hf_json(),
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": config.select_layer,
-        "vision_feature_select_strategy": match config.select_feature { SelectFeature::Patch => "default", SelectFeature::ClsPatch => "full" },
-        "image_token_index": image_token,
-        "image_seq_length": config.image_tokens(),
-        "multimodal_projector_bias": true,
-        "tie_word_embeddings": config.text.tie_word_embeddings,
-        "torch_dtype": "float32",
-    });
+    let json = LlavaHfConfig::from_llava(config, image_token, vocab).to_json();
     let json = with_quantization_config(json, model);
     write_json(&dir.join("config.json"), &json)?;
     write_processor(&config.vision.image_size, dir)
@@ -220,36 +206,7 @@ fn save_original<B: Backend>(
 /// The original layout's `config.json` (`LlavaLlamaForCausalLM`) with `mm_vision_tower` naming
 /// `vision_tower` (a path, relative to the model directory or absolute).
 fn original_config_json(config: &LlavaConfig, vision_tower: &str) -> serde_json::Value {
-    let mut json = config.text.to_hf_json();
-    let obj = json.as_object_mut().expect("object");
-    obj.insert("architectures".into(), serde_json::json!(["LlavaLlamaForCausalLM"]));
-    obj.insert("model_type".into(), "llava_llama".into());
-    obj.insert("mm_vision_tower".into(), vision_tower.into());
-    obj.insert("mm_projector_type".into(), config.projector.name().into());
-    obj.insert("mm_hidden_size".into(), config.vision.hidden_size.into());
-    obj.insert("mm_vision_select_layer".into(), config.select_layer.into());
-    obj.insert(
-        "mm_vision_select_feature".into(),
-        match config.select_feature {
-            SelectFeature::Patch => "patch",
-            SelectFeature::ClsPatch => "cls_patch",
-        }
-        .into(),
-    );
-    obj.insert(
-        "image_aspect_ratio".into(),
-        match config.image_aspect {
-            llava_data::image::AspectMode::Pad => "pad",
-            _ => "square",
-        }
-        .into(),
-    );
-    obj.insert("mm_use_im_start_end".into(), false.into());
-    obj.insert("mm_use_im_patch_token".into(), false.into());
-    obj.insert("tokenizer_model_max_length".into(), config.max_length.into());
-    obj.insert("tokenizer_padding_side".into(), "right".into());
-    obj.insert("use_mm_proj".into(), true.into());
-    json
+    OriginalLlavaConfig::from_llava(config, vision_tower).to_json()
 }
 
 /// Writes a LoRA run's result into `dir` as the reference writes it (`finetune_lora.sh`'s output
