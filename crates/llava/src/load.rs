@@ -302,14 +302,16 @@ impl ModelSource {
 
     /// The format of the LLM's linear layers when saved quantized (`None`: float weights).
     pub fn stored_quantization(&self) -> Option<QuantFormat> {
-        quantization_in(&self.store, self.prefixes.llm)
+        // The decoder's layers (under the original layout's `model.`, the tower and projector
+        // sit beside them).
+        quantization_in(&self.store, &format!("{}.layers.", self.prefixes.llm))
     }
 
     /// The format of the vision tower's linear layers when saved quantized (`None`: float).
     pub fn stored_vision_quantization(&self) -> Option<QuantFormat> {
         match &self.tower_store {
             Some(tower) => quantization_in(tower, ""),
-            None if self.has_vision => quantization_in(&self.store, self.prefixes.vision),
+            None if self.has_vision => quantization_in(&self.store, &format!("{}.", self.prefixes.vision)),
             None => None,
         }
     }
