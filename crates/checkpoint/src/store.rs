@@ -163,13 +163,16 @@ impl WeightStore {
     fn mappable(&self, info: &TensorInfo) -> bool {
         match info.location {
             Location::Safetensors { offset } => {
-                self.memory_map
-                    && cfg!(target_endian = "little")
-                    && info.dtype.burn().is_some()
-                    && offset.is_multiple_of(info.dtype.size().max(1) as u64)
+                info.dtype.burn().is_some() && self.maps_at(offset, info.dtype.size().max(1))
             }
             Location::Torch { .. } => false,
         }
+    }
+
+    /// Whether bytes at `offset` of a safetensors file, read as little-endian values of `align`
+    /// bytes, are a memory map: maps on, a little-endian host, `offset` a multiple of `align`.
+    fn maps_at(&self, offset: u64, align: usize) -> bool {
+        self.memory_map && cfg!(target_endian = "little") && offset.is_multiple_of(align as u64)
     }
 
     /// The checkpoint files this store reads.
@@ -348,9 +351,7 @@ impl WeightStore {
             llava_io::activity::doing(&format!("reading tensor `{name}` {:?} from {}", info.shape, path.display()));
         let shape = vec![rows, bytes / 4];
         let mut file = File::open(path).map_err(io_err(path))?;
-        let mapped = (self.memory_map && cfg!(target_endian = "little") && offset.is_multiple_of(4))
-            .then(|| map_tensor(&file, *offset, rows * bytes))
-            .flatten();
+        let mapped = self.maps_at(*offset, 4).then(|| map_tensor(&file, *offset, rows * bytes)).flatten();
         let data = match mapped {
             Some(bytes) => TensorData::from_bytes(bytes, shape, DType::I32),
             None => {

@@ -343,10 +343,18 @@ impl<B: Backend> QuantLinear<B> {
         let QuantMatrix { format, rows, cols, values, scales } = matrix;
         let words = cols * format.bits() / 32;
         let values: Vec<i32> = values.chunks_exact(4).map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-        let values = Tensor::from_data(TensorData::new(values, [*rows, words]), (device, DType::I32));
+        let values = TensorData::new(values, [*rows, words]);
+        Self::on_device(*format, values, TensorData::new(scales.clone(), [*rows, cols / BLOCK]), bias, device)
+    }
+
+    /// The layer of checked code words and f16 scales (f32 where the backend has no f16).
+    fn on_device(
+        format: QuantFormat, values: TensorData, scales: TensorData, bias: Option<Tensor<B, 1>>, device: &B::Device,
+    ) -> Self {
         let scale_dtype = if B::supports_dtype(device, DType::F16) { DType::F16 } else { DType::F32 };
-        let scales = Tensor::from_data(TensorData::new(scales.clone(), [*rows, cols / BLOCK]), (device, scale_dtype));
-        Self { values, scales, bias: bias.map(Param::from_tensor), format: *format, bf16_products: false }
+        let scales = Tensor::from_data(scales, (device, scale_dtype));
+        let values = Tensor::from_data(values, (device, DType::I32));
+        Self { values, scales, bias: bias.map(Param::from_tensor), format, bf16_products: false }
     }
 
     /// The layer with prefill and training products in bf16 or not (see [`Self::bf16_products`]).
@@ -397,10 +405,7 @@ impl<B: Backend> QuantLinear<B> {
         if let Some(i) = scale_values.iter().position(|s| !s.is_finite()) {
             return Err(QuantError::Layout(format!("scale {i} is {}", scale_values[i])));
         }
-        let scale_dtype = if B::supports_dtype(device, DType::F16) { DType::F16 } else { DType::F32 };
-        let scales = Tensor::from_data(scales, (device, scale_dtype));
-        let values = Tensor::from_data(values, (device, DType::I32));
-        Ok(Self { values, scales, bias: bias.map(Param::from_tensor), format, bf16_products: false })
+        Ok(Self::on_device(format, values, scales, bias, device))
     }
 
     /// `[out, in]`.

@@ -388,11 +388,9 @@ pub fn quantizable_parameters(config: &LlavaConfig) -> (u64, u64) {
     let (d, inter) = (t.hidden_size as u64, t.intermediate_size as u64);
     let q = (t.num_attention_heads * t.head_dim()) as u64;
     let kv = (t.num_key_value_heads.unwrap_or(t.num_attention_heads) * t.head_dim()) as u64;
-    // A matrix is quantized when its input width is a multiple of the block.
-    let fits = |inputs: u64| inputs.is_multiple_of(llava_kernels::quant::BLOCK as u64);
-    let when = |inputs: u64, params: u64| if fits(inputs) { params } else { 0 };
-    let per_layer = when(d, d * q + 2 * d * kv + 2 * d * inter) + when(q, q * d) + when(inter, inter * d);
-    let head = if t.tie_word_embeddings { 0 } else { when(d, t.vocab_size as u64 * d) };
+    let per_layer =
+        block_sized(d, d * q + 2 * d * kv + 2 * d * inter) + block_sized(q, q * d) + block_sized(inter, inter * d);
+    let head = if t.tie_word_embeddings { 0 } else { block_sized(d, t.vocab_size as u64 * d) };
     (per_layer * t.num_hidden_layers as u64, head)
 }
 
@@ -401,9 +399,13 @@ pub fn quantizable_parameters(config: &LlavaConfig) -> (u64, u64) {
 pub fn quantizable_vision_parameters(config: &LlavaConfig) -> u64 {
     let v = &config.vision;
     let (d, inter) = (v.hidden_size as u64, v.intermediate_size as u64);
-    let when =
-        |inputs: u64, params: u64| if inputs.is_multiple_of(llava_kernels::quant::BLOCK as u64) { params } else { 0 };
-    (when(d, 4 * d * d + d * inter) + when(inter, inter * d)) * v.num_hidden_layers as u64
+    (block_sized(d, 4 * d * d + d * inter) + block_sized(inter, inter * d)) * v.num_hidden_layers as u64
+}
+
+/// `params` of matrices with `inputs` input features when they are quantized, else 0: a matrix is
+/// quantized when its input width is a multiple of the block (`Loader::any_linear`'s rule).
+fn block_sized(inputs: u64, params: u64) -> u64 {
+    if inputs.is_multiple_of(llava_kernels::quant::BLOCK as u64) { params } else { 0 }
 }
 
 fn weights(part: &str, params: u64, dtype: DType) -> PlanEntry {
