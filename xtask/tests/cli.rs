@@ -1190,3 +1190,43 @@ fn quantize_saves_a_model_that_reloads_to_its_codes_and_identical_bytes() {
     assert!(e.contains(victim), "{e}");
     assert!(!e.contains("panicked"), "{e}");
 }
+
+/// Under `--quantize`, the plan offers `--quantize-vision` with the peak that flag's own plan
+/// has; a saved model whose tower is quantized is planned as such (no flag needed, none offered).
+#[test]
+fn the_memory_plan_offers_and_detects_a_quantized_vision_tower() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo_model(tmp.path());
+    let plan = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["plan", "--json", "generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&xtask(&args))).unwrap()
+    };
+    let offered = |plan: &serde_json::Value| {
+        plan["alternatives"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["what"] == "--quantize-vision")
+            .map(|a| a["peak"].clone())
+    };
+    let llm_only = plan(&model, &["--quantize", "q4"]);
+    let with_tower = plan(&model, &["--quantize", "q4", "--quantize-vision"]);
+    assert!(with_tower["peak"].as_u64().unwrap() < llm_only["peak"].as_u64().unwrap());
+    assert_eq!(offered(&llm_only), Some(with_tower["peak"].clone()));
+    assert_eq!(offered(&with_tower), None);
+    let saved = tmp.path().join("q4-tower");
+    ok(&xtask(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--quantize",
+        "q4",
+        "--quantize-vision",
+        "--out",
+        saved.to_str().unwrap(),
+    ]));
+    let saved_plan = plan(&saved, &[]);
+    assert_eq!(saved_plan["peak"], with_tower["peak"]);
+    assert_eq!(offered(&saved_plan), None);
+}
